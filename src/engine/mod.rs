@@ -1,0 +1,29 @@
+//! The copy engine: copies one disk from a source NBD server to a target NBD
+//! server, full or incremental, with progress, checkpoints, retries, cancellation
+//! and optional verification.
+//!
+//! Library code in all but name: it knows nothing of actix, diesel, the admin
+//! socket or the command line, so a test can drive it alone. The entry point is
+//! [`Copier`]; [`plan`] and [`zero`] are the pure rules it applies.
+//!
+//! - `nbd/`: the libnbd FFI and the safe `Handle` (the only `unsafe` in blockrepl)
+//! - `plan`: which ranges to read, zero or skip
+//! - `zero`: zero detection in 4 KiB blocks
+//! - `copy`: the executor (workers, dispatcher, durable watermark)
+//! - `progress`: counters and the rate estimate
+//! - `retry`: the backoff policy
+//! - `verify`: the post-copy comparison
+
+pub mod copy;
+pub mod error;
+pub mod nbd;
+pub mod plan;
+pub mod progress;
+pub mod retry;
+pub mod verify;
+pub mod zero;
+
+pub use copy::{CancelToken, Changes, Copier, CopySpec, Event, Summary, Tuning};
+pub use error::{CopyError, Role};
+pub use progress::{Progress, Snapshot, Stage};
+pub use retry::RetryPolicy;

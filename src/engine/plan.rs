@@ -1,0 +1,344 @@
+//! Copy planning: which byte ranges of a disk are read, which are zeroed on the
+//! target and which are skipped, in offset order.
+//!
+//! Everything here is pure: extents and changed areas come in as plain values
+//! (the copy module asks the servers for them), so every rule can be tested without
+//! I/O. Planning never decides *how* a range is copied (request sizes, connections);
+//! that is the executor's business.
+
+use serde::Deserialize;
+
+/// What to do with one range of the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Read from the source and write to the target (counted in planned bytes).
+    Copy,
+    /// Known to read as zeros: write a zero request to the target.
+    Zero,
+    /// Known to read as zeros and the target already does: nothing to do.
+    Skip,
+}
+
+/// A contiguous range of the disk with one action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub offset: u64,
+    pub length: u64,
+    pub action: Action,
+}
+
+impl Range {
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+}
+
+/// The ordered, non-overlapping ranges to process and their totals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub disk_size: u64,
+    pub ranges: Vec<Range>,
+    /// Number of changed ranges for an incremental plan (CBT "blocks changed"),
+    /// number of data extents for a full one.
+    pub blocks: u64,
+}
+
+impl Plan {
+    /// Bytes the plan reads from the source: the progress denominator.
+    pub fn planned_bytes(&self) -> u64 {
+        self.bytes(Action::Copy)
+    }
+
+    pub fn bytes(&self, action: Action) -> u64 {
+        self.ranges.iter().filter(|r| r.action == action).map(|r| r.length).sum()
+    }
+
+    /// Planned bytes that lie below `offset` (already done when resuming there).
+    pub fn planned_below(&self, offset: u64) -> u64 {
+        self.ranges
+            .iter()
+            .filter(|r| r.action == Action::Copy && r.offset < offset)
+            .map(|r| r.end().min(offset) - r.offset)
+            .sum()
+    }
+
+    /// The part of the plan at or after `offset`, for resuming from a watermark.
+    pub fn from_offset(&self, offset: u64) -> Vec<Range> {
+        self.ranges
+            .iter()
+            .filter(|r| r.end() > offset)
+            .map(|r| {
+                let start = r.offset.max(offset);
+                Range { offset: start, length: r.end() - start, action: r.action }
+            })
+            .collect()
+    }
+}
+
+/// One extent of the source's `base:allocation` context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+    /// NBD_STATE_HOLE (1) | NBD_STATE_ZERO (2), as the server reported them.
+    pub flags: u32,
+}
+
+pub const STATE_HOLE: u32 = 1;
+pub const STATE_ZERO: u32 = 2;
+/// In a `qemu:dirty-bitmap:` context, flag 1 means dirty.
+pub const STATE_DIRTY: u32 = 1;
+
+/// Appends `r` to `out`, merging it with the previous range when they touch and
+/// share an action.
+fn push_merged(out: &mut Vec<Range>, r: Range) {
+    if r.length == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        if last.action == r.action && last.end() == r.offset {
+            last.length += r.length;
+            return;
+        }
+    }
+    out.push(r);
+}
+
+/// Full copy: data extents are copied; extents that read as zero are zeroed on the
+/// target, or skipped when the target is known to read as zeros.
+pub fn full(disk_size: u64, extents: &[Extent], destination_is_zero: bool) -> Plan {
+    let zero_action = if destination_is_zero { Action::Skip } else { Action::Zero };
+    let mut ranges = Vec::new();
+    let mut pos = 0;
+    for e in extents {
+        // Extents arrive in order from the server; tolerate gaps or overlaps by
+        // treating anything not described as data (the safe choice).
+        let start = e.offset.max(pos).min(disk_size);
+        let end = (e.offset + e.length).min(disk_size);
+        if start > pos {
+            push_merged(&mut ranges, Range { offset: pos, length: start - pos, action: Action::Copy });
+        }
+        if end > start {
+            let action = if e.flags & STATE_ZERO != 0 { zero_action } else { Action::Copy };
+            push_merged(&mut ranges, Range { offset: start, length: end - start, action });
+            pos = end;
+        }
+    }
+    if pos < disk_size {
+        push_merged(&mut ranges, Range { offset: pos, length: disk_size - pos, action: Action::Copy });
+    }
+    let blocks = ranges.iter().filter(|r| r.action == Action::Copy).count() as u64;
+    Plan { disk_size, ranges, blocks }
+}
+
+/// Incremental copy: every changed range is read (a range that now reads as zero
+/// becomes a zero request when the data is seen); nothing else is touched.
+pub fn incremental(disk_size: u64, changed: &[Area]) -> Plan {
+    let mut ranges = Vec::new();
+    for a in changed {
+        push_merged(&mut ranges, Range { offset: a.start, length: a.length, action: Action::Copy });
+    }
+    Plan { disk_size, ranges, blocks: changed.len() as u64 }
+}
+
+/// One changed area, in the shape of VMware's `QueryChangedDiskAreas`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Area {
+    pub start: u64,
+    pub length: u64,
+}
+
+/// Why a list of changed areas cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AreasError {
+    #[error("not a JSON list of {{\"start\",\"length\"}} objects: {0}")]
+    Json(String),
+    #[error("area {index} (start {start}, length {length}) ends beyond the disk ({disk_size} bytes)")]
+    OutOfBounds { index: usize, start: u64, length: u64, disk_size: u64 },
+    #[error("area {index} (start {start}) has length 0")]
+    Empty { index: usize, start: u64 },
+}
+
+/// Parses a changed-areas JSON document without judging it against a disk.
+pub fn parse_areas(json: &str) -> Result<Vec<Area>, AreasError> {
+    serde_json::from_str::<Vec<Area>>(json).map_err(|e| AreasError::Json(e.to_string()))
+}
+
+/// Sorts and merges changed areas and checks that each lies inside the disk.
+/// Overlapping or touching areas are merged; an empty area is an error (it
+/// usually means the list was produced wrongly, so we refuse to guess).
+pub fn normalize_areas(areas: &[Area], disk_size: u64) -> Result<Vec<Area>, AreasError> {
+    for (index, a) in areas.iter().enumerate() {
+        if a.length == 0 {
+            return Err(AreasError::Empty { index, start: a.start });
+        }
+        match a.start.checked_add(a.length) {
+            Some(end) if end <= disk_size => {}
+            _ => {
+                return Err(AreasError::OutOfBounds { index, start: a.start, length: a.length, disk_size });
+            }
+        }
+    }
+    let mut sorted = areas.to_vec();
+    sorted.sort_by_key(|a| a.start);
+    let mut out: Vec<Area> = Vec::with_capacity(sorted.len());
+    for a in sorted {
+        if let Some(last) = out.last_mut() {
+            if a.start <= last.start + last.length {
+                let end = (a.start + a.length).max(last.start + last.length);
+                last.length = end - last.start;
+                continue;
+            }
+        }
+        out.push(a);
+    }
+    Ok(out)
+}
+
+/// Dirty extents of a `qemu:dirty-bitmap:` context as changed areas.
+pub fn dirty_areas(extents: &[Extent], disk_size: u64) -> Vec<Area> {
+    let mut out: Vec<Area> = Vec::new();
+    for e in extents.iter().filter(|e| e.flags & STATE_DIRTY != 0) {
+        let end = (e.offset + e.length).min(disk_size);
+        if end <= e.offset {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.start + last.length == e.offset => last.length = end - last.start,
+            _ => out.push(Area { start: e.offset, length: end - e.offset }),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(offset: u64, length: u64, flags: u32) -> Extent {
+        Extent { offset, length, flags }
+    }
+    fn r(offset: u64, length: u64, action: Action) -> Range {
+        Range { offset, length, action }
+    }
+
+    fn check_full(size: u64, extents: &[Extent], dz: bool, expected: &[Range]) {
+        let plan = full(size, extents, dz);
+        assert_eq!(plan.ranges, expected, "extents {extents:?} dz={dz}");
+        let covered: u64 = plan.ranges.iter().map(|r| r.length).sum();
+        assert_eq!(covered, size, "a full plan covers the whole disk");
+    }
+
+    #[test]
+    fn full_plan_reads_data_and_zeroes_holes() {
+        use Action::*;
+        check_full(
+            100,
+            &[ext(0, 10, 0), ext(10, 20, STATE_HOLE | STATE_ZERO), ext(30, 70, 0)],
+            false,
+            &[r(0, 10, Copy), r(10, 20, Zero), r(30, 70, Copy)],
+        );
+        check_full(
+            100,
+            &[ext(0, 10, 0), ext(10, 20, STATE_HOLE | STATE_ZERO), ext(30, 70, 0)],
+            true,
+            &[r(0, 10, Copy), r(10, 20, Skip), r(30, 70, Copy)],
+        );
+    }
+
+    #[test]
+    fn full_plan_reads_holes_that_are_not_known_zero() {
+        // A hole without the zero flag may read as anything: it must be copied.
+        check_full(50, &[ext(0, 50, STATE_HOLE)], true, &[r(0, 50, Action::Copy)]);
+    }
+
+    #[test]
+    fn full_plan_merges_and_fills_gaps() {
+        use Action::*;
+        check_full(
+            100,
+            &[ext(0, 10, 0), ext(10, 10, 0), ext(40, 20, STATE_ZERO), ext(60, 20, STATE_ZERO)],
+            false,
+            &[r(0, 40, Copy), r(40, 40, Zero), r(80, 20, Copy)],
+        );
+        // Extents beyond the disk are clipped; no extents at all means all data.
+        check_full(10, &[ext(0, 64, STATE_ZERO)], true, &[r(0, 10, Skip)]);
+        check_full(10, &[], true, &[r(0, 10, Copy)]);
+    }
+
+    #[test]
+    fn planned_bytes_count_only_reads() {
+        let plan = full(100, &[ext(0, 10, 0), ext(10, 80, STATE_ZERO), ext(90, 10, 0)], false);
+        assert_eq!(plan.planned_bytes(), 20);
+        assert_eq!(plan.bytes(Action::Zero), 80);
+        assert_eq!(plan.blocks, 2);
+    }
+
+    #[test]
+    fn resume_trims_the_plan_and_counts_done_bytes() {
+        let plan = full(100, &[ext(0, 10, 0), ext(10, 80, STATE_ZERO), ext(90, 10, 0)], false);
+        assert_eq!(plan.planned_below(5), 5);
+        assert_eq!(plan.planned_below(50), 10);
+        assert_eq!(plan.planned_below(95), 15);
+        assert_eq!(
+            plan.from_offset(50),
+            vec![r(50, 40, Action::Zero), r(90, 10, Action::Copy)]
+        );
+        assert_eq!(plan.from_offset(100), vec![]);
+    }
+
+    fn check_areas(input: &[(u64, u64)], size: u64, expected: Result<Vec<(u64, u64)>, AreasError>) {
+        let areas: Vec<Area> = input.iter().map(|&(start, length)| Area { start, length }).collect();
+        let got = normalize_areas(&areas, size).map(|v| v.iter().map(|a| (a.start, a.length)).collect::<Vec<_>>());
+        assert_eq!(got, expected, "input {input:?}");
+    }
+
+    #[test]
+    fn changed_areas_are_sorted_and_merged() {
+        check_areas(&[(100, 10), (0, 10)], 1000, Ok(vec![(0, 10), (100, 10)]));
+        check_areas(&[(0, 10), (5, 10), (15, 5)], 1000, Ok(vec![(0, 20)]));
+        check_areas(&[(0, 100), (10, 10)], 1000, Ok(vec![(0, 100)]));
+        check_areas(&[], 1000, Ok(vec![]));
+    }
+
+    #[test]
+    fn changed_areas_outside_the_disk_are_refused() {
+        check_areas(
+            &[(0, 10), (995, 10)],
+            1000,
+            Err(AreasError::OutOfBounds { index: 1, start: 995, length: 10, disk_size: 1000 }),
+        );
+        check_areas(
+            &[(u64::MAX, 2)],
+            1000,
+            Err(AreasError::OutOfBounds { index: 0, start: u64::MAX, length: 2, disk_size: 1000 }),
+        );
+        check_areas(&[(5, 0)], 1000, Err(AreasError::Empty { index: 0, start: 5 }));
+    }
+
+    #[test]
+    fn changed_areas_json_is_strict() {
+        assert_eq!(parse_areas(r#"[{"start":0,"length":4096}]"#), Ok(vec![Area { start: 0, length: 4096 }]));
+        for bad in [r#"{"start":0}"#, r#"[{"start":-1,"length":1}]"#, r#"[{"start":0}]"#, "[", r#"[{"start":0,"length":1,"x":1}]"#] {
+            assert!(matches!(parse_areas(bad), Err(AreasError::Json(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dirty_extents_become_areas() {
+        let e = [ext(0, 65536, 0), ext(65536, 65536, 1), ext(131072, 65536, 1), ext(196608, 65536, 0), ext(262144, 100, 1)];
+        assert_eq!(
+            dirty_areas(&e, 262144 + 50),
+            vec![Area { start: 65536, length: 131072 }, Area { start: 262144, length: 50 }]
+        );
+    }
+
+    #[test]
+    fn incremental_plan_reads_only_changed_ranges() {
+        let plan = incremental(1000, &[Area { start: 0, length: 10 }, Area { start: 10, length: 5 }, Area { start: 500, length: 100 }]);
+        assert_eq!(plan.ranges, vec![r(0, 15, Action::Copy), r(500, 100, Action::Copy)]);
+        assert_eq!(plan.planned_bytes(), 115);
+        assert_eq!(plan.blocks, 3);
+    }
+}

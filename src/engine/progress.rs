@@ -1,0 +1,289 @@
+//! Progress of one copy, shared between the copy threads (which only add to atomic
+//! counters) and any number of readers (which take snapshots).
+//!
+//! Readers pay for the rate estimate, never the copy: the moving window of samples
+//! lives behind a mutex the copy threads never touch.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where a copy is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Connecting,
+    Planning,
+    Copying,
+    Flushing,
+    Verifying,
+    Done,
+}
+
+impl Stage {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Connecting,
+            1 => Self::Planning,
+            2 => Self::Copying,
+            3 => Self::Flushing,
+            4 => Self::Verifying,
+            _ => Self::Done,
+        }
+    }
+}
+
+/// A consistent-enough picture of a copy at one moment.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Snapshot {
+    pub stage: Stage,
+    pub disk_size: u64,
+    /// Bytes the plan reads from the source (the denominator).
+    pub planned_bytes: u64,
+    /// Planned bytes read and written (as data or as zeros); reaches `planned_bytes`.
+    pub bytes_done: u64,
+    /// Bytes sent to the target as payload.
+    pub bytes_written: u64,
+    /// Bytes written as zero requests (zero extents and all-zero blocks of data).
+    pub zeroed_bytes: u64,
+    /// Bytes not written because the target already reads as zeros.
+    pub skipped_bytes: u64,
+    /// Bytes compared by verification.
+    pub verified_bytes: u64,
+    /// Offset below which everything planned is written and flushed.
+    pub durable_watermark: u64,
+    pub retries: u64,
+    pub elapsed: Duration,
+    /// Moving average over the last few seconds, in planned bytes per second.
+    pub throughput_bps: u64,
+    pub eta: Option<Duration>,
+}
+
+impl Snapshot {
+    pub fn percent(&self) -> f64 {
+        percent(self.bytes_done, self.planned_bytes)
+    }
+}
+
+/// `done` of `total` as a percentage; an empty plan is 100 % done.
+pub fn percent(done: u64, total: u64) -> f64 {
+    if total == 0 { 100.0 } else { (done as f64 * 100.0 / total as f64).min(100.0) }
+}
+
+/// Per-chunk accounting, added when a chunk's writes complete and taken back if
+/// the connection is lost before they were flushed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub done: u64,
+    pub written: u64,
+    pub zeroed: u64,
+    pub skipped: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    stage: AtomicU8,
+    disk_size: AtomicU64,
+    planned: AtomicU64,
+    done: AtomicU64,
+    written: AtomicU64,
+    zeroed: AtomicU64,
+    skipped: AtomicU64,
+    verified: AtomicU64,
+    watermark: AtomicU64,
+    retries: AtomicU64,
+}
+
+struct Shared {
+    c: Counters,
+    started: Instant,
+    window: Mutex<RateWindow>,
+}
+
+/// Cheap to clone; all clones see the same copy.
+#[derive(Clone)]
+pub struct Progress(Arc<Shared>);
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Progress {
+    pub fn new() -> Self {
+        Self(Arc::new(Shared {
+            c: Counters::default(),
+            started: Instant::now(),
+            window: Mutex::new(RateWindow::new(Duration::from_secs(10))),
+        }))
+    }
+
+    pub(crate) fn set_stage(&self, s: Stage) {
+        self.0.c.stage.store(s as u8, Relaxed);
+    }
+
+    /// Records the plan: its size, its planned bytes and what is already done
+    /// below the resume point.
+    pub(crate) fn set_plan(&self, disk_size: u64, planned: u64, already_done: u64, skipped: u64) {
+        let c = &self.0.c;
+        c.disk_size.store(disk_size, Relaxed);
+        c.planned.store(planned, Relaxed);
+        c.done.store(already_done, Relaxed);
+        c.skipped.store(skipped, Relaxed);
+        if let Ok(mut w) = self.0.window.lock() {
+            w.reset(Instant::now(), already_done);
+        }
+    }
+
+    pub(crate) fn add(&self, t: Tally) {
+        let c = &self.0.c;
+        c.done.fetch_add(t.done, Relaxed);
+        c.written.fetch_add(t.written, Relaxed);
+        c.zeroed.fetch_add(t.zeroed, Relaxed);
+        c.skipped.fetch_add(t.skipped, Relaxed);
+    }
+
+    pub(crate) fn take_back(&self, t: Tally) {
+        let c = &self.0.c;
+        c.done.fetch_sub(t.done, Relaxed);
+        c.written.fetch_sub(t.written, Relaxed);
+        c.zeroed.fetch_sub(t.zeroed, Relaxed);
+        c.skipped.fetch_sub(t.skipped, Relaxed);
+    }
+
+    pub(crate) fn add_verified(&self, n: u64) {
+        self.0.c.verified.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn add_retry(&self) {
+        self.0.c.retries.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn set_watermark(&self, w: u64) {
+        self.0.c.watermark.store(w, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let c = &self.0.c;
+        let now = Instant::now();
+        let done = c.done.load(Relaxed);
+        let planned = c.planned.load(Relaxed);
+        let stage = Stage::from_u8(c.stage.load(Relaxed));
+        let rate = self.0.window.lock().map(|mut w| w.rate(now, done)).unwrap_or(0.0);
+        let remaining = planned.saturating_sub(done);
+        let eta = if remaining == 0 {
+            Some(Duration::ZERO)
+        } else if rate >= 1.0 {
+            Some(Duration::from_secs_f64(remaining as f64 / rate))
+        } else {
+            None
+        };
+        Snapshot {
+            stage,
+            disk_size: c.disk_size.load(Relaxed),
+            planned_bytes: planned,
+            bytes_done: done,
+            bytes_written: c.written.load(Relaxed),
+            zeroed_bytes: c.zeroed.load(Relaxed),
+            skipped_bytes: c.skipped.load(Relaxed),
+            verified_bytes: c.verified.load(Relaxed),
+            durable_watermark: c.watermark.load(Relaxed),
+            retries: c.retries.load(Relaxed),
+            elapsed: now.duration_since(self.0.started),
+            throughput_bps: rate as u64,
+            eta,
+        }
+    }
+}
+
+/// A moving-window rate estimate: bytes over the last `span`, sampled whenever a
+/// reader asks (at most every 200 ms).
+pub struct RateWindow {
+    span: Duration,
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl RateWindow {
+    pub fn new(span: Duration) -> Self {
+        Self { span, samples: VecDeque::new() }
+    }
+
+    pub fn reset(&mut self, now: Instant, value: u64) {
+        self.samples.clear();
+        self.samples.push_back((now, value));
+    }
+
+    /// Rate in units per second over the window ending at `now`.
+    pub fn rate(&mut self, now: Instant, value: u64) -> f64 {
+        let Some(&(last_t, _)) = self.samples.back() else {
+            self.samples.push_back((now, value));
+            return 0.0;
+        };
+        if now.duration_since(last_t) >= Duration::from_millis(200) {
+            self.samples.push_back((now, value));
+        }
+        // Keep one sample at or before the window's start so the window stays full.
+        while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= self.span {
+            self.samples.pop_front();
+        }
+        let (t0, v0) = self.samples[0];
+        let dt = now.duration_since(t0).as_secs_f64();
+        if dt < 0.05 { 0.0 } else { value.saturating_sub(v0) as f64 / dt }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_is_a_moving_average() {
+        let t0 = Instant::now();
+        let mut w = RateWindow::new(Duration::from_secs(10));
+        w.reset(t0, 0);
+        // 100 B/s for 20 s, then 1000 B/s for 10 s: the window sees only the latter.
+        let mut v = 0;
+        for s in 1..=20 {
+            v += 100;
+            w.rate(t0 + Duration::from_secs(s), v);
+        }
+        let r = w.rate(t0 + Duration::from_secs(20), v);
+        assert!((r - 100.0).abs() < 1.0, "{r}");
+        for s in 21..=30 {
+            v += 1000;
+            w.rate(t0 + Duration::from_secs(s), v);
+        }
+        let r = w.rate(t0 + Duration::from_secs(30), v);
+        assert!((r - 1000.0).abs() < 1.0, "{r}");
+    }
+
+    #[test]
+    fn resumed_bytes_do_not_count_as_speed() {
+        let p = Progress::new();
+        p.set_plan(1000, 1000, 600, 0);
+        let s = p.snapshot();
+        assert_eq!((s.bytes_done, s.throughput_bps), (600, 0));
+        assert_eq!(s.percent(), 60.0);
+        assert_eq!(s.eta, None);
+    }
+
+    #[test]
+    fn taking_back_undoes_adding() {
+        let p = Progress::new();
+        p.set_plan(100, 100, 0, 0);
+        let t = Tally { done: 10, written: 6, zeroed: 4, skipped: 0 };
+        p.add(t);
+        p.add(t);
+        p.take_back(t);
+        let s = p.snapshot();
+        assert_eq!((s.bytes_done, s.bytes_written, s.zeroed_bytes), (10, 6, 4));
+    }
+
+    #[test]
+    fn empty_plan_is_complete() {
+        assert_eq!(percent(0, 0), 100.0);
+        assert_eq!(percent(1, 4), 25.0);
+    }
+}

@@ -1,0 +1,30 @@
+//! blockrepl: disk replication over NBD for migration appliances.
+//!
+//! Layout (see ARCHITECTURE.md):
+//! - `engine/`: the copy engine (libnbd FFI, planning, execution, progress)
+//! - `cli/`: command-line definitions and the foreground commands
+//!
+//! `main` only parses the command line, dispatches, and turns an error into one
+//! line on stderr and an exit code.
+
+mod cli;
+mod engine;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let result = match cli.command {
+        cli::Command::Copy(args) => cli::copy::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blockrepl: {e:#}");
+            let cancelled = e.downcast_ref::<engine::CopyError>().is_some_and(engine::CopyError::is_cancelled);
+            if cancelled { ExitCode::from(130) } else { ExitCode::FAILURE }
+        }
+    }
+}
