@@ -9,6 +9,7 @@
 
 mod cli;
 mod engine;
+mod state;
 
 use std::process::ExitCode;
 

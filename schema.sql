@@ -1,0 +1,90 @@
+-- blockrepl database schema (MySQL 8 / MariaDB >= 10.6). All times are UTC DATETIME(6).
+-- The daemon applies the same DDL through the diesel migrations in migrations/;
+-- a test keeps this file and the migrations equal.
+
+CREATE TABLE replication_jobs (
+    id                     VARCHAR(64)  NOT NULL,
+    vm_name                VARCHAR(255) NOT NULL,
+    vm_path                VARCHAR(1024) NULL,
+    replication_type       VARCHAR(16)  NOT NULL DEFAULT 'full',
+    status                 VARCHAR(32)  NOT NULL DEFAULT 'pending',
+    current_operation      VARCHAR(32)  NULL,
+    progress_percent       DECIMAL(5,2) NOT NULL DEFAULT 0.00,
+    setup_progress_percent DECIMAL(5,2) NOT NULL DEFAULT 0.00,
+    bytes_transferred      BIGINT       NOT NULL DEFAULT 0,
+    total_bytes            BIGINT       NOT NULL DEFAULT 0,
+    transfer_speed_bps     BIGINT       NOT NULL DEFAULT 0,
+    eta_seconds            BIGINT       NULL,
+    nbd_export_name        VARCHAR(255) NULL,
+    error_message          TEXT         NULL,
+    owner_node             VARCHAR(255) NULL,
+    lease_expires_at       DATETIME(6)  NULL,
+    last_progress_at       DATETIME(6)  NULL,
+    created_at             DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    updated_at             DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
+    started_at             DATETIME(6)  NULL,
+    completed_at           DATETIME(6)  NULL,
+    PRIMARY KEY (id),
+    KEY idx_jobs_status_export (status, nbd_export_name(50)),
+    KEY idx_jobs_status_updated (status, updated_at),
+    KEY idx_jobs_status_completed (status, completed_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE vm_disks (
+    id                    BIGINT       NOT NULL AUTO_INCREMENT,
+    job_id                VARCHAR(64)  NOT NULL,
+    disk_id               VARCHAR(64)  NOT NULL,
+    label                 VARCHAR(255) NULL,
+    source_uri            TEXT         NOT NULL,
+    target_uri            TEXT         NOT NULL,
+    destination_is_zero   BOOLEAN      NOT NULL DEFAULT FALSE,
+    capacity_bytes        BIGINT       NOT NULL DEFAULT 0,
+    planned_bytes         BIGINT       NOT NULL DEFAULT 0,
+    bytes_synced          BIGINT       NOT NULL DEFAULT 0,
+    skipped_bytes         BIGINT       NOT NULL DEFAULT 0,
+    sync_status           VARCHAR(32)  NOT NULL DEFAULT 'pending',
+    sync_progress_percent DECIMAL(5,2) NOT NULL DEFAULT 0.00,
+    throughput_bps        BIGINT       NOT NULL DEFAULT 0,
+    dirty_bitmap          VARCHAR(255) NULL,
+    changed_areas         LONGTEXT     NULL,
+    previous_change_id    VARCHAR(255) NULL,
+    change_id             VARCHAR(255) NULL,
+    disk_change_id        VARCHAR(255) NULL,
+    resume_offset         BIGINT       NOT NULL DEFAULT 0,
+    error_message         TEXT         NULL,
+    updated_at            DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
+    PRIMARY KEY (id),
+    UNIQUE KEY uq_disks_job_disk (job_id, disk_id),
+    CONSTRAINT fk_disks_job FOREIGN KEY (job_id) REFERENCES replication_jobs (id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE cbt_history (
+    id                    BIGINT       NOT NULL AUTO_INCREMENT,
+    job_id                VARCHAR(64)  NOT NULL,
+    disk_id               VARCHAR(64)  NOT NULL,
+    change_id             VARCHAR(255) NULL,
+    previous_change_id    VARCHAR(255) NULL,
+    sync_type             VARCHAR(16)  NOT NULL,
+    blocks_changed        BIGINT       NOT NULL DEFAULT 0,
+    bytes_transferred     BIGINT       NOT NULL DEFAULT 0,
+    sync_duration_seconds DOUBLE       NOT NULL DEFAULT 0,
+    sync_success          BOOLEAN      NOT NULL DEFAULT FALSE,
+    created_at            DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    PRIMARY KEY (id),
+    UNIQUE KEY uq_cbt_job_disk (job_id, disk_id),
+    CONSTRAINT fk_cbt_job FOREIGN KEY (job_id) REFERENCES replication_jobs (id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE job_events (
+    id             BIGINT       NOT NULL AUTO_INCREMENT,
+    job_id         VARCHAR(64)  NOT NULL,
+    disk_id        VARCHAR(64)  NULL,
+    correlation_id VARCHAR(64)  NOT NULL,
+    level          VARCHAR(16)  NOT NULL,
+    stage          VARCHAR(32)  NOT NULL,
+    message        TEXT         NOT NULL,
+    created_at     DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    PRIMARY KEY (id),
+    KEY idx_events_job (job_id, created_at),
+    CONSTRAINT fk_events_job FOREIGN KEY (job_id) REFERENCES replication_jobs (id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
