@@ -523,7 +523,7 @@ impl Dispatcher {
 
     /// Everything planned below this offset is durable.
     fn watermark(&self) -> u64 {
-        let next = match self.ranges.get(self.idx) {
+        let next = match self.ranges[self.idx.min(self.ranges.len())..].iter().find(|r| r.end() > self.pos) {
             Some(r) => self.pos.max(r.offset),
             None => self.end,
         };
