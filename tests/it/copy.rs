@@ -1,0 +1,1 @@
+//! `blockrepl copy` against real NBD servers.
