@@ -80,8 +80,7 @@ fn changes(args: &CopyArgs) -> anyhow::Result<Changes> {
     if let Some(path) = &args.changed_areas {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read changed-areas file {}", path.display()))?;
-        let areas = plan::parse_areas(&text)
-            .with_context(|| format!("bad changed-areas file {}", path.display()))?;
+        let areas = plan::parse_areas(&text).with_context(|| format!("bad changed-areas file {}", path.display()))?;
         return Ok(Changes::ChangedAreas(areas));
     }
     Ok(Changes::Full)

@@ -103,11 +103,26 @@ pub struct CopySpec {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Stage(Stage),
-    Planned { disk_size: u64, planned_bytes: u64, blocks: u64, connections: usize, request_size: usize },
-    Retry { role: Role, offset: u64, attempt: u32, error: String },
-    Reconnected { role: Role },
+    Planned {
+        disk_size: u64,
+        planned_bytes: u64,
+        blocks: u64,
+        connections: usize,
+        request_size: usize,
+    },
+    Retry {
+        role: Role,
+        offset: u64,
+        attempt: u32,
+        error: String,
+    },
+    Reconnected {
+        role: Role,
+    },
     /// Everything planned below `watermark` is written and flushed.
-    Checkpoint { watermark: u64 },
+    Checkpoint {
+        watermark: u64,
+    },
 }
 
 /// What a finished copy did.
@@ -340,7 +355,10 @@ impl Copier {
                             role: Role::Source,
                             uri: spec.source.clone(),
                             what: "extents",
-                            error: NbdError { message: format!("server returned no extents at offset {pos}"), errno: 0 },
+                            error: NbdError {
+                                message: format!("server returned no extents at offset {pos}"),
+                                errno: 0,
+                            },
                         });
                     }
                     pos = advanced;
@@ -1239,10 +1257,24 @@ mod tests {
 
     #[test]
     fn uris_are_checked_before_connecting() {
-        for ok in ["nbd://host/export", "nbd://h:10809", "nbds://h/e?tls-psk-file=/k", "nbd+unix:///e?socket=/s", "nbds+unix:///?socket=/s"] {
+        for ok in [
+            "nbd://host/export",
+            "nbd://h:10809",
+            "nbds://h/e?tls-psk-file=/k",
+            "nbd+unix:///e?socket=/s",
+            "nbds+unix:///?socket=/s",
+        ] {
             assert!(validate_uri(Role::Source, ok).is_ok(), "{ok}");
         }
-        for bad in ["", "/dev/sda", "http://h/", "nbd:///export", "nbd+unix:///export", "nbd+unix:///?socket=", "nbd+vsock://1"] {
+        for bad in [
+            "",
+            "/dev/sda",
+            "http://h/",
+            "nbd:///export",
+            "nbd+unix:///export",
+            "nbd+unix:///?socket=",
+            "nbd+vsock://1",
+        ] {
             let e = validate_uri(Role::Target, bad).unwrap_err().to_string();
             assert!(e.starts_with("bad target URI"), "{bad}: {e}");
         }

@@ -281,10 +281,7 @@ mod tests {
         assert_eq!(plan.planned_below(5), 5);
         assert_eq!(plan.planned_below(50), 10);
         assert_eq!(plan.planned_below(95), 15);
-        assert_eq!(
-            plan.from_offset(50),
-            vec![r(50, 40, Action::Zero), r(90, 10, Action::Copy)]
-        );
+        assert_eq!(plan.from_offset(50), vec![r(50, 40, Action::Zero), r(90, 10, Action::Copy)]);
         assert_eq!(plan.from_offset(100), vec![]);
     }
 
@@ -320,14 +317,21 @@ mod tests {
     #[test]
     fn changed_areas_json_is_strict() {
         assert_eq!(parse_areas(r#"[{"start":0,"length":4096}]"#), Ok(vec![Area { start: 0, length: 4096 }]));
-        for bad in [r#"{"start":0}"#, r#"[{"start":-1,"length":1}]"#, r#"[{"start":0}]"#, "[", r#"[{"start":0,"length":1,"x":1}]"#] {
+        for bad in [
+            r#"{"start":0}"#,
+            r#"[{"start":-1,"length":1}]"#,
+            r#"[{"start":0}]"#,
+            "[",
+            r#"[{"start":0,"length":1,"x":1}]"#,
+        ] {
             assert!(matches!(parse_areas(bad), Err(AreasError::Json(_))), "{bad}");
         }
     }
 
     #[test]
     fn dirty_extents_become_areas() {
-        let e = [ext(0, 65536, 0), ext(65536, 65536, 1), ext(131072, 65536, 1), ext(196608, 65536, 0), ext(262144, 100, 1)];
+        let e =
+            [ext(0, 65536, 0), ext(65536, 65536, 1), ext(131072, 65536, 1), ext(196608, 65536, 0), ext(262144, 100, 1)];
         assert_eq!(
             dirty_areas(&e, 262144 + 50),
             vec![Area { start: 65536, length: 131072 }, Area { start: 262144, length: 50 }]
@@ -336,7 +340,10 @@ mod tests {
 
     #[test]
     fn incremental_plan_reads_only_changed_ranges() {
-        let plan = incremental(1000, &[Area { start: 0, length: 10 }, Area { start: 10, length: 5 }, Area { start: 500, length: 100 }]);
+        let plan = incremental(
+            1000,
+            &[Area { start: 0, length: 10 }, Area { start: 10, length: 5 }, Area { start: 500, length: 100 }],
+        );
         assert_eq!(plan.ranges, vec![r(0, 15, Action::Copy), r(500, 100, Action::Copy)]);
         assert_eq!(plan.planned_bytes(), 115);
         assert_eq!(plan.blocks, 3);

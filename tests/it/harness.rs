@@ -1,1 +1,282 @@
-//! Starting and stopping real servers for tests.
+//! Starting and stopping real servers for tests, running the `blockrepl` binary,
+//! and reading what the servers saw.
+//!
+//! Every server runs in the foreground as a child of the test, on a Unix socket in
+//! the test's own temporary directory, and is killed when its `Server` is dropped.
+//! Readiness is awaited by polling with a deadline, never by sleeping a fixed time.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use sha2::{Digest, Sha256};
+
+/// How long anything in the harness may take to become ready.
+pub const READY: Duration = Duration::from_secs(30);
+
+/// Polls `f` every 20 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("blockrepl-it-").tempdir().unwrap()
+}
+
+/// An NBD server child process on a Unix socket.
+pub struct Server {
+    child: Option<Child>,
+    pub sock: PathBuf,
+    log: PathBuf,
+    program: &'static str,
+    args: Vec<String>,
+    pid_file: PathBuf,
+}
+
+impl Server {
+    /// `nbdkit -f -U SOCK -P PID ARGS...`; ready once the pid file exists (nbdkit
+    /// writes it after it listens).
+    pub fn nbdkit(dir: &Path, name: &str, args: &[&str]) -> Self {
+        let mut s = Self::new(dir, name, "nbdkit", args);
+        s.start();
+        s
+    }
+
+    /// `qemu-nbd -t -k SOCK --pid-file PID ARGS...` (persistent, so probes and
+    /// reconnects do not make it exit).
+    pub fn qemu_nbd(dir: &Path, name: &str, args: &[&str]) -> Self {
+        let mut s = Self::new(dir, name, "qemu-nbd", args);
+        s.start();
+        s
+    }
+
+    fn new(dir: &Path, name: &str, program: &'static str, args: &[&str]) -> Self {
+        Self {
+            child: None,
+            sock: dir.join(format!("{name}.sock")),
+            log: dir.join(format!("{name}.server.log")),
+            program,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            pid_file: dir.join(format!("{name}.pid")),
+        }
+    }
+
+    /// Starts (or restarts, after `kill`) the server with the same arguments.
+    pub fn start(&mut self) {
+        let _ = std::fs::remove_file(&self.pid_file);
+        let _ = std::fs::remove_file(&self.sock);
+        let mut cmd = Command::new(self.program);
+        match self.program {
+            "nbdkit" => {
+                cmd.args(["-f", "--exit-with-parent", "-U"]).arg(&self.sock).arg("-P").arg(&self.pid_file);
+            }
+            _ => {
+                cmd.args(["-t", "-k"]).arg(&self.sock).arg("--pid-file").arg(&self.pid_file);
+            }
+        }
+        cmd.args(&self.args);
+        let log = std::fs::File::create(&self.log).unwrap();
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", self.program));
+        let (pid, sock, logp) = (self.pid_file.clone(), self.sock.clone(), self.log.clone());
+        wait_until(&format!("{} {:?} to listen", self.program, self.args), READY, || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("{} exited with {st}: {}", self.program, std::fs::read_to_string(&logp).unwrap_or_default());
+            }
+            pid.exists() && std::fs::metadata(&pid).map(|m| m.len() > 0).unwrap_or(false) && sock.exists()
+        });
+        self.child = Some(child);
+    }
+
+    /// `nbd+unix:///?socket=SOCK`
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+
+    /// `nbd+unix:///EXPORT?socket=SOCK`
+    pub fn uri_export(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0))
+    }
+
+    /// SIGTERM and wait: nbdkit filters such as `stats` write their files on exit.
+    pub fn stop(&mut self) {
+        self.signal_and_wait(Signal::SIGTERM);
+    }
+
+    /// SIGKILL and wait: a crash.
+    pub fn kill(&mut self) {
+        self.signal_and_wait(Signal::SIGKILL);
+    }
+
+    fn signal_and_wait(&mut self, sig: Signal) {
+        if let Some(mut c) = self.child.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), sig);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The result of running `blockrepl`.
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Asserts success and returns the parsed `--json` summary.
+    pub fn json(&self) -> serde_json::Value {
+        self.assert_ok();
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+
+    pub fn assert_ok(&self) -> &Self {
+        assert!(self.status.success(), "blockrepl failed ({}): {}", self.status, self.stderr);
+        self
+    }
+
+    /// Asserts a clean failure: non-zero exit, exactly one line on stderr, no panic
+    /// or backtrace. Returns that line.
+    pub fn error_line(&self) -> String {
+        assert!(!self.status.success(), "expected failure, got success; stdout: {}", self.stdout);
+        assert_ne!(self.status.code(), Some(101), "exit code 101 is a panic: {}", self.stderr);
+        let lines: Vec<&str> = self.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "expected one line on stderr, got: {:?}", self.stderr);
+        assert!(!self.stderr.contains("panicked"), "{}", self.stderr);
+        lines[0].to_string()
+    }
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_blockrepl")
+}
+
+/// Runs `blockrepl ARGS` to completion.
+pub fn blockrepl(args: &[&str]) -> Run {
+    let out = Command::new(bin()).args(args).stdin(Stdio::null()).output().unwrap();
+    Run {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// One extent as `nbdinfo --map` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapExtent {
+    pub offset: u64,
+    pub length: u64,
+    pub data: bool,
+}
+
+/// The `base:allocation` map of an export ("data" = not known to read as zero).
+pub fn allocation_map(uri: &str) -> Vec<MapExtent> {
+    let out = Command::new("nbdinfo").args(["--map", "--json", uri]).output().unwrap();
+    assert!(out.status.success(), "nbdinfo --map failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| MapExtent {
+            offset: e["offset"].as_u64().unwrap(),
+            length: e["length"].as_u64().unwrap(),
+            data: e["type"].as_u64().unwrap() & 2 == 0,
+        })
+        .collect()
+}
+
+pub fn data_bytes(map: &[MapExtent]) -> u64 {
+    map.iter().filter(|e| e.data).map(|e| e.length).sum()
+}
+
+/// SHA-256 of a whole export, read with nbdcopy.
+pub fn checksum(uri: &str) -> String {
+    let mut child = Command::new("nbdcopy").args([uri, "-"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = out.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    assert!(child.wait().unwrap().success(), "nbdcopy {uri} - failed");
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A request seen by nbdkit's `log` filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logged {
+    pub op: String,
+    pub offset: u64,
+    pub count: u64,
+    pub flags: String,
+}
+
+/// The requests of kind `op` ("Read", "Write", "Zero", "Flush", ...) in a log file
+/// of nbdkit's `log` filter.
+pub fn logged(logfile: &Path, op: &str) -> Vec<Logged> {
+    let text = std::fs::read_to_string(logfile).unwrap_or_default();
+    let needle = format!(" {op} id=");
+    text.lines()
+        .filter(|l| l.contains(&needle))
+        .map(|l| {
+            let field = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .map(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap())
+                    .unwrap_or(0)
+            };
+            Logged {
+                op: op.to_string(),
+                offset: field("offset="),
+                count: field("count="),
+                flags: l.split_whitespace().find_map(|w| w.strip_prefix("fast=")).unwrap_or("").to_string(),
+            }
+        })
+        .collect()
+}
+
+/// Total bytes of the logged requests.
+pub fn total(reqs: &[Logged]) -> u64 {
+    reqs.iter().map(|r| r.count).sum()
+}
+
+/// Writes a JSON changed-areas file and returns its path.
+pub fn areas_file(dir: &Path, name: &str, areas: &[(u64, u64)]) -> PathBuf {
+    let v: Vec<serde_json::Value> = areas.iter().map(|&(s, l)| serde_json::json!({"start": s, "length": l})).collect();
+    let p = dir.join(name);
+    std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
+    p
+}
+
+/// Runs a program to success (test set-up steps such as qemu-img and qemu-io).
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

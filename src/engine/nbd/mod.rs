@@ -150,11 +150,7 @@ impl Handle {
     ) -> Result<Self, NbdError> {
         let c_uri = cstring("URI", uri)?;
         let c_name = cstring("handle name", opts.name)?;
-        let contexts = opts
-            .meta_contexts
-            .iter()
-            .map(|c| cstring("meta context", c))
-            .collect::<Result<Vec<_>, _>>()?;
+        let contexts = opts.meta_contexts.iter().map(|c| cstring("meta context", c)).collect::<Result<Vec<_>, _>>()?;
         // SAFETY: nbd_create has no preconditions; NULL means failure.
         let ptr = NonNull::new(unsafe { ffi::nbd_create() }).ok_or_else(NbdError::last)?;
         let h = Self { ptr, in_flight: Vec::new() };
@@ -192,10 +188,7 @@ impl Handle {
                 return Err(NbdError::new("connection attempt cancelled", libc::ECANCELED));
             }
             if std::time::Instant::now() >= deadline {
-                return Err(NbdError::new(
-                    format!("no NBD handshake within {} s", timeout.as_secs()),
-                    libc::ETIMEDOUT,
-                ));
+                return Err(NbdError::new(format!("no NBD handshake within {} s", timeout.as_secs()), libc::ETIMEDOUT));
             }
             if let Some(e) = wait(&[&h], Duration::from_millis(100))? {
                 return Err(e);
@@ -261,8 +254,7 @@ impl Handle {
     /// Synchronous read of `buf.len()` bytes at `offset`.
     pub fn pread(&mut self, buf: &mut [u8], offset: u64) -> Result<(), NbdError> {
         // SAFETY: `buf` is valid for writes of its length for the whole (blocking) call.
-        check(unsafe { ffi::nbd_pread(self.raw(), buf.as_mut_ptr().cast(), buf.len(), offset, 0) })
-            .map(drop)
+        check(unsafe { ffi::nbd_pread(self.raw(), buf.as_mut_ptr().cast(), buf.len(), offset, 0) }).map(drop)
     }
 
     /// Synchronous flush of everything this connection has written.
@@ -307,14 +299,7 @@ impl Handle {
         // `in_flight`, and it stays there until libnbd has retired the command or the
         // handle is closed.
         let cookie = unsafe {
-            ffi::nbd_aio_pread(
-                self.raw(),
-                buf.as_mut_ptr().cast(),
-                len,
-                offset,
-                ffi::nbd_completion_callback::NULL,
-                0,
-            )
+            ffi::nbd_aio_pread(self.raw(), buf.as_mut_ptr().cast(), len, offset, ffi::nbd_completion_callback::NULL, 0)
         };
         if cookie < 0 {
             // Not queued: libnbd holds no pointer into `buf`.
@@ -355,9 +340,7 @@ impl Handle {
     pub fn aio_zero(&mut self, count: u64, offset: u64, fast: bool) -> Result<u64, NbdError> {
         let flags = if fast { ffi::LIBNBD_CMD_FLAG_FAST_ZERO } else { 0 };
         // SAFETY: no buffer involved.
-        let cookie = unsafe {
-            ffi::nbd_aio_zero(self.raw(), count, offset, ffi::nbd_completion_callback::NULL, flags)
-        };
+        let cookie = unsafe { ffi::nbd_aio_zero(self.raw(), count, offset, ffi::nbd_completion_callback::NULL, flags) };
         self.track(cookie, Pinned::None)
     }
 
