@@ -8,6 +8,8 @@
 //! line on stderr and an exit code.
 
 mod cli;
+mod config;
+mod db;
 mod engine;
 mod state;
 

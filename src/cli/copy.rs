@@ -40,10 +40,10 @@ pub struct CopyArgs {
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     pub requests: usize,
     /// Largest request in bytes (K, M suffixes allowed; at most 32M)
-    #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = super::parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = crate::config::parse_size)]
     pub request_size: usize,
     /// Most buffer memory for the copy in bytes
-    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = super::parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = crate::config::parse_size)]
     pub memory: usize,
     /// Resume from this durable watermark (byte offset) of an earlier run
     #[arg(long, value_name = "OFFSET", default_value_t = 0)]

@@ -107,8 +107,6 @@ pub enum Event {
         disk_size: u64,
         planned_bytes: u64,
         blocks: u64,
-        connections: usize,
-        request_size: usize,
     },
     Retry {
         role: Role,
@@ -142,6 +140,28 @@ pub struct Summary {
     pub verified: Option<bool>,
 }
 
+/// What planning found, before anything is copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanInfo {
+    pub disk_size: u64,
+    /// Bytes to read (the progress denominator).
+    pub planned_bytes: u64,
+    /// Changed ranges (incremental) or data extents (full).
+    pub blocks: u64,
+    /// Bytes to zero on the target without reading.
+    pub zero_bytes: u64,
+    /// Bytes left alone because the target already reads as zeros.
+    pub skipped_bytes: u64,
+    /// Planned bytes below the resume point, already done by an earlier run.
+    pub done_bytes: u64,
+}
+
+/// A plan and, until parked or used, the connections it was made on.
+struct Prepared {
+    plan: Plan,
+    conns: Option<(Handle, Handle, Servers)>,
+}
+
 /// Cancels a running copy from any thread.
 #[derive(Debug, Clone, Default)]
 pub struct CancelToken(Arc<AtomicBool>);
@@ -161,11 +181,12 @@ pub struct Copier {
     spec: CopySpec,
     progress: Progress,
     cancel: CancelToken,
+    prepared: Mutex<Option<Prepared>>,
 }
 
 impl Copier {
     pub fn new(spec: CopySpec) -> Self {
-        Self { spec, progress: Progress::new(), cancel: CancelToken::default() }
+        Self { spec, progress: Progress::new(), cancel: CancelToken::default(), prepared: Mutex::new(None) }
     }
 
     pub fn progress(&self) -> Progress {
@@ -176,16 +197,55 @@ impl Copier {
         self.cancel.clone()
     }
 
-    /// Copies, blocking the calling thread until done, failed or cancelled.
-    pub fn run(&self, events: &(dyn Fn(Event) + Sync)) -> Result<Summary, CopyError> {
-        let started = Instant::now();
+    /// Connects to both servers, checks them and plans the copy (the "Discover"
+    /// stage). The plan and the connections are kept for [`Copier::run`].
+    pub fn prepare(&self, events: &(dyn Fn(Event) + Sync)) -> Result<PlanInfo, CopyError> {
         let spec = &self.spec;
-        let stage = |s| {
-            self.progress.set_stage(s);
-            events(Event::Stage(s));
+        let (mut src, dst, servers) = self.connect_pair(events)?;
+        self.set_stage(Stage::Planning, events);
+        let plan = self.plan(&mut src, &servers)?;
+        if spec.resume_from > plan.disk_size {
+            return Err(CopyError::Internal(format!(
+                "resume offset {} is beyond the end of the disk ({} bytes)",
+                spec.resume_from, plan.disk_size
+            )));
+        }
+        let info = PlanInfo {
+            disk_size: plan.disk_size,
+            planned_bytes: plan.planned_bytes(),
+            blocks: plan.blocks,
+            zero_bytes: plan.bytes(Action::Zero),
+            skipped_bytes: plan.bytes(Action::Skip),
+            done_bytes: plan.planned_below(spec.resume_from),
         };
+        self.progress.set_plan(info.disk_size, info.planned_bytes, info.done_bytes, info.skipped_bytes);
+        self.progress.set_watermark(spec.resume_from);
+        events(Event::Planned { disk_size: info.disk_size, planned_bytes: info.planned_bytes, blocks: info.blocks });
+        *self.lock_prepared() = Some(Prepared { plan, conns: Some((src, dst, servers)) });
+        Ok(info)
+    }
 
-        stage(Stage::Connecting);
+    /// Closes the connections a prepared copy holds (while it waits its turn, say);
+    /// `run` opens new ones.
+    pub fn park(&self) {
+        if let Some(p) = self.lock_prepared().as_mut() {
+            p.conns = None;
+        }
+    }
+
+    fn lock_prepared(&self) -> std::sync::MutexGuard<'_, Option<Prepared>> {
+        self.prepared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_stage(&self, s: Stage, events: &(dyn Fn(Event) + Sync)) {
+        self.progress.set_stage(s);
+        events(Event::Stage(s));
+    }
+
+    /// Validates the URIs, connects to both servers and checks that they fit.
+    fn connect_pair(&self, events: &(dyn Fn(Event) + Sync)) -> Result<(Handle, Handle, Servers), CopyError> {
+        let spec = &self.spec;
+        self.set_stage(Stage::Connecting, events);
         validate_uri(Role::Source, &spec.source)?;
         validate_uri(Role::Target, &spec.target)?;
         let stop = || self.cancel.is_cancelled();
@@ -199,38 +259,37 @@ impl Copier {
             Handle::connect(uri, &opts, spec.tuning.connect_timeout, &stop)
                 .map_err(|error| self.cancelled_or(CopyError::Connect { role, uri: uri.into(), error }))
         };
-        let mut src = connect(Role::Source, &spec.source, &contexts)?;
+        let src = connect(Role::Source, &spec.source, &contexts)?;
         let dst = connect(Role::Target, &spec.target, &[])?;
         let servers = Servers::inspect(spec, &src, &dst)?;
+        Ok((src, dst, servers))
+    }
 
-        stage(Stage::Planning);
-        let plan = self.plan(&mut src, &servers)?;
-        if spec.resume_from > plan.disk_size {
-            return Err(CopyError::Internal(format!(
-                "resume offset {} is beyond the end of the disk ({} bytes)",
-                spec.resume_from, plan.disk_size
-            )));
+    /// Copies, blocking the calling thread until done, failed or cancelled.
+    /// Prepares first unless [`Copier::prepare`] already did.
+    pub fn run(&self, events: &(dyn Fn(Event) + Sync)) -> Result<Summary, CopyError> {
+        let started = Instant::now();
+        let spec = &self.spec;
+        if self.lock_prepared().is_none() {
+            self.prepare(events)?;
         }
+        let Some(Prepared { plan, conns }) = self.lock_prepared().take() else {
+            return Err(CopyError::Internal("copy run twice".into()));
+        };
+        let (src, dst, servers) = match conns {
+            Some(c) => c,
+            None => self.connect_pair(events)?,
+        };
         let ranges: Vec<plan::Range> =
             plan.from_offset(spec.resume_from).into_iter().filter(|r| r.action != Action::Skip).collect();
         let planned = plan.planned_bytes();
-        self.progress.set_plan(plan.disk_size, planned, plan.planned_below(spec.resume_from), plan.bytes(Action::Skip));
-        self.progress.set_watermark(spec.resume_from);
 
         let t = &spec.tuning;
         let connections = if servers.multi_conn { t.connections.max(1) } else { 1 };
         let request_size = servers.request_size(t.request_size);
         let per_conn_bufs = (t.buffer_bytes / request_size / connections).max(1);
         let slots = t.requests.max(1).min(per_conn_bufs);
-        events(Event::Planned {
-            disk_size: plan.disk_size,
-            planned_bytes: planned,
-            blocks: plan.blocks,
-            connections,
-            request_size,
-        });
-
-        stage(Stage::Copying);
+        self.set_stage(Stage::Copying, events);
         let zero_max = if servers.can_zero { MAX_ZERO_REQUEST } else { request_size as u64 };
         let ctx = Ctx {
             spec,
@@ -250,7 +309,7 @@ impl Copier {
         let copied = Instant::now();
 
         let verified = if spec.verify {
-            stage(Stage::Verifying);
+            self.set_stage(Stage::Verifying, events);
             let ranges: Vec<(u64, u64)> =
                 plan.ranges.iter().filter(|r| r.action == Action::Copy).map(|r| (r.offset, r.length)).collect();
             verify::run(
@@ -271,7 +330,7 @@ impl Copier {
             None
         };
 
-        stage(Stage::Done);
+        self.set_stage(Stage::Done, events);
         let s = self.progress.snapshot();
         let seconds = started.elapsed().as_secs_f64();
         let copy_seconds = copied.duration_since(started).as_secs_f64().max(1e-6);

@@ -1,0 +1,360 @@
+//! The daemon's settings: `config/blockrepl.toml` (compiled in as the defaults),
+//! then the file given with `--config`, then `BLOCKREPL__SECTION__KEY` environment
+//! variables. Validation happens here, once, so a wrong setting stops start-up
+//! with one line naming the key; the rest of the daemon trusts `Settings`.
+//!
+//! Durations and sizes are parsed here too (`"30s"`, `"1M"`), for the CLI as well.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::engine::{RetryPolicy, Tuning};
+
+/// The documented defaults, which are also the shipped configuration file.
+pub const DEFAULTS: &str = include_str!("../config/blockrepl.toml");
+
+/// Where `serve` looks when no `--config` is given.
+pub const DEFAULT_PATH: &str = "/etc/blockrepl/blockrepl.toml";
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub database: Database,
+    pub admin: Admin,
+    #[serde(default)]
+    pub node: Node,
+    pub discovery: Discovery,
+    pub watchdog: Watchdog,
+    pub progress: ProgressSettings,
+    pub copy: Copy,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    pub url: String,
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub socket: PathBuf,
+    pub group: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// `None`: the host name.
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Watchdog {
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProgressSettings {
+    pub min_percent_step: f64,
+    #[serde(with = "humantime_serde")]
+    pub min_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Copy {
+    pub max_concurrent_disks: usize,
+    pub connections: usize,
+    pub requests: usize,
+    #[serde(deserialize_with = "size")]
+    pub request_size: usize,
+    #[serde(deserialize_with = "size")]
+    pub memory: usize,
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    pub retry_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub retry_initial_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max_delay: Duration,
+    pub verify: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogTarget {
+    Auto,
+    Journald,
+    Stderr,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    pub target: LogTarget,
+    pub level: String,
+}
+
+impl Settings {
+    /// Loads the defaults, then `path` (required when `explicit`), then the
+    /// environment, and validates the result.
+    pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, explicit, std::env::vars())
+    }
+
+    fn load_with_env(
+        path: &Path,
+        explicit: bool,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        if explicit && !path.is_file() {
+            return Err(ConfigError(format!("cannot read {}: no such file", path.display())));
+        }
+        let vars: config::Map<String, String> = env.into_iter().filter(|(k, _)| k.starts_with("BLOCKREPL__")).collect();
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .add_source(config::File::from(path).format(config::FileFormat::Toml).required(explicit))
+            .add_source(
+                config::Environment::with_prefix("BLOCKREPL")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(vars)),
+            )
+            .build()
+            .map_err(|e| ConfigError(one_line(&e.to_string())))?;
+        let s: Settings = built.try_deserialize().map_err(|e| ConfigError(one_line(&e.to_string())))?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        if !self.database.url.starts_with("mysql://") {
+            return bad("database.url", "must be a mysql:// URL");
+        }
+        if !self.admin.socket.is_absolute() {
+            return bad("admin.socket", "must be an absolute path");
+        }
+        if self.admin.group.is_empty() {
+            return bad("admin.group", "must not be empty");
+        }
+        if self.node.id.as_deref().is_some_and(|id| id.is_empty() || id.len() > 255) {
+            return bad("node.id", "must be 1 to 255 characters");
+        }
+        for (key, d) in [
+            ("database.retry_interval", self.database.retry_interval),
+            ("discovery.interval", self.discovery.interval),
+            ("discovery.lease", self.discovery.lease),
+            ("watchdog.stall_timeout", self.watchdog.stall_timeout),
+            ("copy.checkpoint_interval", self.copy.checkpoint_interval),
+            ("copy.connect_timeout", self.copy.connect_timeout),
+            ("copy.request_timeout", self.copy.request_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(key, "must be longer than 0s");
+            }
+        }
+        if self.discovery.lease < Duration::from_secs(3) {
+            return bad("discovery.lease", "must be at least 3s");
+        }
+        let step = self.progress.min_percent_step;
+        if !(step > 0.0 && step <= 100.0) {
+            return bad("progress.min_percent_step", "must be in (0, 100]");
+        }
+        let c = &self.copy;
+        if c.max_concurrent_disks == 0 {
+            return bad("copy.max_concurrent_disks", "must be at least 1");
+        }
+        if !(1..=64).contains(&c.connections) {
+            return bad("copy.connections", "must be 1 to 64");
+        }
+        if !(1..=1024).contains(&c.requests) {
+            return bad("copy.requests", "must be 1 to 1024");
+        }
+        if !(4096..=crate::engine::copy::MAX_REQUEST).contains(&c.request_size) {
+            return bad("copy.request_size", "must be 4K to 32M");
+        }
+        if c.memory < c.request_size {
+            return bad("copy.memory", "must hold at least one request");
+        }
+        if c.retry_attempts == 0 {
+            return bad("copy.retry_attempts", "must be at least 1");
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError(format!("log.level: {e}")))?;
+        Ok(())
+    }
+
+    /// This appliance's name as an owner of jobs.
+    pub fn node_id(&self) -> String {
+        self.node.id.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into())
+        })
+    }
+
+    /// The engine's tuning from `[copy]`.
+    pub fn tuning(&self) -> Tuning {
+        let c = &self.copy;
+        Tuning {
+            connections: c.connections,
+            requests: c.requests,
+            request_size: c.request_size,
+            buffer_bytes: c.memory,
+            checkpoint_interval: c.checkpoint_interval,
+            connect_timeout: c.connect_timeout,
+            request_timeout: c.request_timeout,
+            retry: RetryPolicy {
+                max_attempts: c.retry_attempts,
+                initial_delay: c.retry_initial_delay,
+                max_delay: c.retry_max_delay,
+            },
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Parses a byte count with an optional binary suffix: `4096`, `256K`, `1M`, `2GiB`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 4096, 256K, 4M, 1G)"))?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        _ => return Err(format!("'{s}' has an unknown unit (use K, M or G)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// A size given as a number of bytes or as a string with a unit.
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::N(n) => usize::try_from(n).map_err(serde::de::Error::custom),
+        Raw::S(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.toml");
+        if let Some(text) = file {
+            std::fs::write(&path, text).unwrap();
+        }
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Settings::load_with_env(&path, file.is_some(), env)
+    }
+
+    #[test]
+    fn defaults_are_the_documented_file() {
+        let s = load(None, &[]).unwrap();
+        assert_eq!(s.discovery.interval, Duration::from_secs(30));
+        assert_eq!(s.watchdog.stall_timeout, Duration::from_secs(300));
+        assert_eq!(s.progress.min_percent_step, 1.0);
+        assert_eq!(s.progress.min_interval, Duration::from_secs(2));
+        assert_eq!(s.copy.max_concurrent_disks, 8);
+        assert_eq!(s.copy.request_size, 1 << 20);
+        assert_eq!(s.admin.socket, PathBuf::from("/run/blockrepl/admin.sock"));
+        assert_eq!(s.log.target, LogTarget::Auto);
+        assert!(!s.node_id().is_empty());
+        assert_eq!(s.tuning(), Tuning { ..s.tuning() });
+    }
+
+    #[test]
+    fn file_then_environment_override() {
+        let s = load(
+            Some("[discovery]\ninterval = \"5s\"\n[copy]\nrequest_size = 65536\n[node]\nid = \"a1\"\n"),
+            &[("BLOCKREPL__WATCHDOG__STALL_TIMEOUT", "90s"), ("BLOCKREPL__COPY__VERIFY", "true"), ("OTHER", "x")],
+        )
+        .unwrap();
+        assert_eq!(s.discovery.interval, Duration::from_secs(5));
+        assert_eq!(s.discovery.lease, Duration::from_secs(120), "untouched keys keep their defaults");
+        assert_eq!(s.copy.request_size, 65536);
+        assert_eq!(s.watchdog.stall_timeout, Duration::from_secs(90));
+        assert!(s.copy.verify);
+        assert_eq!(s.node_id(), "a1");
+    }
+
+    fn check_err(file: Option<&str>, env: &[(&str, &str)], names: &str) {
+        let e = load(file, env).unwrap_err().to_string();
+        assert!(e.contains(names), "error '{e}' should name '{names}'");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn wrong_settings_name_their_key() {
+        check_err(Some("[discovery]\ninterval = \"soon\"\n"), &[], "discovery.interval");
+        check_err(Some("[discovery]\nintervall = \"5s\"\n"), &[], "intervall");
+        check_err(Some("[copy]\nconnections = 0\n"), &[], "copy.connections");
+        check_err(Some("[copy]\nrequest_size = \"12Q\"\n"), &[], "copy.request_size");
+        check_err(Some("[database]\nurl = \"\"\n"), &[], "database.url");
+        check_err(Some("[progress]\nmin_percent_step = 0\n"), &[], "progress.min_percent_step");
+        check_err(Some("not toml at all ["), &[], "configuration");
+        check_err(None, &[("BLOCKREPL__WATCHDOG__STALL_TIMEOUT", "0s")], "watchdog.stall_timeout");
+        check_err(None, &[("BLOCKREPL__LOG__TARGET", "syslog")], "syslog");
+    }
+
+    #[test]
+    fn a_missing_explicit_file_is_an_error() {
+        let e = Settings::load(Path::new("/nonexistent/blockrepl.toml"), true).unwrap_err();
+        assert_eq!(e.to_string(), "configuration: cannot read /nonexistent/blockrepl.toml: no such file");
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256K"), Ok(256 << 10));
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("1T").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+}
