@@ -3,15 +3,21 @@
 //! Layout (see ARCHITECTURE.md):
 //! - `engine/`: the copy engine (libnbd FFI, planning, execution, progress)
 //! - `cli/`: command-line definitions and the foreground commands
+//! - `daemon`, `actors/`, `db/`: `blockrepl serve` and its supervised actors
+//! - `config`, `telemetry`, `shutdown`, `state`: settings, logging, signals, state machine
 //!
 //! `main` only parses the command line, dispatches, and turns an error into one
 //! line on stderr and an exit code.
 
+mod actors;
 mod cli;
 mod config;
+mod daemon;
 mod db;
 mod engine;
+mod shutdown;
 mod state;
+mod telemetry;
 
 use std::process::ExitCode;
 
@@ -21,6 +27,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Copy(args) => cli::copy::run(args),
+        cli::Command::Serve { config } => daemon::run(config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

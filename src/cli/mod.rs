@@ -1,5 +1,5 @@
 //! The command line: clap definitions for every subcommand, and the foreground
-//! commands that do not need the daemon (`copy`). Each command returns
+//! commands that do not need the daemon (`copy`); `serve` hands over to `daemon`. Each command returns
 //! `anyhow::Result`; `main` turns an error into one line on stderr and an exit code.
 
 pub mod copy;
@@ -18,6 +18,12 @@ pub struct Cli {
 pub enum Command {
     /// Copy one disk in the foreground (no daemon, no database).
     Copy(copy::CopyArgs),
+    /// Run the replication daemon.
+    Serve {
+        /// Configuration file [default: /etc/blockrepl/blockrepl.toml, if present]
+        #[arg(long, value_name = "FILE")]
+        config: Option<std::path::PathBuf>,
+    },
 }
 
 #[cfg(test)]

@@ -1,0 +1,736 @@
+//! The DbWriter: the only actor that touches the database.
+//!
+//! Two halves. [`DbWriter`] is an async actor that never blocks: it receives
+//! progress, throttles it per job and per disk with [`Throttle`], coalesces it to
+//! the latest state, and every tick hands one batch to [`DbExec`], a sync actor on
+//! its own thread that owns the connection and does the blocking diesel calls. At
+//! most one batch is in flight, so while the database is slow or away, updates
+//! pile up as one latest state per row rather than as a queue; when a batch fails
+//! it goes back into the pending state and is retried after `retry_interval`.
+//! Queries (claiming jobs, leases, the admin's reads) go straight to `DbExec`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::time::Instant;
+
+use super::messages::*;
+use crate::config::Settings;
+use crate::db::{self, DbError, DiskUpdate, JobUpdate};
+
+/// How often the writer looks for due writes.
+const TICK: Duration = Duration::from_millis(200);
+/// Most append-only records kept while the database is away; older ones are
+/// dropped (and counted as failures) beyond this.
+const MAX_RECORDS: usize = 100_000;
+
+// ------------------------------------------------------------- Throttle ----
+
+/// Which row a progress write is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    Job(String),
+    Disk(String, String),
+}
+
+/// What decides whether a row is written now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mark {
+    pub percent: f64,
+    /// Status and operation, as one comparable string.
+    pub state: String,
+    pub terminal: bool,
+}
+
+/// The progress-write rules of SPEC.md, per row: write when the percentage moved
+/// by at least `step` points, or `interval` passed since the last write and
+/// something changed, or the status or operation changed; terminal states at once.
+#[derive(Debug)]
+pub struct Throttle {
+    pub step: f64,
+    pub interval: Duration,
+    rows: HashMap<Key, Row>,
+}
+
+#[derive(Debug, Default)]
+struct Row {
+    /// What was last written, and when.
+    written: Option<(Mark, Instant)>,
+    /// A change arrived that must be written without waiting.
+    urgent: bool,
+}
+
+impl Throttle {
+    pub fn new(step: f64, interval: Duration) -> Self {
+        Self { step, interval, rows: HashMap::new() }
+    }
+
+    /// A new state for `key` arrived (it is now pending).
+    pub fn offer(&mut self, key: &Key, mark: &Mark) {
+        let row = self.rows.entry(key.clone()).or_default();
+        let urgent = match &row.written {
+            None => true,
+            Some((w, _)) => {
+                mark.terminal || mark.state != w.state || (mark.percent - w.percent).abs() >= self.step - 1e-9
+            }
+        };
+        row.urgent |= urgent;
+    }
+
+    /// Whether the pending state of `key` should be written at `now`.
+    pub fn due(&self, key: &Key, now: Instant) -> bool {
+        match self.rows.get(key) {
+            None => true,
+            Some(r) => r.urgent || r.written.as_ref().is_none_or(|(_, at)| now.duration_since(*at) >= self.interval),
+        }
+    }
+
+    /// The state of `key` was handed to the database at `now`.
+    pub fn wrote(&mut self, key: &Key, mark: Mark, now: Instant) {
+        let row = self.rows.entry(key.clone()).or_default();
+        row.written = Some((mark, now));
+        row.urgent = false;
+    }
+
+    /// A write of `key` failed: try it again without waiting for a change.
+    pub fn retry(&mut self, key: &Key) {
+        self.rows.entry(key.clone()).or_default().urgent = true;
+    }
+
+    pub fn forget(&mut self, key: &Key) {
+        self.rows.remove(key);
+    }
+}
+
+/// The throttle's view of a job update. The aggregator always sends the full
+/// state (status, operation, figures), so a missing field means "unchanged".
+fn job_mark(u: &JobUpdate) -> Mark {
+    Mark {
+        percent: u.progress_percent.unwrap_or(0.0),
+        state: format!(
+            "{}/{}",
+            u.status.map(|s| s.as_db()).unwrap_or(""),
+            u.current_operation.map(|o| o.as_str()).unwrap_or("")
+        ),
+        terminal: u.status.is_some_and(|s| s.is_terminal()),
+    }
+}
+
+fn disk_mark(u: &DiskUpdate) -> Mark {
+    Mark {
+        percent: u.sync_progress_percent.unwrap_or(0.0),
+        state: u.sync_status.map(|s| s.as_db().to_string()).unwrap_or_default(),
+        terminal: u.sync_status.is_some_and(|s| s.is_terminal()),
+    }
+}
+
+/// `newer` on top of `older`: every field `newer` sets wins.
+fn merge_job(older: JobUpdate, newer: JobUpdate) -> JobUpdate {
+    JobUpdate {
+        id: newer.id,
+        node: newer.node.or(older.node),
+        status: newer.status.or(older.status),
+        current_operation: newer.current_operation.or(older.current_operation),
+        progress_percent: newer.progress_percent.or(older.progress_percent),
+        bytes_transferred: newer.bytes_transferred.or(older.bytes_transferred),
+        total_bytes: newer.total_bytes.or(older.total_bytes),
+        transfer_speed_bps: newer.transfer_speed_bps.or(older.transfer_speed_bps),
+        eta_seconds: newer.eta_seconds.or(older.eta_seconds),
+        error_message: newer.error_message.or(older.error_message),
+        last_progress_at: newer.last_progress_at.or(older.last_progress_at),
+        started_at: newer.started_at.or(older.started_at),
+        completed_at: newer.completed_at.or(older.completed_at),
+    }
+}
+
+fn merge_disk(older: DiskUpdate, newer: DiskUpdate) -> DiskUpdate {
+    DiskUpdate {
+        job_id: newer.job_id,
+        disk_id: newer.disk_id,
+        sync_status: newer.sync_status.or(older.sync_status),
+        capacity_bytes: newer.capacity_bytes.or(older.capacity_bytes),
+        planned_bytes: newer.planned_bytes.or(older.planned_bytes),
+        bytes_synced: newer.bytes_synced.or(older.bytes_synced),
+        skipped_bytes: newer.skipped_bytes.or(older.skipped_bytes),
+        sync_progress_percent: newer.sync_progress_percent.or(older.sync_progress_percent),
+        throughput_bps: newer.throughput_bps.or(older.throughput_bps),
+        error_message: newer.error_message.or(older.error_message),
+        disk_change_id: newer.disk_change_id.or(older.disk_change_id),
+    }
+}
+
+// --------------------------------------------------------------- DbExec ----
+
+/// One write of a batch.
+#[derive(Debug, Clone)]
+enum Write {
+    Disk(DiskUpdate, Option<u64>),
+    Record(Record),
+    Job(JobUpdate),
+    Release(ReleaseLease),
+}
+
+/// DbWriter → DbExec: write these in order. The reply says how far it got.
+#[derive(Message)]
+#[rtype(result = "BatchDone")]
+struct Batch(Vec<Write>);
+
+struct BatchDone {
+    jobs: u64,
+    disks: u64,
+    records: u64,
+    /// Writes not done because the database is unavailable, from the first failed one.
+    unwritten: Vec<Write>,
+    error: Option<DbError>,
+}
+
+/// DbWriter → DbExec: run a read or a command.
+#[derive(Message)]
+#[rtype(result = "Result<ExecReply, DbError>")]
+enum Exec {
+    Migrate,
+    Query(Query),
+    Claim(ClaimJobs),
+    Renew(RenewLease),
+}
+
+enum ExecReply {
+    Migrated(Vec<String>),
+    Query(QueryResult),
+    Claimed(Vec<(db::Job, Vec<db::Disk>)>),
+    Renewed(bool),
+}
+
+/// Owns the database connection, on a thread of its own; reconnects on demand.
+pub struct DbExec {
+    url: String,
+    conn: Option<diesel::MysqlConnection>,
+}
+
+impl Actor for DbExec {
+    type Context = SyncContext<Self>;
+}
+
+impl DbExec {
+    fn with_conn<T>(
+        &mut self,
+        f: impl FnOnce(&mut diesel::MysqlConnection) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        if self.conn.is_none() {
+            self.conn = Some(db::connect(&self.url)?);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(DbError::InvalidUrl { reason: "no connection".into() });
+        };
+        let r = f(conn);
+        if let Err(e) = &r {
+            if e.is_unavailable() {
+                self.conn = None;
+            }
+        }
+        r
+    }
+
+    fn write(&mut self, w: &Write) -> Result<(), DbError> {
+        self.with_conn(|c| match w {
+            Write::Disk(u, checkpoint) => {
+                db::update_disk(c, u)?;
+                match checkpoint {
+                    Some(o) => db::set_checkpoint(c, &u.job_id, &u.disk_id, *o as i64),
+                    None => Ok(()),
+                }
+            }
+            Write::Record(Record::Event(e)) => db::insert_events(c, std::slice::from_ref(e)).map(drop),
+            Write::Record(Record::Cbt(r)) => db::record_cbt(c, r),
+            Write::Job(u) => db::update_job(c, u),
+            Write::Release(r) => db::release_lease(c, &r.job_id, &r.node).map(drop),
+        })
+    }
+}
+
+impl Handler<Batch> for DbExec {
+    type Result = MessageResult<Batch>;
+
+    fn handle(&mut self, Batch(writes): Batch, _: &mut SyncContext<Self>) -> Self::Result {
+        let mut done = BatchDone { jobs: 0, disks: 0, records: 0, unwritten: Vec::new(), error: None };
+        let mut it = writes.into_iter();
+        while let Some(w) = it.next() {
+            match self.write(&w) {
+                Ok(()) => match w {
+                    Write::Job(_) => done.jobs += 1,
+                    Write::Disk(..) => done.disks += 1,
+                    Write::Record(_) => done.records += 1,
+                    Write::Release(_) => {}
+                },
+                Err(e) if e.is_unavailable() => {
+                    done.unwritten.push(w);
+                    done.unwritten.extend(it);
+                    done.error = Some(e);
+                    break;
+                }
+                // Refused, not unavailable (e.g. an illegal transition because the
+                // operator cancelled the job meanwhile): retrying cannot help.
+                Err(e) => tracing::warn!(error = %e, "database refused a write; dropped"),
+            }
+        }
+        MessageResult(done)
+    }
+}
+
+impl Handler<Exec> for DbExec {
+    type Result = Result<ExecReply, DbError>;
+
+    fn handle(&mut self, msg: Exec, _: &mut SyncContext<Self>) -> Self::Result {
+        match msg {
+            Exec::Migrate => self.with_conn(db::migrate).map(ExecReply::Migrated),
+            Exec::Claim(m) => self
+                .with_conn(|c| {
+                    let ids = db::claim_jobs(c, &m.node, m.lease, m.limit, &m.exclude)?;
+                    ids.iter().map(|id| db::load_job(c, id)).collect::<Result<Vec<_>, _>>()
+                })
+                .map(ExecReply::Claimed),
+            Exec::Renew(m) => {
+                self.with_conn(|c| db::renew_lease(c, &m.job_id, &m.node, m.lease)).map(ExecReply::Renewed)
+            }
+            Exec::Query(q) => self
+                .with_conn(|c| {
+                    Ok(match q {
+                        Query::Ping => db::ping(c).map(|()| QueryResult::Done)?,
+                        Query::ListJobs { status, limit } => QueryResult::Jobs(db::list_jobs(c, status, limit)?),
+                        Query::FindJob { key } => QueryResult::Job(db::find_job(c, &key)?),
+                        Query::CountJobs => QueryResult::Counts(db::count_jobs_by_status(c)?),
+                        Query::Submit { job, disks } => db::insert_job(c, &job, &disks).map(|()| QueryResult::Done)?,
+                        Query::Cancel { job_id } => QueryResult::Status(db::cancel_job(c, &job_id)?),
+                    })
+                })
+                .map(ExecReply::Query),
+        }
+    }
+}
+
+// ------------------------------------------------------------- DbWriter ----
+
+/// See the module documentation.
+pub struct DbWriter {
+    exec: Addr<DbExec>,
+    throttle: Throttle,
+    retry_interval: Duration,
+    jobs: BTreeMap<String, JobUpdate>,
+    disks: BTreeMap<(String, String), (DiskUpdate, Option<u64>)>,
+    records: VecDeque<Record>,
+    releases: Vec<ReleaseLease>,
+    in_flight: bool,
+    /// No batch before this (the database failed recently).
+    retry_at: Option<Instant>,
+    flush_waiters: Vec<tokio::sync::oneshot::Sender<Result<(), DbError>>>,
+    stats: DbStats,
+}
+
+impl DbWriter {
+    /// Starts the executor thread and returns the writer (not yet started).
+    pub fn new(settings: &Settings) -> Self {
+        let url = settings.database.url.clone();
+        let exec = SyncArbiter::start(1, move || DbExec { url: url.clone(), conn: None });
+        Self {
+            exec,
+            throttle: Throttle::new(settings.progress.min_percent_step, settings.progress.min_interval),
+            retry_interval: settings.database.retry_interval,
+            jobs: BTreeMap::new(),
+            disks: BTreeMap::new(),
+            records: VecDeque::new(),
+            releases: Vec::new(),
+            in_flight: false,
+            retry_at: None,
+            flush_waiters: Vec::new(),
+            stats: DbStats { available: true, ..DbStats::default() },
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.jobs.len() + self.disks.len() + self.records.len() + self.releases.len()
+    }
+
+    /// Takes what is due into a batch and sends it, unless one is in flight.
+    fn send_due(&mut self, ctx: &mut Context<Self>, all: bool) {
+        let now = Instant::now();
+        if self.in_flight || self.retry_at.is_some_and(|t| now < t) {
+            return;
+        }
+        let mut batch = Vec::new();
+        let due_disks: Vec<_> = self
+            .disks
+            .keys()
+            .filter(|(j, d)| all || self.throttle.due(&Key::Disk(j.clone(), d.clone()), now))
+            .cloned()
+            .collect();
+        for k in due_disks {
+            if let Some((u, c)) = self.disks.remove(&k) {
+                let key = Key::Disk(k.0, k.1);
+                self.throttle.wrote(&key, disk_mark(&u), now);
+                batch.push(Write::Disk(u, c));
+            }
+        }
+        batch.extend(self.records.drain(..).map(Write::Record));
+        let due_jobs: Vec<_> =
+            self.jobs.keys().filter(|j| all || self.throttle.due(&Key::Job((*j).clone()), now)).cloned().collect();
+        for k in due_jobs {
+            if let Some(u) = self.jobs.remove(&k) {
+                let terminal = u.status.is_some_and(|s| s.is_terminal());
+                let key = Key::Job(k);
+                self.throttle.wrote(&key, job_mark(&u), now);
+                if terminal {
+                    self.throttle.forget(&key);
+                }
+                batch.push(Write::Job(u));
+            }
+        }
+        batch.append(&mut self.releases.drain(..).map(Write::Release).collect());
+        if batch.is_empty() {
+            self.answer_flushes(Ok(()));
+            return;
+        }
+        self.in_flight = true;
+        self.exec
+            .send(Batch(batch))
+            .into_actor(self)
+            .map(|res, act, ctx| {
+                act.in_flight = false;
+                let done = match res {
+                    Ok(d) => d,
+                    Err(e) => BatchDone {
+                        jobs: 0,
+                        disks: 0,
+                        records: 0,
+                        unwritten: Vec::new(),
+                        error: Some(DbError::Migration { error: format!("database thread gone: {e}") }),
+                    },
+                };
+                act.batch_done(done, ctx);
+            })
+            .spawn(ctx);
+    }
+
+    fn batch_done(&mut self, done: BatchDone, ctx: &mut Context<Self>) {
+        self.stats.job_updates += done.jobs;
+        self.stats.disk_updates += done.disks;
+        self.stats.records += done.records;
+        match done.error {
+            None => {
+                if !self.stats.available {
+                    tracing::info!("database reachable again; catching up");
+                }
+                self.stats.available = true;
+                self.retry_at = None;
+                if self.pending() == 0 {
+                    self.answer_flushes(Ok(()));
+                } else if !self.flush_waiters.is_empty() {
+                    self.send_due(ctx, true);
+                }
+            }
+            Some(e) => {
+                self.stats.failures += 1;
+                if self.stats.available {
+                    tracing::warn!(error = %e, "database unavailable; progress is kept and written when it returns");
+                }
+                self.stats.available = false;
+                self.retry_at = Some(Instant::now() + self.retry_interval);
+                self.put_back(done.unwritten);
+                self.answer_flushes(Err(e));
+            }
+        }
+        self.stats.pending = self.pending() as u64;
+    }
+
+    /// Unwritten writes go back under what arrived since (newer fields win).
+    fn put_back(&mut self, unwritten: Vec<Write>) {
+        let mut records = VecDeque::new();
+        for w in unwritten {
+            match w {
+                Write::Job(u) => {
+                    let key = Key::Job(u.id.clone());
+                    let merged = match self.jobs.remove(&u.id) {
+                        Some(newer) => merge_job(u, newer),
+                        None => u,
+                    };
+                    self.throttle.retry(&key);
+                    self.jobs.insert(merged.id.clone(), merged);
+                }
+                Write::Disk(u, c) => {
+                    let k = (u.job_id.clone(), u.disk_id.clone());
+                    let merged = match self.disks.remove(&k) {
+                        Some((newer, nc)) => (merge_disk(u, newer), nc.max(c)),
+                        None => (u, c),
+                    };
+                    self.throttle.retry(&Key::Disk(k.0.clone(), k.1.clone()));
+                    self.disks.insert(k, merged);
+                }
+                Write::Record(r) => records.push_back(r),
+                Write::Release(r) => self.releases.insert(0, r),
+            }
+        }
+        records.extend(self.records.drain(..));
+        while records.len() > MAX_RECORDS {
+            records.pop_front();
+            self.stats.failures += 1;
+        }
+        self.records = records;
+    }
+
+    fn answer_flushes(&mut self, r: Result<(), DbError>) {
+        for w in self.flush_waiters.drain(..) {
+            let reply = match &r {
+                Ok(()) => Ok(()),
+                Err(e) => Err(DbError::Migration { error: e.to_string() }),
+            };
+            let _ = w.send(reply);
+        }
+    }
+
+    fn exec<T: 'static>(
+        &self,
+        msg: Exec,
+        pick: impl FnOnce(ExecReply) -> Option<T> + 'static,
+    ) -> ResponseFuture<Result<T, DbError>> {
+        let fut = self.exec.send(msg);
+        Box::pin(async move {
+            match fut.await {
+                Ok(Ok(reply)) => pick(reply).ok_or_else(|| DbError::Migration { error: "unexpected reply".into() }),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(DbError::Migration { error: format!("database thread gone: {e}") }),
+            }
+        })
+    }
+}
+
+impl Actor for DbWriter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(TICK, |act, ctx| act.send_due(ctx, false));
+    }
+}
+
+impl Supervised for DbWriter {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        tracing::warn!("db writer restarting");
+        self.in_flight = false;
+    }
+}
+
+impl Handler<PersistJob> for DbWriter {
+    type Result = ();
+    fn handle(&mut self, PersistJob(u): PersistJob, ctx: &mut Context<Self>) {
+        let key = Key::Job(u.id.clone());
+        let merged = match self.jobs.remove(&u.id) {
+            Some(older) => merge_job(older, u),
+            None => u,
+        };
+        self.throttle.offer(&key, &job_mark(&merged));
+        let urgent = merged.status.is_some_and(|s| s.is_terminal());
+        self.jobs.insert(merged.id.clone(), merged);
+        if urgent {
+            self.send_due(ctx, false);
+        }
+    }
+}
+
+impl Handler<PersistDisk> for DbWriter {
+    type Result = ();
+    fn handle(&mut self, m: PersistDisk, _: &mut Context<Self>) {
+        let k = (m.update.job_id.clone(), m.update.disk_id.clone());
+        let merged = match self.disks.remove(&k) {
+            Some((older, c)) => (merge_disk(older, m.update), c.max(m.checkpoint)),
+            None => (m.update, m.checkpoint),
+        };
+        self.throttle.offer(&Key::Disk(k.0.clone(), k.1.clone()), &disk_mark(&merged.0));
+        self.disks.insert(k, merged);
+    }
+}
+
+impl Handler<Record> for DbWriter {
+    type Result = ();
+    fn handle(&mut self, r: Record, _: &mut Context<Self>) {
+        self.records.push_back(r);
+    }
+}
+
+impl Handler<ReleaseLease> for DbWriter {
+    type Result = ();
+    fn handle(&mut self, r: ReleaseLease, ctx: &mut Context<Self>) {
+        self.releases.push(r);
+        self.send_due(ctx, false);
+    }
+}
+
+impl Handler<Flush> for DbWriter {
+    type Result = ResponseFuture<Result<(), DbError>>;
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.flush_waiters.push(tx);
+        self.retry_at = None;
+        self.send_due(ctx, true);
+        Box::pin(async move { rx.await.unwrap_or(Ok(())) })
+    }
+}
+
+impl Handler<ClaimJobs> for DbWriter {
+    type Result = ResponseFuture<Result<Vec<(db::Job, Vec<db::Disk>)>, DbError>>;
+    fn handle(&mut self, m: ClaimJobs, _: &mut Context<Self>) -> Self::Result {
+        self.exec(Exec::Claim(m), |r| match r {
+            ExecReply::Claimed(v) => Some(v),
+            _ => None,
+        })
+    }
+}
+
+impl Handler<RenewLease> for DbWriter {
+    type Result = ResponseFuture<Result<bool, DbError>>;
+    fn handle(&mut self, m: RenewLease, _: &mut Context<Self>) -> Self::Result {
+        self.exec(Exec::Renew(m), |r| match r {
+            ExecReply::Renewed(b) => Some(b),
+            _ => None,
+        })
+    }
+}
+
+impl Handler<Query> for DbWriter {
+    type Result = ResponseFuture<Result<QueryResult, DbError>>;
+    fn handle(&mut self, q: Query, _: &mut Context<Self>) -> Self::Result {
+        self.exec(Exec::Query(q), |r| match r {
+            ExecReply::Query(q) => Some(q),
+            _ => None,
+        })
+    }
+}
+
+/// Start-up → DbWriter: apply pending migrations (under the database's named
+/// lock). Replies with the versions applied.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<Vec<String>, DbError>")]
+pub struct Migrate;
+
+impl Handler<Migrate> for DbWriter {
+    type Result = ResponseFuture<Result<Vec<String>, DbError>>;
+    fn handle(&mut self, _: Migrate, _: &mut Context<Self>) -> Self::Result {
+        self.exec(Exec::Migrate, |r| match r {
+            ExecReply::Migrated(v) => Some(v),
+            _ => None,
+        })
+    }
+}
+
+impl Handler<GetDbStats> for DbWriter {
+    type Result = MessageResult<GetDbStats>;
+    fn handle(&mut self, _: GetDbStats, _: &mut Context<Self>) -> Self::Result {
+        self.stats.pending = self.pending() as u64;
+        MessageResult(self.stats)
+    }
+}
+
+impl Handler<Reconfigure> for DbWriter {
+    type Result = ();
+    fn handle(&mut self, Reconfigure(s): Reconfigure, _: &mut Context<Self>) {
+        self.throttle.step = s.progress.min_percent_step;
+        self.throttle.interval = s.progress.min_interval;
+        self.retry_interval = s.database.retry_interval;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{JobStatus, Operation};
+
+    fn mark(percent: f64, state: &str) -> Mark {
+        Mark { percent, state: state.into(), terminal: false }
+    }
+
+    /// Feeds `(seconds, percent, state)` updates and returns at which seconds a
+    /// write happens, with a tick every 100 ms.
+    fn writes(step: f64, interval: u64, updates: &[(f64, f64, &str)]) -> Vec<f64> {
+        let t0 = Instant::now();
+        let mut t = Throttle::new(step, Duration::from_secs(interval));
+        let key = Key::Job("j".into());
+        let mut pending: Option<Mark> = None;
+        let mut out = Vec::new();
+        let mut i = 0;
+        let end = updates.last().map_or(0.0, |u| u.0) + 10.0;
+        let mut now_s = 0.0;
+        while now_s <= end {
+            while i < updates.len() && updates[i].0 <= now_s + 1e-9 {
+                let m = mark(updates[i].1, updates[i].2);
+                t.offer(&key, &m);
+                pending = Some(m);
+                i += 1;
+            }
+            let now = t0 + Duration::from_secs_f64(now_s);
+            if let Some(m) = pending.take() {
+                if t.due(&key, now) {
+                    t.wrote(&key, m, now);
+                    out.push((now_s * 10.0f64).round() / 10.0);
+                } else {
+                    pending = Some(m);
+                }
+            }
+            now_s += 0.1;
+        }
+        out
+    }
+
+    #[test]
+    fn first_state_is_written_at_once() {
+        assert_eq!(writes(1.0, 2, &[(0.0, 0.0, "a")]), vec![0.0]);
+    }
+
+    #[test]
+    fn small_moves_wait_for_the_interval() {
+        // 0.01 % every 100 ms for 5 s: written every 2 s, the last change included.
+        let ups: Vec<(f64, f64, &str)> = (0..50).map(|i| (i as f64 * 0.1, i as f64 * 0.01, "a")).collect();
+        assert_eq!(writes(1.0, 2, &ups), vec![0.0, 2.0, 4.0, 6.0]);
+    }
+
+    #[test]
+    fn a_step_of_the_percentage_is_written_at_once() {
+        let ups = [(0.0, 0.0, "a"), (0.5, 0.5, "a"), (0.7, 1.2, "a"), (0.9, 1.3, "a")];
+        assert_eq!(writes(1.0, 2, &ups), vec![0.0, 0.7, 2.7]);
+    }
+
+    #[test]
+    fn state_changes_are_written_at_once() {
+        let ups = [(0.0, 0.0, "a"), (0.3, 0.0, "b"), (0.6, 0.1, "b"), (0.8, 0.1, "c")];
+        assert_eq!(writes(1.0, 2, &ups), vec![0.0, 0.3, 0.8]);
+    }
+
+    #[test]
+    fn nothing_changed_nothing_written() {
+        assert_eq!(writes(1.0, 2, &[(0.0, 5.0, "a")]), vec![0.0]);
+    }
+
+    #[test]
+    fn merging_keeps_the_newest_fields_and_the_oldest_unset_ones() {
+        let a = JobUpdate {
+            id: "j".into(),
+            status: Some(JobStatus::Streaming),
+            current_operation: Some(Operation::Transfer),
+            progress_percent: Some(10.0),
+            ..JobUpdate::default()
+        };
+        let b = JobUpdate { id: "j".into(), progress_percent: Some(12.0), ..JobUpdate::default() };
+        let m = merge_job(a, b);
+        assert_eq!(m.status, Some(JobStatus::Streaming));
+        assert_eq!(m.current_operation, Some(Operation::Transfer));
+        assert_eq!(m.progress_percent, Some(12.0));
+    }
+
+    #[test]
+    fn terminal_marks_are_urgent() {
+        let t0 = Instant::now();
+        let mut t = Throttle::new(1.0, Duration::from_secs(2));
+        let key = Key::Job("j".into());
+        t.wrote(&key, mark(50.0, "streaming/Transfer"), t0);
+        let m = Mark { percent: 50.0, state: "streaming/Transfer".into(), terminal: true };
+        t.offer(&key, &m);
+        assert!(t.due(&key, t0 + Duration::from_millis(1)));
+    }
+}

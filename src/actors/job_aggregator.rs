@@ -1,0 +1,909 @@
+//! The JobAggregator: one per running job. It starts a DiskCopier per unfinished
+//! disk, sums their progress into the job's figures, moves the job through its
+//! states, renews its lease, and reports to the DbWriter and the TimeoutWatchdog.
+//!
+//! The arithmetic and the state are [`JobTracker`], a plain struct that unit tests
+//! drive; the actor is the plumbing around it. Figures are sums of bytes over the
+//! disks, never averages of percentages, and the percentage only counts once every
+//! disk is planned, so it never goes down when a late disk adds to the total.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use chrono::Utc;
+
+use super::db_writer::DbWriter;
+use super::disk_copier::{DiskCopier, DiskSlots, Dismiss};
+use super::messages::*;
+use super::timeout_watchdog::TimeoutWatchdog;
+use crate::config::Settings;
+use crate::db::{CbtRecord, Disk, DiskUpdate, Job, JobUpdate, NewJobEvent};
+use crate::engine::{Changes, Copier, CopySpec, Event, Role, Snapshot, Stage, Summary, plan};
+use crate::state::{DiskStatus, JobStatus, Operation, ReplicationType};
+
+/// What a job needs from the rest of the daemon.
+#[derive(Clone)]
+pub struct JobDeps {
+    pub db: Addr<DbWriter>,
+    pub watchdog: Addr<TimeoutWatchdog>,
+    pub slots: DiskSlots,
+    pub settings: Arc<Settings>,
+    pub node: String,
+}
+
+/// One disk as the job sees it.
+#[derive(Debug, Clone)]
+pub struct DiskTrack {
+    pub disk_id: String,
+    pub label: Option<String>,
+    pub change_id: Option<String>,
+    pub previous_change_id: Option<String>,
+    pub status: DiskStatus,
+    pub capacity: u64,
+    pub planned: u64,
+    pub planned_known: bool,
+    pub blocks: u64,
+    pub done: u64,
+    pub skipped: u64,
+    pub zeroed: u64,
+    pub verified: u64,
+    pub throughput: u64,
+    pub watermark: u64,
+    pub stage: Option<Stage>,
+    /// Holds a copy slot (its connections are open).
+    pub copying: bool,
+    pub error: Option<String>,
+    pub resume_offset: u64,
+}
+
+impl DiskTrack {
+    fn from_row(d: &Disk) -> Self {
+        let completed = d.sync_status == DiskStatus::Completed;
+        Self {
+            disk_id: d.disk_id.clone(),
+            label: d.label.clone(),
+            change_id: d.change_id.clone(),
+            previous_change_id: d.previous_change_id.clone(),
+            // A disk that did not complete starts over (from its checkpoint).
+            status: if completed { DiskStatus::Completed } else { DiskStatus::Pending },
+            capacity: d.capacity_bytes.max(0) as u64,
+            planned: d.planned_bytes.max(0) as u64,
+            planned_known: completed,
+            blocks: 0,
+            done: if completed { d.planned_bytes.max(0) as u64 } else { 0 },
+            skipped: d.skipped_bytes.max(0) as u64,
+            zeroed: 0,
+            verified: 0,
+            throughput: 0,
+            watermark: d.resume_offset.max(0) as u64,
+            stage: None,
+            copying: false,
+            error: None,
+            resume_offset: d.resume_offset.max(0) as u64,
+        }
+    }
+
+    pub fn percent(&self) -> f64 {
+        if self.planned_known { crate::engine::progress::percent(self.done, self.planned) } else { 0.0 }
+    }
+
+    fn apply(&mut self, s: &Snapshot) {
+        if self.status.is_terminal() {
+            return;
+        }
+        self.done = s.bytes_done;
+        self.skipped = s.skipped_bytes;
+        self.zeroed = s.zeroed_bytes;
+        self.verified = s.verified_bytes;
+        self.throughput = if self.copying { s.throughput_bps } else { 0 };
+        self.watermark = self.watermark.max(s.durable_watermark);
+        self.stage = Some(s.stage);
+        if s.planned_bytes > 0 || s.disk_size > 0 {
+            self.planned = s.planned_bytes;
+            self.capacity = s.disk_size;
+        }
+    }
+}
+
+/// The job's state and arithmetic.
+#[derive(Debug, Clone)]
+pub struct JobTracker {
+    pub job_id: String,
+    pub correlation_id: String,
+    pub replication_type: ReplicationType,
+    pub status: JobStatus,
+    pub operation: Operation,
+    pub disks: Vec<DiskTrack>,
+    pub started_at: Option<chrono::NaiveDateTime>,
+    pub last_progress_at: Option<chrono::NaiveDateTime>,
+    /// Last 10 % milestone announced.
+    milestone: u32,
+    /// Grows while disks wait for a copy slot (waiting is not stalling).
+    waiting: u64,
+}
+
+impl JobTracker {
+    pub fn new(job: &Job, disks: &[Disk], correlation_id: String) -> Self {
+        let operation = match job.replication_type {
+            ReplicationType::Full => Operation::Discover,
+            ReplicationType::Incremental => Operation::QueryCbt,
+        };
+        let disks: Vec<DiskTrack> = disks.iter().map(DiskTrack::from_row).collect();
+        let mut t = Self {
+            job_id: job.id.clone(),
+            correlation_id,
+            replication_type: job.replication_type,
+            status: job.status,
+            operation,
+            disks,
+            started_at: job.started_at,
+            last_progress_at: job.last_progress_at,
+            milestone: 0,
+            waiting: 0,
+        };
+        t.milestone = (t.percent() / 10.0).floor() as u32;
+        t
+    }
+
+    pub fn all_planned(&self) -> bool {
+        self.disks.iter().all(|d| d.planned_known || d.status.is_terminal())
+    }
+
+    pub fn planned(&self) -> u64 {
+        self.disks.iter().map(|d| d.planned).sum()
+    }
+
+    pub fn done(&self) -> u64 {
+        self.disks.iter().map(|d| d.done.min(d.planned)).sum()
+    }
+
+    pub fn throughput(&self) -> u64 {
+        self.disks.iter().filter(|d| !d.status.is_terminal()).map(|d| d.throughput).sum()
+    }
+
+    /// Sum of bytes over all disks, counted only once every disk is planned.
+    pub fn percent(&self) -> f64 {
+        if !self.all_planned() {
+            return 0.0;
+        }
+        crate::engine::progress::percent(self.done(), self.planned())
+    }
+
+    pub fn eta_seconds(&self) -> Option<u64> {
+        let remaining = self.planned().saturating_sub(self.done());
+        match self.throughput() {
+            _ if !self.all_planned() => None,
+            _ if remaining == 0 => Some(0),
+            0 => None,
+            bps => Some(remaining.div_ceil(bps)),
+        }
+    }
+
+    /// Everything the job has done; grows while it makes progress of any kind.
+    pub fn work(&self) -> u64 {
+        let bytes: u64 = self.disks.iter().map(|d| d.done + d.zeroed + d.skipped + d.verified).sum();
+        let steps: u64 = self
+            .disks
+            .iter()
+            .map(|d| d.planned_known as u64 + d.stage.map_or(0, |s| s as u64 + 1) + d.status.is_terminal() as u64)
+            .sum();
+        bytes + steps + self.waiting
+    }
+
+    /// The next 10 % milestone crossed and not yet announced, if any (call until
+    /// `None`: a fast disk may cross several between two reports).
+    pub fn take_milestone(&mut self) -> Option<u32> {
+        let reached = (self.percent() / 10.0).floor() as u32;
+        (reached > self.milestone).then(|| {
+            self.milestone += 1;
+            self.milestone * 10
+        })
+    }
+
+    pub fn disk_mut(&mut self, id: &str) -> Option<&mut DiskTrack> {
+        self.disks.iter_mut().find(|d| d.disk_id == id)
+    }
+
+    pub fn unfinished(&self) -> impl Iterator<Item = &DiskTrack> {
+        self.disks.iter().filter(|d| !d.status.is_terminal())
+    }
+
+    /// The full row state of the job (the DbWriter compares it with what it
+    /// wrote last).
+    pub fn job_update(&self, node: &str) -> JobUpdate {
+        JobUpdate {
+            id: self.job_id.clone(),
+            node: Some(node.to_string()),
+            status: Some(self.status),
+            current_operation: Some(self.operation),
+            progress_percent: Some(self.percent()),
+            bytes_transferred: Some(self.done() as i64),
+            total_bytes: Some(self.planned() as i64),
+            transfer_speed_bps: Some(self.throughput() as i64),
+            eta_seconds: self.eta_seconds().map(|e| e as i64),
+            error_message: None,
+            last_progress_at: self.last_progress_at,
+            started_at: self.started_at,
+            completed_at: None,
+        }
+    }
+
+    pub fn disk_update(&self, d: &DiskTrack) -> DiskUpdate {
+        DiskUpdate {
+            job_id: self.job_id.clone(),
+            disk_id: d.disk_id.clone(),
+            sync_status: Some(d.status),
+            capacity_bytes: Some(d.capacity as i64),
+            planned_bytes: Some(d.planned as i64),
+            bytes_synced: Some(d.done.min(d.planned) as i64),
+            skipped_bytes: Some(d.skipped as i64),
+            sync_progress_percent: Some(d.percent()),
+            throughput_bps: Some(d.throughput as i64),
+            error_message: d.error.clone().map(Some),
+            disk_change_id: None,
+        }
+    }
+}
+
+/// Why the job is stopping before its disks completed.
+#[derive(Debug, Clone, PartialEq)]
+enum Ending {
+    Failed(String),
+    Cancelled(String),
+    /// Shutdown: leave it resumable.
+    Suspended,
+    /// Another node owns it now, or it finished elsewhere: touch nothing.
+    Lost,
+}
+
+pub struct JobAggregator {
+    deps: JobDeps,
+    discovery: Recipient<JobEnded>,
+    t: JobTracker,
+    rows: Vec<Disk>,
+    copiers: HashMap<String, Addr<DiskCopier>>,
+    ending: Option<Ending>,
+    transfer_started: bool,
+    suspend_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+    disk_started: HashMap<String, Instant>,
+    last_work: u64,
+}
+
+impl JobAggregator {
+    pub fn new(job: Job, disks: Vec<Disk>, deps: JobDeps, discovery: Recipient<JobEnded>) -> Self {
+        let correlation_id = uuid::Uuid::new_v4().simple().to_string();
+        let t = JobTracker::new(&job, &disks, correlation_id);
+        Self {
+            deps,
+            discovery,
+            t,
+            rows: disks,
+            copiers: HashMap::new(),
+            ending: None,
+            transfer_started: false,
+            suspend_waiters: Vec::new(),
+            disk_started: HashMap::new(),
+            last_work: 0,
+        }
+    }
+
+    fn event(&self, disk: Option<&str>, level: &str, message: impl Into<String>) {
+        let message = message.into();
+        let (job_id, cid) = (&self.t.job_id, &self.t.correlation_id);
+        match level {
+            "error" => tracing::error!(job_id = %job_id, disk_id = disk, correlation_id = %cid, "{message}"),
+            "warn" => tracing::warn!(job_id = %job_id, disk_id = disk, correlation_id = %cid, "{message}"),
+            _ => tracing::info!(job_id = %job_id, disk_id = disk, correlation_id = %cid, "{message}"),
+        }
+        self.deps.db.do_send(Record::Event(NewJobEvent {
+            job_id: job_id.clone(),
+            disk_id: disk.map(str::to_string),
+            correlation_id: cid.clone(),
+            level: level.to_string(),
+            stage: self.t.operation.as_str().to_string(),
+            message,
+            created_at: Some(Utc::now().naive_utc()),
+        }));
+    }
+
+    fn persist_job(&self) {
+        self.deps.db.do_send(PersistJob(self.t.job_update(&self.deps.node)));
+    }
+
+    fn persist_disk(&self, disk_id: &str) {
+        if let Some(d) = self.t.disks.iter().find(|d| d.disk_id == disk_id) {
+            self.deps.db.do_send(PersistDisk { update: self.t.disk_update(d), checkpoint: Some(d.watermark) });
+        }
+    }
+
+    /// Moves the job to `status`/`op` if that is a legal step, and says so.
+    fn advance(&mut self, status: JobStatus, op: Operation) {
+        if !self.t.status.can_become(status) {
+            return;
+        }
+        let changed = self.t.status != status || self.t.operation != op;
+        self.t.status = status;
+        self.t.operation = op;
+        if changed {
+            self.event(None, "info", format!("{} ({})", status.as_api(), op.as_str()));
+            self.persist_job();
+        }
+    }
+
+    fn spec_for(&self, row: &Disk) -> Result<CopySpec, String> {
+        let changes = match self.t.replication_type {
+            ReplicationType::Full => Changes::Full,
+            ReplicationType::Incremental => match (&row.dirty_bitmap, &row.changed_areas) {
+                (Some(b), _) if !b.is_empty() => Changes::DirtyBitmap(b.clone()),
+                (_, Some(a)) if !a.is_empty() => {
+                    Changes::ChangedAreas(plan::parse_areas(a).map_err(|e| format!("bad changed_areas: {e}"))?)
+                }
+                // Never silently a full copy.
+                _ => return Err("incremental copy needs dirty_bitmap or changed_areas; the disk has neither".into()),
+            },
+        };
+        let s = &self.deps.settings;
+        Ok(CopySpec {
+            source: row.source_uri.clone(),
+            target: row.target_uri.clone(),
+            changes,
+            destination_is_zero: row.destination_is_zero,
+            resume_from: row.resume_offset.max(0) as u64,
+            verify: s.copy.verify,
+            tuning: s.tuning(),
+        })
+    }
+
+    /// Ends the job early for `why`: cancels the copiers, finishing once they stopped.
+    fn end(&mut self, why: Ending, ctx: &mut Context<Self>) {
+        if self.ending.is_none() {
+            self.ending = Some(why);
+        }
+        for c in self.copiers.values() {
+            c.do_send(CancelCopy);
+        }
+        if self.copiers.is_empty() {
+            self.finish(ctx);
+        }
+    }
+
+    /// Writes the outcome and stops the actor.
+    fn finish(&mut self, ctx: &mut Context<Self>) {
+        let now = Some(Utc::now().naive_utc());
+        let mut final_update: Option<JobUpdate> = None;
+        match self.ending.clone() {
+            None => {
+                // Every disk completed: its data is flushed and its change ID written.
+                self.advance(JobStatus::Finalizing, Operation::Finalize);
+                self.advance(JobStatus::Finalizing, Operation::PersistChangeIds);
+                self.t.status = JobStatus::Completed;
+                let mut u = self.t.job_update(&self.deps.node);
+                u.completed_at = now;
+                u.eta_seconds = Some(0);
+                u.transfer_speed_bps = Some(0);
+                self.event(None, "info", "Succeeded");
+                final_update = Some(u);
+            }
+            Some(Ending::Failed(msg)) | Some(Ending::Cancelled(msg)) => {
+                let failed = matches!(self.ending, Some(Ending::Failed(_)));
+                let (js, ds) = if failed {
+                    (JobStatus::Failed, DiskStatus::Failed)
+                } else {
+                    (JobStatus::Cancelled, DiskStatus::Cancelled)
+                };
+                let ids: Vec<String> = self.t.unfinished().map(|d| d.disk_id.clone()).collect();
+                for id in ids {
+                    if let Some(d) = self.t.disk_mut(&id) {
+                        d.status = ds;
+                        d.throughput = 0;
+                        d.error.get_or_insert_with(|| msg.clone());
+                    }
+                    self.persist_disk(&id);
+                }
+                self.t.status = js;
+                let mut u = self.t.job_update(&self.deps.node);
+                u.error_message = Some(msg.clone());
+                u.completed_at = now;
+                u.transfer_speed_bps = Some(0);
+                u.eta_seconds = None;
+                self.event(None, if failed { "error" } else { "warn" }, format!("{}: {msg}", js.as_api()));
+                final_update = Some(u);
+            }
+            Some(Ending::Suspended) => {
+                for d in self.t.disks.iter_mut() {
+                    d.throughput = 0;
+                }
+                let ids: Vec<String> = self.t.unfinished().map(|d| d.disk_id.clone()).collect();
+                for id in ids {
+                    self.persist_disk(&id);
+                }
+                self.event(None, "info", "suspended by shutdown; resumable from its checkpoints");
+                self.persist_job();
+            }
+            Some(Ending::Lost) => {
+                self.event(None, "warn", "job no longer ours (lease lost or finished elsewhere); stopped");
+            }
+        }
+        if let Some(u) = final_update {
+            self.deps.db.do_send(PersistJob(u));
+        }
+        self.deps.watchdog.do_send(Unwatch { job_id: self.t.job_id.clone() });
+        if self.ending != Some(Ending::Lost) {
+            self.deps.db.do_send(ReleaseLease { job_id: self.t.job_id.clone(), node: self.deps.node.clone() });
+        }
+        self.discovery.do_send(JobEnded { job_id: self.t.job_id.clone() });
+        for w in self.suspend_waiters.drain(..) {
+            let _ = w.send(());
+        }
+        ctx.stop();
+    }
+
+    fn on_finished(&mut self, disk_id: &str, result: Result<Summary, CopyFailure>, ctx: &mut Context<Self>) {
+        if let Some(c) = self.copiers.remove(disk_id) {
+            c.do_send(Dismiss);
+        }
+        let started = self.disk_started.remove(disk_id);
+        match result {
+            Ok(summary) => {
+                let change_id = {
+                    let Some(d) = self.t.disk_mut(disk_id) else { return };
+                    d.status = DiskStatus::Completed;
+                    d.done = summary.planned_bytes;
+                    d.planned = summary.planned_bytes;
+                    d.throughput = 0;
+                    d.copying = false;
+                    d.watermark = summary.disk_size;
+                    d.blocks = summary.blocks;
+                    d.change_id.clone()
+                };
+                // The engine returned only after the final flush: now the change
+                // ID may be recorded.
+                if let Some(d) = self.t.disks.iter().find(|d| d.disk_id == disk_id) {
+                    let mut u = self.t.disk_update(d);
+                    u.disk_change_id = change_id.clone();
+                    u.error_message = Some(None);
+                    self.deps.db.do_send(PersistDisk { update: u, checkpoint: Some(summary.disk_size) });
+                    self.deps.db.do_send(Record::Cbt(CbtRecord {
+                        job_id: self.t.job_id.clone(),
+                        disk_id: disk_id.to_string(),
+                        change_id,
+                        previous_change_id: d.previous_change_id.clone(),
+                        sync_type: self.t.replication_type,
+                        blocks_changed: summary.blocks as i64,
+                        bytes_transferred: summary.bytes_transferred as i64,
+                        sync_duration_seconds: started.map_or(summary.seconds, |s| s.elapsed().as_secs_f64()),
+                        sync_success: true,
+                    }));
+                }
+                let verified = if summary.verified == Some(true) { ", verified" } else { "" };
+                self.event(
+                    Some(disk_id),
+                    "info",
+                    format!(
+                        "disk copied: {} bytes planned, {} written{verified}",
+                        summary.planned_bytes, summary.bytes_written
+                    ),
+                );
+            }
+            Err(f) if f.cancelled && self.ending.is_some() => {
+                if let Some(d) = self.t.disk_mut(disk_id) {
+                    d.copying = false;
+                    d.throughput = 0;
+                }
+            }
+            Err(f) => {
+                let msg = format!("disk {disk_id}: {}", f.message);
+                if let Some(d) = self.t.disk_mut(disk_id) {
+                    d.status = DiskStatus::Failed;
+                    d.error = Some(f.message.clone());
+                    d.copying = false;
+                    d.throughput = 0;
+                }
+                self.persist_disk(disk_id);
+                self.event(Some(disk_id), "error", f.message);
+                self.end(Ending::Failed(msg), ctx);
+            }
+        }
+        if self.ending.is_some() {
+            if self.copiers.is_empty() {
+                self.finish(ctx);
+            }
+        } else if self.t.unfinished().next().is_none() {
+            self.finish(ctx);
+        } else {
+            self.on_progress();
+        }
+    }
+
+    /// After any change of figures: persist (throttled), heartbeat, milestones.
+    fn on_progress(&mut self) {
+        let work = self.t.work();
+        if work > self.last_work {
+            self.last_work = work;
+            self.t.last_progress_at = Some(Utc::now().naive_utc());
+            self.deps.watchdog.do_send(Heartbeat { job_id: self.t.job_id.clone(), work });
+        }
+        while let Some(m) = self.t.take_milestone() {
+            self.event(None, "info", format!("{m}% transferred"));
+        }
+        self.persist_job();
+    }
+}
+
+impl Actor for JobAggregator {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let addr = ctx.address();
+        self.deps.watchdog.do_send(Watch { job_id: self.t.job_id.clone(), notify: addr.clone().recipient() });
+        if self.t.started_at.is_none() {
+            self.t.started_at = Some(Utc::now().naive_utc());
+        }
+        self.event(None, "info", format!("claimed by {}; run {}", self.deps.node, self.t.correlation_id));
+        let first_op = self.t.operation;
+        self.advance(JobStatus::Preparing, first_op);
+        self.persist_job();
+
+        // Lease renewal; losing it stops the job without touching its row.
+        let lease = self.deps.settings.discovery.lease;
+        ctx.run_interval(lease / 3, move |act, ctx| {
+            let msg = RenewLease { job_id: act.t.job_id.clone(), node: act.deps.node.clone(), lease };
+            act.deps
+                .db
+                .send(msg)
+                .into_actor(act)
+                .map(|res, act, ctx| match res {
+                    Ok(Ok(true)) => {}
+                    Ok(Ok(false)) => act.end(Ending::Lost, ctx),
+                    Ok(Err(e)) => tracing::warn!(job_id = %act.t.job_id, error = %e, "cannot renew the lease"),
+                    Err(_) => {}
+                })
+                .spawn(ctx);
+        });
+
+        let rows = std::mem::take(&mut self.rows);
+        for row in rows.iter().filter(|r| r.sync_status != DiskStatus::Completed) {
+            let spec = match self.spec_for(row) {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(d) = self.t.disk_mut(&row.disk_id) {
+                        d.status = DiskStatus::Failed;
+                        d.error = Some(e.clone());
+                    }
+                    self.persist_disk(&row.disk_id);
+                    self.event(Some(&row.disk_id), "error", e.clone());
+                    self.end(Ending::Failed(format!("disk {}: {e}", row.disk_id)), ctx);
+                    return;
+                }
+            };
+            if spec.resume_from > 0 {
+                self.event(Some(&row.disk_id), "info", format!("resuming from offset {}", spec.resume_from));
+            }
+            let copier = DiskCopier::new(
+                row.disk_id.clone(),
+                Copier::new(spec),
+                addr.clone().recipient(),
+                self.deps.slots.clone(),
+            );
+            self.copiers.insert(row.disk_id.clone(), copier.start());
+        }
+        if self.copiers.is_empty() {
+            // Every disk had completed before (a resumed job that crashed at the end).
+            self.finish(ctx);
+        }
+    }
+}
+
+impl Handler<DiskReport> for JobAggregator {
+    type Result = ();
+
+    fn handle(&mut self, r: DiskReport, ctx: &mut Context<Self>) {
+        match r.kind {
+            DiskReportKind::Planned(info) => {
+                if let Some(d) = self.t.disk_mut(&r.disk_id) {
+                    d.planned = info.planned_bytes;
+                    d.capacity = info.disk_size;
+                    d.blocks = info.blocks;
+                    d.done = info.done_bytes;
+                    d.skipped = info.skipped_bytes;
+                    d.planned_known = true;
+                }
+                self.event(
+                    Some(&r.disk_id),
+                    "info",
+                    format!(
+                        "planned: {} bytes to read in {} ranges, {} to zero, of {}",
+                        info.planned_bytes, info.blocks, info.zero_bytes, info.disk_size
+                    ),
+                );
+                self.persist_disk(&r.disk_id);
+                if self.t.all_planned() && !self.transfer_started && self.ending.is_none() {
+                    self.transfer_started = true;
+                    self.advance(JobStatus::Streaming, Operation::StartExports);
+                    for c in self.copiers.values() {
+                        c.do_send(StartTransfer);
+                    }
+                }
+                self.on_progress();
+            }
+            DiskReportKind::Started => {
+                if let Some(d) = self.t.disk_mut(&r.disk_id) {
+                    d.copying = true;
+                    d.status = DiskStatus::Streaming;
+                }
+                self.disk_started.insert(r.disk_id.clone(), Instant::now());
+                self.advance(JobStatus::Streaming, Operation::Transfer);
+                self.persist_disk(&r.disk_id);
+            }
+            DiskReportKind::Progress(s) => {
+                let waiting =
+                    self.transfer_started
+                        && self.t.disks.iter().any(|d| {
+                            d.disk_id == r.disk_id && d.planned_known && !d.copying && !d.status.is_terminal()
+                        });
+                if waiting {
+                    self.t.waiting += 1;
+                }
+                if let Some(d) = self.t.disk_mut(&r.disk_id) {
+                    d.apply(&s);
+                }
+                if s.stage == Stage::Verifying && self.ending.is_none() {
+                    self.advance(JobStatus::Finalizing, Operation::Finalize);
+                }
+                self.persist_disk(&r.disk_id);
+                self.on_progress();
+            }
+            DiskReportKind::Engine(e) => match e {
+                Event::Retry { role, offset, attempt, error } => self.event(
+                    Some(&r.disk_id),
+                    "warn",
+                    format!("retry {attempt} on the {role} at offset {offset}: {error}"),
+                ),
+                Event::Reconnected { role } => {
+                    let side = if role == Role::Source { "source" } else { "target" };
+                    self.event(Some(&r.disk_id), "info", format!("reconnected to the {side}"));
+                }
+                Event::Checkpoint { watermark } => {
+                    if let Some(d) = self.t.disk_mut(&r.disk_id) {
+                        d.watermark = d.watermark.max(watermark);
+                    }
+                    self.persist_disk(&r.disk_id);
+                }
+                Event::Stage(_) | Event::Planned { .. } => {}
+            },
+            DiskReportKind::Finished(result) => self.on_finished(&r.disk_id, result, ctx),
+        }
+    }
+}
+
+impl Handler<Stalled> for JobAggregator {
+    type Result = ();
+    fn handle(&mut self, m: Stalled, ctx: &mut Context<Self>) {
+        let secs = m.idle.as_secs();
+        let shown = humantime::format_duration(std::time::Duration::from_secs(secs));
+        self.end(Ending::Failed(format!("no progress was made for {shown}; the job was stopped by the watchdog")), ctx);
+    }
+}
+
+impl Handler<CancelJob> for JobAggregator {
+    type Result = ();
+    fn handle(&mut self, _: CancelJob, ctx: &mut Context<Self>) {
+        self.end(Ending::Cancelled("cancelled by operator".into()), ctx);
+    }
+}
+
+impl Handler<Suspend> for JobAggregator {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: Suspend, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.suspend_waiters.push(tx);
+        self.end(Ending::Suspended, ctx);
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}
+
+impl Handler<GetLive> for JobAggregator {
+    type Result = MessageResult<GetLive>;
+    fn handle(&mut self, _: GetLive, _: &mut Context<Self>) -> Self::Result {
+        let t = &self.t;
+        MessageResult(LiveJob {
+            job_id: t.job_id.clone(),
+            status: t.status,
+            operation: t.operation.as_str().to_string(),
+            total_bytes: t.planned(),
+            bytes_transferred: t.done(),
+            throughput_bps: t.throughput(),
+            percent: t.percent(),
+            eta_seconds: t.eta_seconds(),
+            disks: t
+                .disks
+                .iter()
+                .map(|d| LiveDisk {
+                    disk_id: d.disk_id.clone(),
+                    status: d.status,
+                    planned_bytes: d.planned,
+                    bytes_transferred: d.done.min(d.planned),
+                    throughput_bps: d.throughput,
+                    percent: d.percent(),
+                    connected: d.copying,
+                })
+                .collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(kind: ReplicationType) -> Job {
+        let now = Utc::now().naive_utc();
+        Job {
+            id: "job-1".into(),
+            vm_name: "vm1".into(),
+            vm_path: None,
+            replication_type: kind,
+            status: JobStatus::Pending,
+            current_operation: None,
+            progress_percent: 0.0,
+            setup_progress_percent: 0.0,
+            bytes_transferred: 0,
+            total_bytes: 0,
+            transfer_speed_bps: 0,
+            eta_seconds: None,
+            nbd_export_name: None,
+            error_message: None,
+            owner_node: None,
+            lease_expires_at: None,
+            last_progress_at: None,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            completed_at: None,
+        }
+    }
+
+    fn disk(id: &str, status: DiskStatus, planned: i64) -> Disk {
+        Disk {
+            id: 0,
+            job_id: "job-1".into(),
+            disk_id: id.into(),
+            label: None,
+            source_uri: "nbd://s/".into(),
+            target_uri: "nbd://t/".into(),
+            destination_is_zero: false,
+            capacity_bytes: 0,
+            planned_bytes: planned,
+            bytes_synced: 0,
+            skipped_bytes: 0,
+            sync_status: status,
+            sync_progress_percent: 0.0,
+            throughput_bps: 0,
+            dirty_bitmap: None,
+            changed_areas: None,
+            previous_change_id: None,
+            change_id: None,
+            disk_change_id: None,
+            resume_offset: 0,
+            error_message: None,
+            updated_at: Utc::now().naive_utc(),
+        }
+    }
+
+    fn snap(done: u64, planned: u64, bps: u64) -> Snapshot {
+        Snapshot {
+            stage: Stage::Copying,
+            disk_size: planned * 2,
+            planned_bytes: planned,
+            bytes_done: done,
+            bytes_written: done,
+            zeroed_bytes: 0,
+            skipped_bytes: 0,
+            verified_bytes: 0,
+            durable_watermark: 0,
+            retries: 0,
+            elapsed: std::time::Duration::ZERO,
+            throughput_bps: bps,
+            eta: None,
+        }
+    }
+
+    fn plan_all(t: &mut JobTracker, planned: &[u64]) {
+        for (d, p) in t.disks.iter_mut().zip(planned) {
+            d.planned = *p;
+            d.planned_known = true;
+            d.copying = true;
+        }
+    }
+
+    #[test]
+    fn job_figures_are_sums_of_bytes_not_averages_of_percentages() {
+        let mut t = JobTracker::new(
+            &job(ReplicationType::Full),
+            &[disk("a", DiskStatus::Pending, 0), disk("b", DiskStatus::Pending, 0)],
+            "c".into(),
+        );
+        plan_all(&mut t, &[100, 900]);
+        t.disk_mut("a").unwrap().apply(&snap(100, 100, 10));
+        t.disk_mut("b").unwrap().apply(&snap(0, 900, 30));
+        // Averaging percentages would say 50 %; the job has moved 100 of 1000 bytes.
+        assert_eq!(t.percent(), 10.0);
+        assert_eq!(t.done(), 100);
+        assert_eq!(t.throughput(), 40);
+        assert_eq!(t.eta_seconds(), Some(900 / 40 + 1));
+    }
+
+    #[test]
+    fn percent_waits_until_every_disk_is_planned() {
+        let mut t = JobTracker::new(
+            &job(ReplicationType::Full),
+            &[disk("a", DiskStatus::Pending, 0), disk("b", DiskStatus::Pending, 0)],
+            "c".into(),
+        );
+        t.disks[0].planned = 100;
+        t.disks[0].planned_known = true;
+        t.disks[0].done = 100;
+        assert_eq!(t.percent(), 0.0, "b's size is unknown: no honest percentage yet");
+        assert_eq!(t.eta_seconds(), None);
+        t.disks[1].planned = 100;
+        t.disks[1].planned_known = true;
+        assert_eq!(t.percent(), 50.0);
+    }
+
+    #[test]
+    fn completed_disks_of_a_resumed_job_count_as_done() {
+        let t = JobTracker::new(
+            &job(ReplicationType::Full),
+            &[disk("a", DiskStatus::Completed, 400), disk("b", DiskStatus::Streaming, 600)],
+            "c".into(),
+        );
+        assert_eq!(t.disks[0].done, 400);
+        assert_eq!(t.disks[1].status, DiskStatus::Pending, "an interrupted disk starts over from its checkpoint");
+        assert_eq!(t.unfinished().count(), 1);
+    }
+
+    #[test]
+    fn milestones_are_announced_once_each() {
+        let mut t = JobTracker::new(&job(ReplicationType::Full), &[disk("a", DiskStatus::Pending, 0)], "c".into());
+        plan_all(&mut t, &[1000]);
+        let mut seen = Vec::new();
+        for done in [50, 99, 100, 250, 260, 999, 1000] {
+            t.disk_mut("a").unwrap().apply(&snap(done, 1000, 1));
+            while let Some(m) = t.take_milestone() {
+                seen.push(m);
+            }
+        }
+        assert_eq!(seen, vec![10, 20, 30, 40, 50, 60, 70, 80, 90, 100]);
+    }
+
+    #[test]
+    fn work_grows_with_any_kind_of_progress() {
+        let mut t = JobTracker::new(&job(ReplicationType::Full), &[disk("a", DiskStatus::Pending, 0)], "c".into());
+        let w0 = t.work();
+        t.disks[0].planned_known = true;
+        let w1 = t.work();
+        assert!(w1 > w0);
+        let mut s = snap(0, 1000, 0);
+        s.zeroed_bytes = 4096;
+        t.disk_mut("a").unwrap().apply(&s);
+        assert!(t.work() > w1, "zeroing is progress even though no planned byte moved");
+    }
+
+    #[test]
+    fn job_update_carries_the_full_state() {
+        let mut t =
+            JobTracker::new(&job(ReplicationType::Incremental), &[disk("a", DiskStatus::Pending, 0)], "c".into());
+        assert_eq!(t.operation, Operation::QueryCbt);
+        plan_all(&mut t, &[200]);
+        t.disk_mut("a").unwrap().apply(&snap(50, 200, 5));
+        let u = t.job_update("n1");
+        assert_eq!(u.status, Some(JobStatus::Pending));
+        assert_eq!(u.progress_percent, Some(25.0));
+        assert_eq!((u.bytes_transferred, u.total_bytes), (Some(50), Some(200)));
+        assert_eq!(u.node.as_deref(), Some("n1"));
+    }
+}

@@ -1,0 +1,280 @@
+//! The messages the actors exchange, in one place so the conversation between
+//! them can be read top to bottom. Each says who sends it and what the reply
+//! means. Messages carry plain data (engine snapshots, db rows); nothing here does
+//! I/O.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use crate::db::{CbtRecord, DbError, Disk, DiskUpdate, Job, JobUpdate, NewDisk, NewJob, NewJobEvent};
+use crate::engine::{Event, Snapshot, Summary, copy::PlanInfo};
+use crate::state::JobStatus;
+
+// ---------------------------------------------------------------- DbWriter --
+
+/// JobAggregator → DbWriter: the job's latest figures. Throttled and coalesced:
+/// written when the percentage moved enough, when enough time passed, or at once
+/// when the status or the operation changed.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct PersistJob(pub JobUpdate);
+
+/// JobAggregator → DbWriter: one disk's latest figures, with the durable
+/// watermark when it moved. Throttled and coalesced like [`PersistJob`].
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct PersistDisk {
+    pub update: DiskUpdate,
+    /// The engine's durable watermark: written as `resume_offset`, never lowered.
+    pub checkpoint: Option<u64>,
+}
+
+/// JobAggregator → DbWriter: an append-only record (a job event or the CBT row),
+/// written in order with the next batch.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub enum Record {
+    Event(NewJobEvent),
+    Cbt(CbtRecord),
+}
+
+/// Shutdown → DbWriter: write everything pending now, ignoring the throttle.
+/// Replies once written, or with the error that stopped it.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<(), DbError>")]
+pub struct Flush;
+
+/// DiscoveryActor → DbWriter: claim up to `limit` ready jobs and load them.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<Vec<(Job, Vec<Disk>)>, DbError>")]
+pub struct ClaimJobs {
+    pub node: String,
+    pub lease: Duration,
+    pub limit: i64,
+    pub exclude: Vec<String>,
+}
+
+/// JobAggregator → DbWriter: extend our lease. `Ok(false)`: stop, the job is
+/// no longer ours (another node owns it, or it finished elsewhere).
+#[derive(Message, Debug)]
+#[rtype(result = "Result<bool, DbError>")]
+pub struct RenewLease {
+    pub job_id: String,
+    pub node: String,
+    pub lease: Duration,
+}
+
+/// JobAggregator → DbWriter: give the job up (shutdown, or it ended). Written
+/// after everything queued for the job.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct ReleaseLease {
+    pub job_id: String,
+    pub node: String,
+}
+
+/// Admin → DbWriter: reads and commands answered straight from the database.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<QueryResult, DbError>")]
+pub enum Query {
+    Ping,
+    ListJobs {
+        status: Option<JobStatus>,
+        limit: i64,
+    },
+    /// By id, or else the newest job with this `nbd_export_name`.
+    FindJob {
+        key: String,
+    },
+    CountJobs,
+    Submit {
+        job: NewJob,
+        disks: Vec<NewDisk>,
+    },
+    /// Cancel a job that no actor of ours is running.
+    Cancel {
+        job_id: String,
+    },
+}
+
+#[derive(Debug)]
+pub enum QueryResult {
+    Done,
+    Jobs(Vec<Job>),
+    Job(Option<(Job, Vec<Disk>)>),
+    Counts(Vec<(JobStatus, i64)>),
+    Status(JobStatus),
+}
+
+/// Anyone → DbWriter: counters for /metrics.
+#[derive(Message, Debug)]
+#[rtype(result = "DbStats")]
+pub struct GetDbStats;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DbStats {
+    pub job_updates: u64,
+    pub disk_updates: u64,
+    pub records: u64,
+    pub failures: u64,
+    /// Writes waiting (the database is slow or away).
+    pub pending: u64,
+    pub available: bool,
+}
+
+// ---------------------------------------------------------- DiskCopier ----
+
+/// DiskCopier → JobAggregator: what its engine is doing.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct DiskReport {
+    pub disk_id: String,
+    pub kind: DiskReportKind,
+}
+
+#[derive(Debug)]
+pub enum DiskReportKind {
+    /// Planning is done; the copier waits for [`StartTransfer`].
+    Planned(PlanInfo),
+    /// It holds a copy slot and is copying.
+    Started,
+    /// A few times a second while running.
+    Progress(Snapshot),
+    /// A rare engine event (retry, reconnect, checkpoint, stage).
+    Engine(Event),
+    /// The engine stopped. `Err` carries the error text, and whether it was a
+    /// cancellation we asked for.
+    Finished(Result<Summary, CopyFailure>),
+}
+
+#[derive(Debug, Clone)]
+pub struct CopyFailure {
+    pub message: String,
+    pub cancelled: bool,
+}
+
+/// JobAggregator → DiskCopier: every disk is planned; copy when a slot is free.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct StartTransfer;
+
+/// JobAggregator → DiskCopier: stop copying (within a second), keeping what is
+/// durable. The copier still reports `Finished`.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct CancelCopy;
+
+// ------------------------------------------------------- JobAggregator ----
+
+/// TimeoutWatchdog → JobAggregator: no progress for `idle`.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Stalled {
+    pub idle: Duration,
+}
+
+/// Admin (via DiscoveryActor) → JobAggregator: the operator cancels the job.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct CancelJob;
+
+/// Shutdown (via DiscoveryActor) → JobAggregator: stop, checkpoint, release the
+/// lease and leave the job resumable. Replies when done.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Suspend;
+
+/// Admin → JobAggregator: the live view of the job, fresher than its row.
+#[derive(Message, Debug)]
+#[rtype(result = "LiveJob")]
+pub struct GetLive;
+
+/// A running job as its aggregator sees it.
+#[derive(Debug, Clone)]
+pub struct LiveJob {
+    pub job_id: String,
+    pub status: JobStatus,
+    pub operation: String,
+    pub total_bytes: u64,
+    pub bytes_transferred: u64,
+    pub throughput_bps: u64,
+    pub percent: f64,
+    pub eta_seconds: Option<u64>,
+    pub disks: Vec<LiveDisk>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LiveDisk {
+    pub disk_id: String,
+    pub status: crate::state::DiskStatus,
+    pub planned_bytes: u64,
+    pub bytes_transferred: u64,
+    pub throughput_bps: u64,
+    pub percent: f64,
+    pub connected: bool,
+}
+
+// -------------------------------------------------------- DiscoveryActor --
+
+/// Admin → DiscoveryActor: look for jobs now instead of at the next tick.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct DiscoverNow;
+
+/// JobAggregator → DiscoveryActor: the job's actor is stopping.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct JobEnded {
+    pub job_id: String,
+}
+
+/// Admin → DiscoveryActor: the aggregator of a job if this node runs it.
+#[derive(Message, Debug)]
+#[rtype(result = "Option<Addr<super::job_aggregator::JobAggregator>>")]
+pub struct FindActive {
+    pub job_id: String,
+}
+
+/// Admin → DiscoveryActor: ids of the jobs this node runs.
+#[derive(Message, Debug)]
+#[rtype(result = "Vec<String>")]
+pub struct ListActive;
+
+/// Shutdown → DiscoveryActor: claim nothing more, suspend every running job and
+/// reply when all have stopped.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct StopDiscovery;
+
+/// Shutdown (SIGHUP) → actors: new settings take effect for what comes next.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Reconfigure(pub Arc<crate::config::Settings>);
+
+// ------------------------------------------------------ TimeoutWatchdog ----
+
+/// JobAggregator → TimeoutWatchdog: watch this job from now on.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Watch {
+    pub job_id: String,
+    pub notify: Recipient<Stalled>,
+}
+
+/// JobAggregator → TimeoutWatchdog: `work` (a counter of everything done, which
+/// only grows while the job makes progress).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Heartbeat {
+    pub job_id: String,
+    pub work: u64,
+}
+
+/// JobAggregator → TimeoutWatchdog: stop watching.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Unwatch {
+    pub job_id: String,
+}
