@@ -1,0 +1,219 @@
+//! Disks of a job: their progress and status, their durable checkpoints, and
+//! the CBT history that records what each copy made the target consistent with.
+//!
+//! Checkpoints only move forward (`GREATEST`), so a late or repeated write from a
+//! slower path can never send a resumed copy back over data it has not re-read,
+//! nor forward past data that is not durable: the engine reports only flushed
+//! watermarks. Disk status transitions are the JobAggregator's business and are
+//! not guarded here; job status transitions are (see `jobs`).
+
+use diesel::dsl::DuplicatedKeys;
+use diesel::dsl::sql;
+use diesel::mysql::MysqlConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Datetime};
+
+use super::DbError;
+use super::models::{CbtRecord, DiskUpdate, percent_to_decimal};
+use super::schema::cbt_history as c;
+use super::schema::vm_disks as d;
+
+/// Applies `update` to one disk.
+pub fn update_disk(conn: &mut MysqlConnection, update: &DiskUpdate) -> Result<(), DbError> {
+    let changes = (
+        update.sync_status.map(|s| d::sync_status.eq(s.as_db())),
+        update.capacity_bytes.map(|v| d::capacity_bytes.eq(v)),
+        update.planned_bytes.map(|v| d::planned_bytes.eq(v)),
+        update.bytes_synced.map(|v| d::bytes_synced.eq(v)),
+        update.skipped_bytes.map(|v| d::skipped_bytes.eq(v)),
+        update.sync_progress_percent.map(|p| d::sync_progress_percent.eq(percent_to_decimal(p))),
+        update.throughput_bps.map(|v| d::throughput_bps.eq(v)),
+        update.error_message.as_ref().map(|m| d::error_message.eq(m.as_deref())),
+        update.disk_change_id.as_deref().map(|id| d::disk_change_id.eq(id)),
+        // Always set, so an update is never empty and always marks the row touched.
+        d::updated_at.eq(sql::<Datetime>("UTC_TIMESTAMP(6)")),
+    );
+    let updated = diesel::update(d::table)
+        .filter(d::job_id.eq(&update.job_id))
+        .filter(d::disk_id.eq(&update.disk_id))
+        .set(changes)
+        .execute(conn)
+        .map_err(DbError::query(format!("updating disk '{}' of job '{}'", update.disk_id, update.job_id)))?;
+    found(updated, &update.job_id, &update.disk_id)
+}
+
+/// Records the durable watermark of a disk; a lower `offset` than the stored one
+/// changes nothing.
+pub fn set_checkpoint(conn: &mut MysqlConnection, job: &str, disk: &str, offset: i64) -> Result<(), DbError> {
+    // Written as SQL so that the comparison and the write are one atomic step.
+    let greatest = sql::<BigInt>("GREATEST(resume_offset, ").bind::<BigInt, _>(offset).sql(")");
+    // The connection reports matched rows (CLIENT_FOUND_ROWS), so an unchanged
+    // checkpoint still counts as found.
+    let updated = diesel::update(d::table)
+        .filter(d::job_id.eq(job))
+        .filter(d::disk_id.eq(disk))
+        .set(d::resume_offset.eq(greatest))
+        .execute(conn)
+        .map_err(DbError::query(format!("checkpointing disk '{disk}' of job '{job}'")))?;
+    found(updated, job, disk)
+}
+
+/// Writes the CBT history row of one disk of one job, replacing the row a
+/// previous run of the same job wrote: a resumed job never adds a second row.
+pub fn record_cbt(conn: &mut MysqlConnection, record: &CbtRecord) -> Result<(), DbError> {
+    let values = || {
+        (
+            c::change_id.eq(&record.change_id),
+            c::previous_change_id.eq(&record.previous_change_id),
+            c::sync_type.eq(record.sync_type.as_str()),
+            c::blocks_changed.eq(record.blocks_changed),
+            c::bytes_transferred.eq(record.bytes_transferred),
+            c::sync_duration_seconds.eq(record.sync_duration_seconds),
+            c::sync_success.eq(record.sync_success),
+        )
+    };
+    diesel::insert_into(c::table)
+        .values((c::job_id.eq(&record.job_id), c::disk_id.eq(&record.disk_id), values()))
+        .on_conflict(DuplicatedKeys)
+        .do_update()
+        .set(values())
+        .execute(conn)
+        .map_err(DbError::query(format!(
+            "recording CBT history of disk '{}' of job '{}'",
+            record.disk_id, record.job_id
+        )))?;
+    Ok(())
+}
+
+/// The CBT history of a job, one record per disk, in disk id order.
+pub fn load_cbt(conn: &mut MysqlConnection, job: &str) -> Result<Vec<CbtRecord>, DbError> {
+    c::table
+        .filter(c::job_id.eq(job))
+        .order(c::disk_id.asc())
+        .select(CbtRecord::as_select())
+        .load(conn)
+        .map_err(DbError::query(format!("loading CBT history of job '{job}'")))
+}
+
+fn found(updated: usize, job: &str, disk: &str) -> Result<(), DbError> {
+    if updated == 0 { Err(DbError::DiskNotFound { job: job.to_string(), disk: disk.to_string() }) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::fresh;
+    use super::super::{NewDisk, NewJob, insert_job, load_job};
+    use super::*;
+    use crate::state::{DiskStatus, ReplicationType};
+
+    /// A database with job `j` and its disks `disk-1` and `disk-2`.
+    fn setup(prefix: &str) -> (super::super::testing::mariadb::TestDb, MysqlConnection) {
+        let (db, mut conn) = fresh(prefix);
+        let job = NewJob {
+            id: "j".into(),
+            vm_name: "vm".into(),
+            vm_path: None,
+            replication_type: ReplicationType::Incremental,
+            nbd_export_name: None,
+        };
+        let disk = |id: &str| NewDisk {
+            disk_id: id.into(),
+            source_uri: "nbd://src/x".into(),
+            target_uri: "nbd://dst/x".into(),
+            ..NewDisk::default()
+        };
+        insert_job(&mut conn, &job, &[disk("disk-1"), disk("disk-2")]).unwrap();
+        (db, conn)
+    }
+
+    fn resume_offset(conn: &mut MysqlConnection, disk: &str) -> i64 {
+        load_job(conn, "j").unwrap().1.into_iter().find(|d| d.disk_id == disk).unwrap().resume_offset
+    }
+
+    #[test]
+    fn checkpoints_only_move_forward() {
+        let (_db, mut conn) = setup("checkpoints");
+        for (offset, expected) in
+            [(1 << 20, 1 << 20), (4096, 1 << 20), (1 << 20, 1 << 20), (3 << 30, 3 << 30), (0, 3 << 30)]
+        {
+            set_checkpoint(&mut conn, "j", "disk-1", offset).unwrap();
+            assert_eq!(resume_offset(&mut conn, "disk-1"), expected, "after {offset}");
+        }
+        assert_eq!(resume_offset(&mut conn, "disk-2"), 0, "the other disk moved");
+        let err = set_checkpoint(&mut conn, "j", "disk-9", 1).unwrap_err();
+        assert_eq!(err.to_string(), "disk 'disk-9' of job 'j' not found");
+    }
+
+    #[test]
+    fn update_disk_writes_what_is_given_and_can_clear_the_error() {
+        let (_db, mut conn) = setup("update_disk");
+        let base = DiskUpdate { job_id: "j".into(), disk_id: "disk-2".into(), ..DiskUpdate::default() };
+        update_disk(
+            &mut conn,
+            &DiskUpdate {
+                sync_status: Some(DiskStatus::Failed),
+                capacity_bytes: Some(10 << 30),
+                planned_bytes: Some(4 << 30),
+                bytes_synced: Some(1 << 30),
+                skipped_bytes: Some(6 << 30),
+                sync_progress_percent: Some(25.0),
+                throughput_bps: Some(123_456_789),
+                error_message: Some(Some("EIO at offset 1073741824".into())),
+                ..base.clone()
+            },
+        )
+        .unwrap();
+        let disks = load_job(&mut conn, "j").unwrap().1;
+        let (untouched, d) = (&disks[0], &disks[1]);
+        assert_eq!(d.sync_status, DiskStatus::Failed);
+        assert_eq!(
+            (d.capacity_bytes, d.planned_bytes, d.bytes_synced, d.skipped_bytes),
+            (10 << 30, 4 << 30, 1 << 30, 6 << 30)
+        );
+        assert_eq!((d.sync_progress_percent, d.throughput_bps), (25.0, 123_456_789));
+        assert_eq!(d.error_message.as_deref(), Some("EIO at offset 1073741824"));
+        assert_eq!((untouched.sync_status, untouched.bytes_synced), (DiskStatus::Pending, 0));
+
+        // A retry: clear the error, leave the figures.
+        let retry = DiskUpdate { sync_status: Some(DiskStatus::Streaming), error_message: Some(None), ..base.clone() };
+        update_disk(&mut conn, &retry).unwrap();
+        let done = DiskUpdate {
+            sync_status: Some(DiskStatus::Completed),
+            disk_change_id: Some("52 aa-1/7".into()),
+            ..base.clone()
+        };
+        update_disk(&mut conn, &done).unwrap();
+        let d = load_job(&mut conn, "j").unwrap().1.remove(1);
+        assert_eq!((d.sync_status, d.error_message, d.bytes_synced), (DiskStatus::Completed, None, 1 << 30));
+        assert_eq!(d.disk_change_id.as_deref(), Some("52 aa-1/7"));
+
+        let err = update_disk(&mut conn, &DiskUpdate { disk_id: "nope".into(), ..base }).unwrap_err();
+        assert!(matches!(err, DbError::DiskNotFound { .. }), "{err}");
+    }
+
+    #[test]
+    fn recording_cbt_twice_leaves_one_row_with_the_latest_values() {
+        let (db, mut conn) = setup("cbt");
+        let first = CbtRecord {
+            job_id: "j".into(),
+            disk_id: "disk-1".into(),
+            change_id: Some("52 aa-1/7".into()),
+            previous_change_id: Some("52 aa-1/6".into()),
+            sync_type: ReplicationType::Incremental,
+            blocks_changed: 12,
+            bytes_transferred: 1 << 20,
+            sync_duration_seconds: 1.5,
+            sync_success: false,
+        };
+        record_cbt(&mut conn, &first).unwrap();
+        // The job was resumed and this time the disk finished.
+        let second =
+            CbtRecord { bytes_transferred: 3 << 20, sync_duration_seconds: 4.25, sync_success: true, ..first.clone() };
+        record_cbt(&mut conn, &second).unwrap();
+        let other = CbtRecord { disk_id: "disk-2".into(), sync_type: ReplicationType::Full, ..first.clone() };
+        record_cbt(&mut conn, &other).unwrap();
+
+        assert_eq!(load_cbt(&mut conn, "j").unwrap(), [second, other]);
+        assert_eq!(db.column("SELECT CAST(COUNT(*) AS CHAR) AS v FROM cbt_history"), [Some("2".to_string())]);
+    }
+}

@@ -1,0 +1,26 @@
+//! Test-only: a fresh, migrated database on the shared test server.
+//!
+//! The server harness lives in `tests/it/mariadb.rs` so that the integration-test
+//! binary and these unit tests share one implementation. The crate is a binary
+//! with no library target, so integration tests cannot call `db::*`; the tests
+//! of this module's functions are therefore unit tests, and they include the
+//! harness file by path. Each test binary starts its own server once.
+
+#[path = "../../tests/it/mariadb.rs"]
+pub mod mariadb;
+
+use diesel::mysql::MysqlConnection;
+
+/// A connection made by `db::connect` (UTC session) to `db`.
+pub fn connect_to(db: &mariadb::TestDb) -> MysqlConnection {
+    super::connect(&db.url).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A new migrated database and a connection to it. Keep the `TestDb` alive for
+/// the test's duration: dropping it drops the database.
+pub fn fresh(prefix: &str) -> (mariadb::TestDb, MysqlConnection) {
+    let db = mariadb::server().fresh_database(prefix);
+    let mut conn = connect_to(&db);
+    super::migrate(&mut conn).unwrap_or_else(|e| panic!("{e}"));
+    (db, conn)
+}

@@ -1,0 +1,357 @@
+//! A throwaway MariaDB for tests: one server per test process, one fresh, empty,
+//! uniquely named database per test.
+//!
+//! [`server`] uses the server named by `BLOCKREPL_TEST_MYSQL_URL` (a URL whose user
+//! may create databases) when it is set, and otherwise starts a private `mariadbd`
+//! in a temporary directory (on tmpfs when there is one: InnoDB's fsyncs make
+//! `mariadb-install-db` take ~15 s on a disk and ~2 s in memory). The private server
+//! has real authentication: it is reached over its socket by a user with a password,
+//! created through the OS user's `unix_socket` account. Its default time zone is
+//! deliberately not UTC (+05:00), so that any code that forgets to work in UTC shows
+//! up as a five-hour error instead of passing by luck on a UTC machine.
+//!
+//! Rust runs no destructors for statics, so the server cannot be stopped from
+//! here. Instead it runs under a small `sh` watchdog whose standard input is a pipe
+//! held open by this process: when the test process ends, however it ends, the
+//! kernel closes the pipe, `cat` sees end-of-file, and the watchdog stops `mariadbd`
+//! and removes the directory.
+//!
+//! This file is shared by two crates: the integration-test binary declares it as a
+//! module, and the unit tests under `src/db/` include it with `#[path]`, because the
+//! crate is a binary with no library target. It therefore uses only `std` and
+//! `diesel`, and each crate uses a subset of it.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{Nullable, Text};
+
+/// The environment variable naming an existing server to use instead of a private one.
+pub const URL_VAR: &str = "BLOCKREPL_TEST_MYSQL_URL";
+
+/// How long a private server may take to initialise and start.
+const START_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The user the harness creates on a private server.
+const TEST_USER: &str = "blockrepl_test";
+
+/// A running server and how to reach it as a user that may create databases.
+pub struct MariaDb {
+    /// `mysql://user:password@host[:port]` with no path and no query.
+    base: String,
+    /// The query string every URL carries (`unix_socket=...`), empty for TCP.
+    query: String,
+    /// Keeps the watchdog's standard input open; it is never closed by us (see the
+    /// module doc), only by the end of the process.
+    _watchdog: Option<Mutex<(Child, ChildStdin)>>,
+}
+
+/// One empty database on the shared server.
+pub struct TestDb {
+    /// `mysql://...` URL of this database, usable by `MysqlConnection::establish`.
+    pub url: String,
+    pub name: String,
+    /// The server's URL without a database, to drop this one when done.
+    admin_url: String,
+}
+
+/// The process-wide server, started on first use.
+pub fn server() -> &'static MariaDb {
+    static SERVER: OnceLock<MariaDb> = OnceLock::new();
+    SERVER.get_or_init(|| match std::env::var(URL_VAR) {
+        Ok(url) if !url.is_empty() => MariaDb::external(&url),
+        _ => MariaDb::start_private(),
+    })
+}
+
+impl MariaDb {
+    fn external(url: &str) -> MariaDb {
+        let (base, query) = split_url(url);
+        MariaDb { base, query, _watchdog: None }
+    }
+
+    fn start_private() -> MariaDb {
+        let dir = scratch_dir();
+        let _ = std::fs::remove_dir_all(&dir); // a leftover of a crashed run with our pid
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        let data = dir.join("data");
+        let socket = dir.join("mysqld.sock");
+        let os_user = command_output("id", &["-un"]);
+        let is_root = command_output("id", &["-u"]) == "0";
+
+        // Options that make a throwaway server small and quick; durability is irrelevant.
+        let fast = [
+            "--innodb-buffer-pool-size=64M",
+            "--innodb-log-file-size=8M",
+            "--innodb-flush-log-at-trx-commit=0",
+            "--innodb-doublewrite=0",
+        ];
+        // mariadbd refuses to run as root unless told to, and only root may pass --user.
+        let user_arg = is_root.then(|| format!("--user={os_user}"));
+
+        let mut install = Command::new("mariadb-install-db");
+        install
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg("--skip-test-db")
+            .arg("--auth-root-authentication-method=socket")
+            .arg(format!("--auth-root-socket-user={os_user}"))
+            .args(user_arg.iter())
+            .args(fast);
+        let out = install
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run mariadb-install-db (scripts/setup installs it): {e}"));
+        assert!(
+            out.status.success(),
+            "mariadb-install-db failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let error_log = dir.join("error.log");
+        let mut mariadbd: Vec<String> = vec![
+            "mariadbd".into(),
+            "--no-defaults".into(),
+            format!("--datadir={}", data.display()),
+            format!("--socket={}", socket.display()),
+            format!("--pid-file={}", dir.join("mysqld.pid").display()),
+            format!("--log-error={}", error_log.display()),
+            format!("--tmpdir={}", dir.display()),
+            "--skip-networking".into(),
+            "--skip-log-bin".into(),
+            "--skip-name-resolve".into(),
+            "--performance-schema=OFF".into(),
+            "--default-time-zone=+05:00".into(),
+            "--max-connections=500".into(),
+        ];
+        mariadbd.extend(user_arg);
+        mariadbd.extend(fast.iter().map(|s| s.to_string()));
+
+        // The watchdog. SIGINT/SIGHUP are ignored so that Ctrl-C on `cargo test` kills
+        // the test process (closing the pipe) rather than the watchdog. `sh` gives a
+        // background job /dev/null as its standard input, hence the pipe is passed on
+        // as fd 3. The watchdog exits as soon as mariadbd does, so a server that fails
+        // to start is noticed at once, and it then leaves the end of the server's log
+        // on its standard error for the panic message.
+        let script = r#"trap '' INT HUP
+exec 3<&0
+"$@" </dev/null >/dev/null 2>>"$SCRATCH/error.log" 3<&- &
+pid=$!
+{ cat >/dev/null; kill "$pid"; } <&3 >/dev/null 2>&1 &
+exec 3<&-
+wait "$pid"
+status=$?
+tail -n 25 "$SCRATCH/error.log" >&2
+rm -rf "$SCRATCH"
+exit "$status""#;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .args(&mariadbd)
+            .env("SCRATCH", &dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start mariadbd: {e}"));
+        let stdin = child.stdin.take().expect("piped stdin");
+
+        let socket_str = socket.display().to_string();
+        let query = format!("unix_socket={socket_str}");
+        let os_url = format!("mysql://{os_user}@localhost/?{query}");
+        let deadline = Instant::now() + START_DEADLINE;
+        let mut conn = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut log = String::new();
+                let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut log));
+                panic!("mariadbd exited during start-up ({status}):\n{log}");
+            }
+            if socket.exists() {
+                match MysqlConnection::establish(&os_url) {
+                    Ok(c) => break c,
+                    Err(e) if Instant::now() > deadline => {
+                        panic!("mariadbd did not accept connections: {e}: {}", tail(&error_log))
+                    }
+                    Err(_) => {}
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mariadbd did not start within {START_DEADLINE:?}: {}",
+                tail(&error_log)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+
+        let password = format!("pw-{}-{}", std::process::id(), nanos());
+        conn.batch_execute(&format!(
+            "CREATE USER '{TEST_USER}'@'localhost' IDENTIFIED BY '{password}';
+             GRANT ALL PRIVILEGES ON *.* TO '{TEST_USER}'@'localhost';"
+        ))
+        .unwrap_or_else(|e| panic!("cannot create the test user: {e}"));
+
+        MariaDb {
+            base: format!("mysql://{TEST_USER}:{password}@localhost"),
+            query,
+            _watchdog: Some(Mutex::new((child, stdin))),
+        }
+    }
+
+    /// The URL of database `name` on this server (which need not exist).
+    pub fn url_for(&self, name: &str) -> String {
+        if self.query.is_empty() {
+            format!("{}/{name}", self.base)
+        } else {
+            format!("{}/{name}?{}", self.base, self.query)
+        }
+    }
+
+    /// The server's URL with no database selected.
+    pub fn admin_url(&self) -> String {
+        self.url_for("")
+    }
+
+    /// Creates an empty database whose name starts with `prefix` and is unique across
+    /// the threads of this process and across processes sharing an external server.
+    pub fn fresh_database(&self, prefix: &str) -> TestDb {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let clean: String = prefix
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .take(32)
+            .collect();
+        let name = format!("t_{clean}_{}_{n}", std::process::id());
+        let mut conn = MysqlConnection::establish(&self.admin_url())
+            .unwrap_or_else(|e| panic!("cannot connect to the test server: {e}"));
+        conn.batch_execute(&format!("CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
+            .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
+        TestDb { url: self.url_for(&name), name, admin_url: self.admin_url() }
+    }
+}
+
+impl TestDb {
+    /// A plain connection, without the session settings `db::connect` makes; this is
+    /// how another program (the orchestrator) sees the database.
+    pub fn connect(&self) -> MysqlConnection {
+        MysqlConnection::establish(&self.url).unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.name))
+    }
+
+    /// Runs one or more `;`-separated statements.
+    pub fn execute(&self, sql: &str) {
+        self.connect().batch_execute(sql).unwrap_or_else(|e| panic!("{e}: in\n{sql}"));
+    }
+
+    /// The first column of every row of `sql`, which must name that column `v`.
+    pub fn column(&self, sql: &str) -> Vec<Option<String>> {
+        #[derive(QueryableByName)]
+        struct V {
+            #[diesel(sql_type = Nullable<Text>)]
+            v: Option<String>,
+        }
+        diesel::sql_query(sql)
+            .load::<V>(&mut self.connect())
+            .unwrap_or_else(|e| panic!("{e}: in\n{sql}"))
+            .into_iter()
+            .map(|r| r.v)
+            .collect()
+    }
+
+    /// The tables of this database, sorted.
+    pub fn tables(&self) -> Vec<String> {
+        self.column(
+            "SELECT CAST(table_name AS CHAR) AS v FROM information_schema.tables
+             WHERE table_schema = DATABASE() ORDER BY table_name",
+        )
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// `SHOW CREATE TABLE`, without the `AUTO_INCREMENT=n` counter, which reflects
+    /// the rows inserted so far rather than the schema.
+    pub fn show_create_table(&self, table: &str) -> String {
+        #[derive(QueryableByName)]
+        struct Show {
+            #[diesel(sql_type = Text, column_name = "Create Table")]
+            create: String,
+        }
+        let sql = format!("SHOW CREATE TABLE `{table}`");
+        let rows =
+            diesel::sql_query(&sql).load::<Show>(&mut self.connect()).unwrap_or_else(|e| panic!("{e}: in {sql}"));
+        let create = rows.into_iter().next().map(|r| r.create).unwrap_or_else(|| panic!("no result for {sql}"));
+        create.split(' ').filter(|w| !w.starts_with("AUTO_INCREMENT=")).collect::<Vec<_>>().join(" ")
+    }
+}
+
+impl Drop for TestDb {
+    /// Keeps a shared external server clean; a private server is removed whole anyway.
+    fn drop(&mut self) {
+        if let Ok(mut conn) = MysqlConnection::establish(&self.admin_url) {
+            let _ = conn.batch_execute(&format!("DROP DATABASE IF EXISTS `{}`", self.name));
+        }
+    }
+}
+
+/// Splits `mysql://user:pw@host:port/db?query` into (`mysql://user:pw@host:port`, `query`).
+fn split_url(url: &str) -> (String, String) {
+    let (before_query, query) = url.split_once('?').unwrap_or((url, ""));
+    let scheme_end = before_query.find("://").map_or(0, |i| i + 3);
+    let base = match before_query[scheme_end..].find('/') {
+        Some(i) => &before_query[..scheme_end + i],
+        None => before_query,
+    };
+    (base.to_string(), query.to_string())
+}
+
+/// Where the private server lives: tmpfs when there is one (see the module doc).
+fn scratch_dir() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let parent = if shm.is_dir() && writable(shm) { shm.to_path_buf() } else { std::env::temp_dir() };
+    parent.join(format!("blockrepl-test-mariadb-{}", std::process::id()))
+}
+
+fn writable(dir: &Path) -> bool {
+    let probe = dir.join(format!(".blockrepl-probe-{}", std::process::id()));
+    let ok = std::fs::write(&probe, b"").is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn nanos() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}
+
+/// The last lines of the server's error log, for failure messages.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!("\n--- {} ---\n{}", path.display(), lines[lines.len().saturating_sub(20)..].join("\n"))
+}
+
+#[test]
+fn split_url_keeps_credentials_host_and_query() {
+    assert_eq!(
+        split_url("mysql://u:p@h:3306/db?unix_socket=/s"),
+        ("mysql://u:p@h:3306".to_string(), "unix_socket=/s".to_string())
+    );
+    assert_eq!(split_url("mysql://u@h"), ("mysql://u@h".to_string(), String::new()));
+    assert_eq!(
+        split_url("mysql://u@localhost/?unix_socket=/a/b"),
+        ("mysql://u@localhost".to_string(), "unix_socket=/a/b".to_string())
+    );
+}
