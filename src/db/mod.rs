@@ -15,10 +15,6 @@
 //! updates), `jobs`, `disks` (disks, checkpoints, CBT history), `events`,
 //! `migrate`, `error`.
 
-// The daemon's actors, which call these functions, are being written alongside;
-// until they land, most of this module is only used by its tests.
-#![cfg_attr(not(test), allow(dead_code))]
-
 mod disks;
 mod error;
 mod events;
@@ -35,19 +31,20 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::Integer;
 
-// The API the actors call; unused outside tests until they land (see above).
-#[allow(unused_imports)]
 pub use self::{
-    disks::{load_cbt, record_cbt, set_checkpoint, update_disk},
+    disks::{record_cbt, set_checkpoint, update_disk},
     error::{DbError, redact_url},
-    events::{insert_events, recent_events},
+    events::insert_events,
     jobs::{
         cancel_job, claim_jobs, count_jobs_by_status, find_job, insert_job, list_jobs, load_job, release_lease,
         renew_lease, update_job,
     },
     migrate::migrate,
-    models::{CbtRecord, Disk, DiskUpdate, Job, JobEvent, JobUpdate, NewDisk, NewJob, NewJobEvent},
+    models::{CbtRecord, Disk, DiskUpdate, Job, JobUpdate, NewDisk, NewJob, NewJobEvent},
 };
+// For the admin API's view of one job, which does not read them yet.
+#[allow(unused_imports)]
+pub use self::{disks::load_cbt, events::recent_events, models::JobEvent};
 
 /// Opens a connection and makes its session work in UTC, so that the schema's
 /// `CURRENT_TIMESTAMP(6)` defaults and `ON UPDATE` clauses store UTC like

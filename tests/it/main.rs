@@ -7,5 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod harness;
+mod mariadb;
 
 mod copy;
+mod db;
