@@ -64,14 +64,24 @@ impl DbError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             DbError::Connect { .. } | DbError::LockTimeout { .. } => true,
-            DbError::Query { error: DieselError::DatabaseError(kind, _), .. } => {
-                matches!(kind, DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand)
-            }
             DbError::Query { error: DieselError::BrokenTransactionManager, .. } => true,
+            // Diesel classifies a lost MySQL connection as `Unknown`, and the client
+            // library's error number is not passed on: only the message tells.
+            DbError::Query { error: DieselError::DatabaseError(kind, info), .. } => {
+                let message = info.message().to_ascii_lowercase();
+                matches!(kind, DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand)
+                    || CONNECTION_LOST.iter().any(|m| message.contains(m))
+            }
             _ => false,
         }
     }
 }
+
+/// Lower-case fragments of the messages of MariaDB Connector/C, libmysqlclient
+/// and the server that mean the connection is gone (CR_SERVER_GONE_ERROR,
+/// CR_SERVER_LOST, CR_CONNECTION_ERROR, ER_CONNECTION_KILLED, ER_SERVER_SHUTDOWN).
+const CONNECTION_LOST: [&str; 6] =
+    ["gone away", "lost connection", "can't connect", "connection was killed", "shutdown in progress", "not connected"];
 
 /// Only for `Connection::transaction`, whose closure must return an error that
 /// BEGIN/COMMIT failures convert into; statements inside map their own errors.

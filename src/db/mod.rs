@@ -117,6 +117,26 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_killed_by_the_server_is_reported_as_unavailable() {
+        #[derive(QueryableByName)]
+        struct Id {
+            #[diesel(sql_type = diesel::sql_types::Unsigned<diesel::sql_types::BigInt>)]
+            id: u64,
+        }
+        let (db, mut conn) = fresh("killed");
+        let Id { id } = diesel::sql_query("SELECT CONNECTION_ID() AS id").get_result(&mut conn).unwrap();
+        db.execute(&format!("KILL CONNECTION {id}"));
+        let err = ping(&mut conn).unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+        // A statement the server refuses is not a reason to reconnect.
+        let (_db, mut conn) = fresh("refused");
+        let err = super::load_job(&mut conn, "x").unwrap_err();
+        assert!(!err.is_unavailable(), "{err}");
+        let err = diesel::sql_query("SELECT * FROM no_such_table").execute(&mut conn).unwrap_err();
+        assert!(!DbError::query("reading")(err).is_unavailable());
+    }
+
+    #[test]
     fn an_unparseable_url_is_reported_without_echoing_it() {
         let err = connect("app:secret@db").err().unwrap();
         assert!(matches!(err, DbError::InvalidUrl { .. }), "{err}");
