@@ -207,8 +207,7 @@ impl Settings {
         if c.retry_attempts == 0 {
             return bad("copy.retry_attempts", "must be at least 1");
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| ConfigError(format!("log.level: {e}")))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| ConfigError(format!("log.level: {e}")))?;
         Ok(())
     }
 

@@ -157,6 +157,7 @@ fn merge_disk(older: DiskUpdate, newer: DiskUpdate) -> DiskUpdate {
         throughput_bps: newer.throughput_bps.or(older.throughput_bps),
         error_message: newer.error_message.or(older.error_message),
         disk_change_id: newer.disk_change_id.or(older.disk_change_id),
+        resume_offset: newer.resume_offset.max(older.resume_offset),
     }
 }
 
@@ -165,7 +166,7 @@ fn merge_disk(older: DiskUpdate, newer: DiskUpdate) -> DiskUpdate {
 /// One write of a batch.
 #[derive(Debug, Clone)]
 enum Write {
-    Disk(DiskUpdate, Option<u64>),
+    Disk(DiskUpdate),
     Record(Record),
     Job(JobUpdate),
     Release(ReleaseLease),
@@ -234,13 +235,7 @@ impl DbExec {
 
     fn write(&mut self, w: &Write) -> Result<(), DbError> {
         self.with_conn(|c| match w {
-            Write::Disk(u, checkpoint) => {
-                db::update_disk(c, u)?;
-                match checkpoint {
-                    Some(o) => db::set_checkpoint(c, &u.job_id, &u.disk_id, *o as i64),
-                    None => Ok(()),
-                }
-            }
+            Write::Disk(u) => db::update_disk(c, u),
             Write::Record(Record::Event(e)) => db::insert_events(c, std::slice::from_ref(e)).map(drop),
             Write::Record(Record::Cbt(r)) => db::record_cbt(c, r),
             Write::Job(u) => db::update_job(c, u),
@@ -259,7 +254,7 @@ impl Handler<Batch> for DbExec {
             match self.write(&w) {
                 Ok(()) => match w {
                     Write::Job(_) => done.jobs += 1,
-                    Write::Disk(..) => done.disks += 1,
+                    Write::Disk(_) => done.disks += 1,
                     Write::Record(_) => done.records += 1,
                     Write::Release(_) => {}
                 },
@@ -317,7 +312,7 @@ pub struct DbWriter {
     throttle: Throttle,
     retry_interval: Duration,
     jobs: BTreeMap<String, JobUpdate>,
-    disks: BTreeMap<(String, String), (DiskUpdate, Option<u64>)>,
+    disks: BTreeMap<(String, String), DiskUpdate>,
     records: VecDeque<Record>,
     releases: Vec<ReleaseLease>,
     in_flight: bool,
@@ -365,10 +360,10 @@ impl DbWriter {
             .cloned()
             .collect();
         for k in due_disks {
-            if let Some((u, c)) = self.disks.remove(&k) {
+            if let Some(u) = self.disks.remove(&k) {
                 let key = Key::Disk(k.0, k.1);
                 self.throttle.wrote(&key, disk_mark(&u), now);
-                batch.push(Write::Disk(u, c));
+                batch.push(Write::Disk(u));
             }
         }
         batch.extend(self.records.drain(..).map(Write::Record));
@@ -456,11 +451,11 @@ impl DbWriter {
                     self.throttle.retry(&key);
                     self.jobs.insert(merged.id.clone(), merged);
                 }
-                Write::Disk(u, c) => {
+                Write::Disk(u) => {
                     let k = (u.job_id.clone(), u.disk_id.clone());
                     let merged = match self.disks.remove(&k) {
-                        Some((newer, nc)) => (merge_disk(u, newer), nc.max(c)),
-                        None => (u, c),
+                        Some(newer) => merge_disk(u, newer),
+                        None => u,
                     };
                     self.throttle.retry(&Key::Disk(k.0.clone(), k.1.clone()));
                     self.disks.insert(k, merged);
@@ -537,13 +532,13 @@ impl Handler<PersistJob> for DbWriter {
 
 impl Handler<PersistDisk> for DbWriter {
     type Result = ();
-    fn handle(&mut self, m: PersistDisk, _: &mut Context<Self>) {
-        let k = (m.update.job_id.clone(), m.update.disk_id.clone());
+    fn handle(&mut self, PersistDisk(u): PersistDisk, _: &mut Context<Self>) {
+        let k = (u.job_id.clone(), u.disk_id.clone());
         let merged = match self.disks.remove(&k) {
-            Some((older, c)) => (merge_disk(older, m.update), c.max(m.checkpoint)),
-            None => (m.update, m.checkpoint),
+            Some(older) => merge_disk(older, u),
+            None => u,
         };
-        self.throttle.offer(&Key::Disk(k.0.clone(), k.1.clone()), &disk_mark(&merged.0));
+        self.throttle.offer(&Key::Disk(k.0.clone(), k.1.clone()), &disk_mark(&merged));
         self.disks.insert(k, merged);
     }
 }

@@ -243,6 +243,7 @@ impl JobTracker {
             throughput_bps: Some(d.throughput as i64),
             error_message: d.error.clone().map(Some),
             disk_change_id: None,
+            resume_offset: Some(d.watermark as i64),
         }
     }
 }
@@ -314,7 +315,7 @@ impl JobAggregator {
 
     fn persist_disk(&self, disk_id: &str) {
         if let Some(d) = self.t.disks.iter().find(|d| d.disk_id == disk_id) {
-            self.deps.db.do_send(PersistDisk { update: self.t.disk_update(d), checkpoint: Some(d.watermark) });
+            self.deps.db.do_send(PersistDisk(self.t.disk_update(d)));
         }
     }
 
@@ -464,7 +465,7 @@ impl JobAggregator {
                     let mut u = self.t.disk_update(d);
                     u.disk_change_id = change_id.clone();
                     u.error_message = Some(None);
-                    self.deps.db.do_send(PersistDisk { update: u, checkpoint: Some(summary.disk_size) });
+                    self.deps.db.do_send(PersistDisk(u));
                     self.deps.db.do_send(Record::Cbt(CbtRecord {
                         job_id: self.t.job_id.clone(),
                         disk_id: disk_id.to_string(),

@@ -21,15 +21,12 @@ use crate::state::JobStatus;
 #[rtype(result = "()")]
 pub struct PersistJob(pub JobUpdate);
 
-/// JobAggregator → DbWriter: one disk's latest figures, with the durable
-/// watermark when it moved. Throttled and coalesced like [`PersistJob`].
+/// JobAggregator → DbWriter: one disk's latest figures, its durable watermark
+/// (`resume_offset`, never lowered) included. Throttled and coalesced like
+/// [`PersistJob`].
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
-pub struct PersistDisk {
-    pub update: DiskUpdate,
-    /// The engine's durable watermark: written as `resume_offset`, never lowered.
-    pub checkpoint: Option<u64>,
-}
+pub struct PersistDisk(pub DiskUpdate);
 
 /// JobAggregator → DbWriter: an append-only record (a job event or the CBT row),
 /// written in order with the next batch.

@@ -30,6 +30,7 @@ pub fn update_disk(conn: &mut MysqlConnection, update: &DiskUpdate) -> Result<()
         update.throughput_bps.map(|v| d::throughput_bps.eq(v)),
         update.error_message.as_ref().map(|m| d::error_message.eq(m.as_deref())),
         update.disk_change_id.as_deref().map(|id| d::disk_change_id.eq(id)),
+        update.resume_offset.map(|o| d::resume_offset.eq(greatest_offset(o))),
         // Always set, so an update is never empty and always marks the row touched.
         d::updated_at.eq(sql::<Datetime>("UTC_TIMESTAMP(6)")),
     );
@@ -42,20 +43,11 @@ pub fn update_disk(conn: &mut MysqlConnection, update: &DiskUpdate) -> Result<()
     found(updated, &update.job_id, &update.disk_id)
 }
 
-/// Records the durable watermark of a disk; a lower `offset` than the stored one
-/// changes nothing.
-pub fn set_checkpoint(conn: &mut MysqlConnection, job: &str, disk: &str, offset: i64) -> Result<(), DbError> {
-    // Written as SQL so that the comparison and the write are one atomic step.
-    let greatest = sql::<BigInt>("GREATEST(resume_offset, ").bind::<BigInt, _>(offset).sql(")");
-    // The connection reports matched rows (CLIENT_FOUND_ROWS), so an unchanged
-    // checkpoint still counts as found.
-    let updated = diesel::update(d::table)
-        .filter(d::job_id.eq(job))
-        .filter(d::disk_id.eq(disk))
-        .set(d::resume_offset.eq(greatest))
-        .execute(conn)
-        .map_err(DbError::query(format!("checkpointing disk '{disk}' of job '{job}'")))?;
-    found(updated, job, disk)
+/// `GREATEST(resume_offset, offset)`: the comparison and the write are one
+/// atomic step, so a checkpoint never moves back. (An integer, so formatting it
+/// into the statement is safe.)
+fn greatest_offset(offset: i64) -> diesel::expression::SqlLiteral<BigInt> {
+    sql::<BigInt>(&format!("GREATEST(resume_offset, {offset})"))
 }
 
 /// Writes the CBT history row of one disk of one job, replacing the row a
@@ -138,11 +130,23 @@ mod tests {
         for (offset, expected) in
             [(1 << 20, 1 << 20), (4096, 1 << 20), (1 << 20, 1 << 20), (3 << 30, 3 << 30), (0, 3 << 30)]
         {
-            set_checkpoint(&mut conn, "j", "disk-1", offset).unwrap();
+            let u = DiskUpdate {
+                job_id: "j".into(),
+                disk_id: "disk-1".into(),
+                resume_offset: Some(offset),
+                ..DiskUpdate::default()
+            };
+            update_disk(&mut conn, &u).unwrap();
             assert_eq!(resume_offset(&mut conn, "disk-1"), expected, "after {offset}");
         }
         assert_eq!(resume_offset(&mut conn, "disk-2"), 0, "the other disk moved");
-        let err = set_checkpoint(&mut conn, "j", "disk-9", 1).unwrap_err();
+        let u = DiskUpdate {
+            job_id: "j".into(),
+            disk_id: "disk-9".into(),
+            resume_offset: Some(1),
+            ..DiskUpdate::default()
+        };
+        let err = update_disk(&mut conn, &u).unwrap_err();
         assert_eq!(err.to_string(), "disk 'disk-9' of job 'j' not found");
     }
 

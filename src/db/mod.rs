@@ -32,7 +32,7 @@ use diesel::prelude::*;
 use diesel::sql_types::Integer;
 
 pub use self::{
-    disks::{record_cbt, set_checkpoint, update_disk},
+    disks::{record_cbt, update_disk},
     error::{DbError, redact_url},
     events::insert_events,
     jobs::{

@@ -150,6 +150,8 @@ pub struct DiskUpdate {
     /// `Some(None)` clears the message (a retried disk), `Some(Some(m))` sets it.
     pub error_message: Option<Option<String>>,
     pub disk_change_id: Option<String>,
+    /// The durable watermark; never lowers the stored `resume_offset`.
+    pub resume_offset: Option<i64>,
 }
 
 /// One `cbt_history` row: the audit record of one disk's copy in one job.

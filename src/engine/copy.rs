@@ -314,6 +314,7 @@ impl Copier {
                 plan.ranges.iter().filter(|r| r.action == Action::Copy).map(|r| (r.offset, r.length)).collect();
             verify::run(
                 &verify::VerifySpec {
+                    disk_size: plan.disk_size,
                     source: &spec.source,
                     target: &spec.target,
                     ranges: &ranges,

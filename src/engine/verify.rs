@@ -19,6 +19,7 @@ use super::progress::Progress;
 use super::zero;
 
 pub struct VerifySpec<'a> {
+    pub disk_size: u64,
     pub source: &'a str,
     pub target: &'a str,
     /// (offset, length) of the planned ranges.
@@ -100,7 +101,8 @@ pub fn run(spec: &VerifySpec<'_>, progress: &Progress, cancel: &CancelToken) -> 
         return Err(e);
     }
     if cancel.is_cancelled() {
-        return Err(CopyError::Cancelled { watermark: u64::MAX });
+        // Verification runs after the copy is complete and flushed.
+        return Err(CopyError::Cancelled { watermark: spec.disk_size });
     }
     Ok(())
 }

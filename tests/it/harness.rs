@@ -280,3 +280,221 @@ pub fn sh(program: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+// ------------------------------------------------------------------ daemon --
+
+/// `blockrepl serve` as a child process, with a configuration file in `dir`, its
+/// admin socket there too, and systemd's READY notification captured on a
+/// datagram socket of ours (NOTIFY_SOCKET).
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub admin_socket: PathBuf,
+    pub log: PathBuf,
+    env: Vec<(String, String)>,
+    notify: std::os::unix::net::UnixDatagram,
+    notify_path: PathBuf,
+}
+
+impl Daemon {
+    /// Writes a configuration for database `db_url` (fast intervals for tests,
+    /// overridable through `env`, e.g. `("BLOCKREPL__WATCHDOG__STALL_TIMEOUT", "3s")`)
+    /// and starts the daemon; returns once it said READY.
+    pub fn start(dir: &Path, db_url: &str, env: &[(&str, &str)]) -> Daemon {
+        let config = dir.join("blockrepl.toml");
+        let admin_socket = dir.join("admin.sock");
+        std::fs::write(
+            &config,
+            format!(
+                "[database]\nurl = \"{db_url}\"\nretry_interval = \"300ms\"\n\
+                 [admin]\nsocket = \"{}\"\ngroup = \"root\"\n\
+                 [node]\nid = \"it-node\"\n\
+                 [discovery]\ninterval = \"1s\"\nlease = \"30s\"\n\
+                 [copy]\ncheckpoint_interval = \"1s\"\n\
+                 [log]\ntarget = \"stderr\"\nlevel = \"info\"\n",
+                admin_socket.display()
+            ),
+        )
+        .unwrap();
+        let notify_path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+        notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut d = Daemon {
+            child: None,
+            dir: dir.to_path_buf(),
+            config,
+            admin_socket,
+            log: dir.join("daemon.log"),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            notify,
+            notify_path,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts the process (again) and waits for READY.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("NOTIFY_SOCKET", &self.notify_path)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let end = Instant::now() + READY;
+        let mut buf = [0u8; 512];
+        loop {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
+                    return;
+                }
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("daemon exited before READY ({st}):\n{}", self.log_text());
+            }
+            assert!(Instant::now() < end, "daemon not READY within {READY:?}:\n{}", self.log_text());
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0))
+    }
+
+    /// SIGTERM; returns the exit status and how long the daemon took to exit.
+    pub fn terminate(&mut self) -> (ExitStatus, Duration) {
+        let mut c = self.child.take().expect("daemon running");
+        let t = Instant::now();
+        kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM).unwrap();
+        let end = t + Duration::from_secs(30);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return (st, t.elapsed());
+            }
+            if Instant::now() > end {
+                let _ = c.kill();
+                panic!("daemon ignored SIGTERM for 30 s:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs a CLI command against this daemon's admin socket.
+    pub fn cli(&self, args: &[&str]) -> Run {
+        let mut all: Vec<&str> = args.to_vec();
+        let sock = self.admin_socket.display().to_string();
+        all.push("--socket");
+        all.push(&sock);
+        blockrepl(&all)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+// ------------------------------------------------------------------- proxy --
+
+/// A Unix-socket proxy in front of a server, to take the server "down" (every
+/// connection cut, new ones refused) and bring it back, without touching the
+/// server itself, which other tests share.
+pub struct Proxy {
+    pub path: PathBuf,
+    target: PathBuf,
+    state: std::sync::Arc<std::sync::Mutex<ProxyState>>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    up: bool,
+    generation: u64,
+    streams: Vec<std::os::unix::net::UnixStream>,
+}
+
+impl Proxy {
+    pub fn start(path: &Path, target: &Path) -> Proxy {
+        let p = Proxy {
+            path: path.to_path_buf(),
+            target: target.to_path_buf(),
+            state: std::sync::Arc::new(std::sync::Mutex::new(ProxyState::default())),
+        };
+        p.up();
+        p
+    }
+
+    /// Accepts connections (again).
+    pub fn up(&self) {
+        let _ = std::fs::remove_file(&self.path);
+        let listener = std::os::unix::net::UnixListener::bind(&self.path).unwrap();
+        let generation = {
+            let mut s = self.state.lock().unwrap();
+            s.up = true;
+            s.generation += 1;
+            s.generation
+        };
+        let (state, target) = (self.state.clone(), self.target.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                let mut s = state.lock().unwrap();
+                if !s.up || s.generation != generation {
+                    return; // this listener was retired by `down`
+                }
+                let Ok(server) = std::os::unix::net::UnixStream::connect(&target) else { continue };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                s.streams.push(client);
+                s.streams.push(server);
+            }
+        });
+    }
+
+    /// Cuts every connection and refuses new ones.
+    pub fn down(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.up = false;
+        for st in s.streams.drain(..) {
+            let _ = st.shutdown(std::net::Shutdown::Both);
+        }
+        drop(s);
+        // Wake the accept loop so that it sees it is retired, then disappear.
+        let _ = std::os::unix::net::UnixStream::connect(&self.path);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -41,11 +41,9 @@ pub struct nbd_extent_callback {
 }
 
 pub const LIBNBD_SIZE_MINIMUM: c_int = 0;
-pub const LIBNBD_SIZE_PREFERRED: c_int = 1;
 pub const LIBNBD_SIZE_MAXIMUM: c_int = 2;
 
 pub const LIBNBD_CMD_FLAG_FAST_ZERO: u32 = 0x10;
-pub const LIBNBD_CMD_FLAG_NO_HOLE: u32 = 0x02;
 
 pub const LIBNBD_AIO_DIRECTION_READ: c_uint = 1;
 pub const LIBNBD_AIO_DIRECTION_WRITE: c_uint = 2;
@@ -78,13 +76,10 @@ unsafe extern "C" {
     pub fn nbd_can_fast_zero(h: *mut nbd_handle) -> c_int;
     pub fn nbd_can_multi_conn(h: *mut nbd_handle) -> c_int;
     pub fn nbd_can_meta_context(h: *mut nbd_handle, name: *const c_char) -> c_int;
-    pub fn nbd_get_tls_negotiated(h: *mut nbd_handle) -> c_int;
     pub fn nbd_get_size(h: *mut nbd_handle) -> i64;
     pub fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i64;
 
     pub fn nbd_pread(h: *mut nbd_handle, buf: *mut c_void, count: size_t, offset: u64, flags: u32) -> c_int;
-    pub fn nbd_flush(h: *mut nbd_handle, flags: u32) -> c_int;
-    pub fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int;
     pub fn nbd_block_status(
         h: *mut nbd_handle,
         count: u64,
@@ -118,6 +113,7 @@ unsafe extern "C" {
     ) -> i64;
     pub fn nbd_aio_flush(h: *mut nbd_handle, completion_callback: nbd_completion_callback, flags: u32) -> i64;
 
+    pub fn nbd_aio_disconnect(h: *mut nbd_handle, flags: u32) -> c_int;
     pub fn nbd_aio_get_fd(h: *mut nbd_handle) -> c_int;
     pub fn nbd_aio_get_direction(h: *mut nbd_handle) -> c_uint;
     pub fn nbd_aio_notify_read(h: *mut nbd_handle) -> c_int;
@@ -126,5 +122,4 @@ unsafe extern "C" {
     pub fn nbd_aio_is_closed(h: *mut nbd_handle) -> c_int;
     pub fn nbd_aio_command_completed(h: *mut nbd_handle, cookie: u64) -> c_int;
     pub fn nbd_aio_peek_command_completed(h: *mut nbd_handle) -> i64;
-    pub fn nbd_aio_in_flight(h: *mut nbd_handle) -> c_int;
 }

@@ -87,7 +87,6 @@ pub struct ConnectOptions<'a> {
 #[derive(Debug, Clone, Copy)]
 pub enum BlockSize {
     Minimum,
-    Preferred,
     Maximum,
 }
 
@@ -228,9 +227,6 @@ impl Handle {
     pub fn can_multi_conn(&self) -> Result<bool, NbdError> {
         self.flag(ffi::nbd_can_multi_conn)
     }
-    pub fn tls_negotiated(&self) -> Result<bool, NbdError> {
-        self.flag(ffi::nbd_get_tls_negotiated)
-    }
 
     /// Whether the server agreed to the meta context `name`.
     pub fn can_meta_context(&self, name: &str) -> Result<bool, NbdError> {
@@ -243,7 +239,6 @@ impl Handle {
     pub fn block_size(&self, kind: BlockSize) -> Result<u64, NbdError> {
         let k = match kind {
             BlockSize::Minimum => ffi::LIBNBD_SIZE_MINIMUM,
-            BlockSize::Preferred => ffi::LIBNBD_SIZE_PREFERRED,
             BlockSize::Maximum => ffi::LIBNBD_SIZE_MAXIMUM,
         };
         // SAFETY: live handle.
@@ -255,18 +250,6 @@ impl Handle {
     pub fn pread(&mut self, buf: &mut [u8], offset: u64) -> Result<(), NbdError> {
         // SAFETY: `buf` is valid for writes of its length for the whole (blocking) call.
         check(unsafe { ffi::nbd_pread(self.raw(), buf.as_mut_ptr().cast(), buf.len(), offset, 0) }).map(drop)
-    }
-
-    /// Synchronous flush of everything this connection has written.
-    pub fn flush(&mut self) -> Result<(), NbdError> {
-        // SAFETY: live handle.
-        check(unsafe { ffi::nbd_flush(self.raw(), 0) }).map(drop)
-    }
-
-    /// Orderly disconnect: waits for commands in flight, then sends NBD_CMD_DISC.
-    pub fn shutdown(&mut self) -> Result<(), NbdError> {
-        // SAFETY: live handle.
-        check(unsafe { ffi::nbd_shutdown(self.raw(), 0) }).map(drop)
     }
 
     /// Synchronous block-status query over `[offset, offset+count)`. `f` is called with
@@ -402,8 +385,40 @@ impl Handle {
     }
 }
 
+impl Handle {
+    /// Lets the commands in flight finish and disconnects politely, giving up at
+    /// `deadline`. Cutting a server off mid-reply is rude, and some servers
+    /// (nbdkit 1.32 among them) have been seen to abort when it happens.
+    fn disconnect(&mut self, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        let before = |d| std::time::Instant::now() < d;
+        while !self.in_flight.is_empty() && !self.is_dead() && before(deadline) {
+            if wait(&[&*self], Duration::from_millis(50)).is_err() {
+                return;
+            }
+            while self.next_completed().is_some() {}
+        }
+        if self.is_dead() {
+            return;
+        }
+        // SAFETY: live handle.
+        if unsafe { ffi::nbd_aio_disconnect(self.raw(), 0) } == -1 {
+            return;
+        }
+        while !self.is_dead() && before(deadline) {
+            if wait(&[&*self], Duration::from_millis(50)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// How long dropping a handle may wait for a polite disconnect.
+const DISCONNECT_GRACE: Duration = Duration::from_millis(500);
+
 impl Drop for Handle {
     fn drop(&mut self) {
+        self.disconnect(DISCONNECT_GRACE);
         // SAFETY: the pointer came from nbd_create and is closed exactly once. After
         // nbd_close returns libnbd no longer touches any buffer, and only then are the
         // buffers in `in_flight` dropped (fields drop after this body).
