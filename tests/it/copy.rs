@@ -389,7 +389,7 @@ fn reconnects_when_the_target_restarts() {
     std::fs::File::create(&img).unwrap().set_len(256 << 20).unwrap();
     let log = d.path().join("dst.log");
     // The source is slowed down so the copy is still running when the target dies.
-    let src = Server::nbdkit(d.path(), "src", &["--filter=rate", "pattern", "size=256M", "rate=64M"]);
+    let src = Server::nbdkit(d.path(), "src", &["--filter=rate", "pattern", "size=256M", "rate=512M"]);
     let mut dst = Server::nbdkit(
         d.path(),
         "dst",

@@ -109,6 +109,19 @@ impl Server {
         Pid::from_raw(self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0))
     }
 
+    /// Starts the server again if it exited. nbdkit 1.32 has been seen to abort
+    /// when a client vanishes with requests in flight (a `kill -9`ed copier).
+    pub fn ensure_running(&mut self) {
+        let exited = match self.child.as_mut() {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => true,
+        };
+        if exited {
+            self.child = None;
+            self.start();
+        }
+    }
+
     /// SIGTERM and wait: nbdkit filters such as `stats` write their files on exit.
     pub fn stop(&mut self) {
         self.signal_and_wait(Signal::SIGTERM);
@@ -293,6 +306,8 @@ pub struct Daemon {
     pub admin_socket: PathBuf,
     pub log: PathBuf,
     env: Vec<(String, String)>,
+    /// A command the daemon is started under (e.g. `unshare -m ...`), if any.
+    wrapper: Vec<String>,
     notify: std::os::unix::net::UnixDatagram,
     notify_path: PathBuf,
 }
@@ -302,6 +317,11 @@ impl Daemon {
     /// overridable through `env`, e.g. `("BLOCKREPL__WATCHDOG__STALL_TIMEOUT", "3s")`)
     /// and starts the daemon; returns once it said READY.
     pub fn start(dir: &Path, db_url: &str, env: &[(&str, &str)]) -> Daemon {
+        Self::start_under(dir, db_url, env, &[])
+    }
+
+    /// Like `start`, with the daemon run as `WRAPPER... blockrepl serve ...`.
+    pub fn start_under(dir: &Path, db_url: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
         let config = dir.join("blockrepl.toml");
         let admin_socket = dir.join("admin.sock");
         std::fs::write(
@@ -328,6 +348,7 @@ impl Daemon {
             admin_socket,
             log: dir.join("daemon.log"),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             notify,
             notify_path,
         };
@@ -338,7 +359,15 @@ impl Daemon {
     /// Starts the process (again) and waits for READY.
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(bin())
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("NOTIFY_SOCKET", &self.notify_path)

@@ -10,4 +10,5 @@ mod harness;
 mod mariadb;
 
 mod copy;
+mod daemon;
 mod db;
