@@ -1,6 +1,6 @@
 //! `blockrepl serve`: loads the settings, starts logging and the actors, waits
-//! for the database (migrating it), signals READY to systemd, and hands over to
-//! the shutdown owner until a signal ends it.
+//! for the database (migrating it), binds the admin socket, signals READY to
+//! systemd, and hands over to the shutdown owner until a signal ends it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use crate::actors::discovery::DiscoveryActor;
 use crate::actors::disk_copier::DiskSlots;
 use crate::actors::job_aggregator::JobDeps;
 use crate::actors::timeout_watchdog::TimeoutWatchdog;
+use crate::admin::{self, server::AdminDeps};
 use crate::config::Settings;
 use crate::shutdown::{self, Components, Reload};
 use crate::telemetry;
@@ -64,19 +65,26 @@ async fn serve(settings: Arc<Settings>, reload: Reload) -> anyhow::Result<()> {
         }
     }
 
+    // Before any job is claimed: a second daemon on the same socket stops here.
+    let bound = admin::server::bind(&settings.admin)?;
+
     let timeout = settings.watchdog.stall_timeout;
     let watchdog = Supervisor::start(move |_| TimeoutWatchdog::new(timeout));
+    let slots = DiskSlots::new(settings.copy.max_concurrent_disks);
     let deps = JobDeps {
         db: db.clone(),
         watchdog: watchdog.clone(),
-        slots: DiskSlots::new(settings.copy.max_concurrent_disks),
+        slots: slots.clone(),
         settings: settings.clone(),
-        node,
+        node: node.clone(),
     };
     let discovery = Supervisor::start(move |_| DiscoveryActor::new(deps));
 
+    // READY means the socket is bound and served.
+    let admin = bound.serve(AdminDeps { discovery: discovery.clone(), db: db.clone(), slots, node })?;
+
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!("ready");
-    shutdown::run(Components { discovery, db, watchdog, admin: None }, reload).await?;
+    shutdown::run(Components { discovery, db, watchdog, admin: Some(admin) }, reload).await?;
     Ok(())
 }

@@ -4,12 +4,14 @@
 //! - `engine/`: the copy engine (libnbd FFI, planning, execution, progress)
 //! - `cli/`: command-line definitions and the foreground commands
 //! - `daemon`, `actors/`, `db/`: `blockrepl serve` and its supervised actors
+//! - `admin/`: the admin API on the Unix socket (wire types, server, client)
 //! - `config`, `telemetry`, `shutdown`, `state`: settings, logging, signals, state machine
 //!
 //! `main` only parses the command line, dispatches, and turns an error into one
 //! line on stderr and an exit code.
 
 mod actors;
+mod admin;
 mod cli;
 mod config;
 mod daemon;
@@ -28,6 +30,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         cli::Command::Copy(args) => cli::copy::run(args),
         cli::Command::Serve { config } => daemon::run(config),
+        cli::Command::Admin(cmd) => cli::admin::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

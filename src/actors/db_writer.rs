@@ -297,6 +297,7 @@ impl Handler<Exec> for DbExec {
                         Query::CountJobs => QueryResult::Counts(db::count_jobs_by_status(c)?),
                         Query::Submit { job, disks } => db::insert_job(c, &job, &disks).map(|()| QueryResult::Done)?,
                         Query::Cancel { job_id } => QueryResult::Status(db::cancel_job(c, &job_id)?),
+                        Query::Events { job_id, limit } => QueryResult::Events(db::recent_events(c, &job_id, limit)?),
                     })
                 })
                 .map(ExecReply::Query),

@@ -56,6 +56,8 @@ pub struct DiskTrack {
     pub copying: bool,
     pub error: Option<String>,
     pub resume_offset: u64,
+    /// Transient failures the engine retried in this run (for /metrics).
+    pub retries: u64,
 }
 
 impl DiskTrack {
@@ -82,6 +84,7 @@ impl DiskTrack {
             copying: false,
             error: None,
             resume_offset: d.resume_offset.max(0) as u64,
+            retries: 0,
         }
     }
 
@@ -97,6 +100,7 @@ impl DiskTrack {
         self.skipped = s.skipped_bytes;
         self.zeroed = s.zeroed_bytes;
         self.verified = s.verified_bytes;
+        self.retries = s.retries;
         self.throughput = if self.copying { s.throughput_bps } else { 0 };
         self.watermark = self.watermark.max(s.durable_watermark);
         self.stage = Some(s.stage);
@@ -711,26 +715,40 @@ impl Handler<GetLive> for JobAggregator {
     type Result = MessageResult<GetLive>;
     fn handle(&mut self, _: GetLive, _: &mut Context<Self>) -> Self::Result {
         let t = &self.t;
+        let now = Utc::now();
         MessageResult(LiveJob {
             job_id: t.job_id.clone(),
+            replication_type: t.replication_type,
             status: t.status,
             operation: t.operation.as_str().to_string(),
+            started_at: t.started_at,
             total_bytes: t.planned(),
             bytes_transferred: t.done(),
             throughput_bps: t.throughput(),
             percent: t.percent(),
             eta_seconds: t.eta_seconds(),
+            retries: t.disks.iter().map(|d| d.retries).sum(),
             disks: t
                 .disks
                 .iter()
                 .map(|d| LiveDisk {
                     disk_id: d.disk_id.clone(),
+                    label: d.label.clone(),
                     status: d.status,
                     planned_bytes: d.planned,
                     bytes_transferred: d.done.min(d.planned),
                     throughput_bps: d.throughput,
                     percent: d.percent(),
                     connected: d.copying,
+                    connected_at: self
+                        .disk_started
+                        .get(&d.disk_id)
+                        .filter(|_| d.copying)
+                        .and_then(|at| chrono::TimeDelta::from_std(at.elapsed()).ok())
+                        .map(|ago| (now - ago).naive_utc()),
+                    retries: d.retries,
+                    previous_change_id: d.previous_change_id.clone(),
+                    change_id: d.change_id.clone(),
                 })
                 .collect(),
         })

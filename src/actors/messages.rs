@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::db::{CbtRecord, DbError, Disk, DiskUpdate, Job, JobUpdate, NewDisk, NewJob, NewJobEvent};
+use crate::db::{CbtRecord, DbError, Disk, DiskUpdate, Job, JobEvent, JobUpdate, NewDisk, NewJob, NewJobEvent};
 use crate::engine::{Event, Snapshot, Summary, copy::PlanInfo};
 use crate::state::JobStatus;
 
@@ -94,6 +94,11 @@ pub enum Query {
     Cancel {
         job_id: String,
     },
+    /// The newest `limit` events of a job.
+    Events {
+        job_id: String,
+        limit: i64,
+    },
 }
 
 #[derive(Debug)]
@@ -103,6 +108,7 @@ pub enum QueryResult {
     Job(Option<(Job, Vec<Disk>)>),
     Counts(Vec<(JobStatus, i64)>),
     Status(JobStatus),
+    Events(Vec<JobEvent>),
 }
 
 /// Anyone → DbWriter: counters for /metrics.
@@ -192,25 +198,38 @@ pub struct GetLive;
 #[derive(Debug, Clone)]
 pub struct LiveJob {
     pub job_id: String,
+    pub replication_type: crate::state::ReplicationType,
     pub status: JobStatus,
     pub operation: String,
+    /// UTC.
+    pub started_at: Option<chrono::NaiveDateTime>,
     pub total_bytes: u64,
     pub bytes_transferred: u64,
     pub throughput_bps: u64,
     pub percent: f64,
     pub eta_seconds: Option<u64>,
+    /// Transient failures retried by the engine, over all disks, in this run.
+    pub retries: u64,
     pub disks: Vec<LiveDisk>,
 }
 
 #[derive(Debug, Clone)]
 pub struct LiveDisk {
     pub disk_id: String,
+    pub label: Option<String>,
     pub status: crate::state::DiskStatus,
     pub planned_bytes: u64,
     pub bytes_transferred: u64,
     pub throughput_bps: u64,
     pub percent: f64,
+    /// Holds a copy slot, its connections to both servers open.
     pub connected: bool,
+    /// When it started copying (UTC), while `connected`.
+    pub connected_at: Option<chrono::NaiveDateTime>,
+    /// Transient failures retried by the engine in this run.
+    pub retries: u64,
+    pub previous_change_id: Option<String>,
+    pub change_id: Option<String>,
 }
 
 // -------------------------------------------------------- DiscoveryActor --

@@ -1,7 +1,10 @@
 //! The command line: clap definitions for every subcommand, and the foreground
-//! commands that do not need the daemon (`copy`); `serve` hands over to `daemon`. Each command returns
-//! `anyhow::Result`; `main` turns an error into one line on stderr and an exit code.
+//! commands that do not need the daemon (`copy`); `serve` hands over to `daemon`,
+//! and the admin commands (`admin`) talk to a running daemon over its socket.
+//! Each command returns `anyhow::Result`; `main` turns an error into one line on
+//! stderr and an exit code.
 
+pub mod admin;
 pub mod copy;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +27,8 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<std::path::PathBuf>,
     },
+    #[command(flatten)]
+    Admin(admin::AdminCommand),
 }
 
 #[cfg(test)]

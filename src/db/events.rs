@@ -23,8 +23,6 @@ pub fn insert_events(conn: &mut MysqlConnection, events: &[NewJobEvent]) -> Resu
 }
 
 /// Up to `limit` events of a job, newest first.
-// For the admin API's view of one job, which does not read it yet.
-#[cfg_attr(not(test), allow(dead_code))]
 pub fn recent_events(conn: &mut MysqlConnection, job: &str, limit: i64) -> Result<Vec<JobEvent>, DbError> {
     e::table
         .filter(e::job_id.eq(job))

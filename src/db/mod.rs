@@ -34,17 +34,17 @@ use diesel::sql_types::Integer;
 pub use self::{
     disks::{record_cbt, update_disk},
     error::{DbError, redact_url},
-    events::insert_events,
+    events::{insert_events, recent_events},
     jobs::{
         cancel_job, claim_jobs, count_jobs_by_status, find_job, insert_job, list_jobs, load_job, release_lease,
         renew_lease, update_job,
     },
     migrate::migrate,
-    models::{CbtRecord, Disk, DiskUpdate, Job, JobUpdate, NewDisk, NewJob, NewJobEvent},
+    models::{CbtRecord, Disk, DiskUpdate, Job, JobEvent, JobUpdate, NewDisk, NewJob, NewJobEvent},
 };
-// For the admin API's view of one job, which does not read them yet.
+// CBT history is read by tests only so far.
 #[allow(unused_imports)]
-pub use self::{disks::load_cbt, events::recent_events, models::JobEvent};
+pub use self::disks::load_cbt;
 
 /// Opens a connection and makes its session work in UTC, so that the schema's
 /// `CURRENT_TIMESTAMP(6)` defaults and `ON UPDATE` clauses store UTC like

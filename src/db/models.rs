@@ -171,8 +171,6 @@ pub struct CbtRecord {
 }
 
 /// One `job_events` row.
-// For the admin API's view of one job, which does not read it yet.
-#[cfg_attr(not(test), allow(dead_code))]
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
 #[diesel(table_name = job_events, check_for_backend(Mysql))]
 pub struct JobEvent {

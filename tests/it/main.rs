@@ -9,6 +9,7 @@
 mod harness;
 mod mariadb;
 
+mod admin;
 mod copy;
 mod daemon;
 mod db;
