@@ -334,8 +334,9 @@ fn unexpected() -> AdminError {
     AdminError::Internal("unexpected reply from the database writer".into())
 }
 
+/// A path segment, fully decoded: actix leaves `%25`, `%2F` and `%2B` encoded.
 fn path_param(req: &HttpRequest, name: &str) -> String {
-    req.match_info().query(name).to_string()
+    percent_encoding::percent_decode_str(req.match_info().query(name)).decode_utf8_lossy().into_owned()
 }
 
 async fn health(st: web::Data<State>) -> Result<HttpResponse, AdminError> {

@@ -427,8 +427,10 @@ fn cancel_stops_a_running_job_and_watch_exits_non_zero() {
     assert_eq!(line, "blockrepl: job 'job-nope' not found (not_found)");
 
     // A job no node runs (it has no disk yet, so nobody claims it) is cancelled in the database.
-    db.execute("INSERT INTO replication_jobs (id, vm_name, replication_type, status) VALUES ('job-q', 'vm2', 'full', 'pending')");
+    db.execute("INSERT INTO replication_jobs (id, vm_name, replication_type, status, nbd_export_name) VALUES ('job-q', 'vm2', 'full', 'pending', 'vol 1/a%b+c')");
     assert_eq!(daemon.cli(&["progress", "job-q", "--json"]).json()["status"], "Queued");
+    // Any export name goes through the URL path.
+    assert_eq!(daemon.cli(&["progress", "vol 1/a%b+c", "--json"]).json()["job_id"], "job-q");
     let r = daemon.cli(&["cancel", "job-q", "--json"]).json();
     assert_eq!((r["stopping"].as_bool(), r["message"].as_str()), (Some(false), Some("job cancelled")));
     assert_eq!(job_field(&db, "job-q", "status").as_deref(), Some("cancelled"));
