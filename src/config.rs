@@ -154,6 +154,13 @@ impl Settings {
         Ok(s)
     }
 
+    /// The documented defaults alone (tests).
+    #[cfg(test)]
+    pub fn defaults() -> Self {
+        Self::load_with_env(Path::new("/nonexistent/blockrepl.toml"), false, std::iter::empty())
+            .unwrap_or_else(|e| panic!("the shipped defaults are valid: {e}"))
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
         if !self.database.url.starts_with("mysql://") {

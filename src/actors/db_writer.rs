@@ -354,10 +354,15 @@ impl DbWriter {
             return;
         }
         let mut batch = Vec::new();
+        // A job whose lease is being released gets its last figures written first,
+        // in the same batch: afterwards the rows are no longer ours to update.
+        let releasing: std::collections::HashSet<&str> = self.releases.iter().map(|r| r.job_id.as_str()).collect();
         let due_disks: Vec<_> = self
             .disks
             .keys()
-            .filter(|(j, d)| all || self.throttle.due(&Key::Disk(j.clone(), d.clone()), now))
+            .filter(|(j, d)| {
+                all || releasing.contains(j.as_str()) || self.throttle.due(&Key::Disk(j.clone(), d.clone()), now)
+            })
             .cloned()
             .collect();
         for k in due_disks {
@@ -368,8 +373,12 @@ impl DbWriter {
             }
         }
         batch.extend(self.records.drain(..).map(Write::Record));
-        let due_jobs: Vec<_> =
-            self.jobs.keys().filter(|j| all || self.throttle.due(&Key::Job((*j).clone()), now)).cloned().collect();
+        let due_jobs: Vec<_> = self
+            .jobs
+            .keys()
+            .filter(|j| all || releasing.contains(j.as_str()) || self.throttle.due(&Key::Job((*j).clone()), now))
+            .cloned()
+            .collect();
         for k in due_jobs {
             if let Some(u) = self.jobs.remove(&k) {
                 let terminal = u.status.is_some_and(|s| s.is_terminal());
@@ -572,10 +581,24 @@ impl Handler<Flush> for DbWriter {
 
 impl Handler<ClaimJobs> for DbWriter {
     type Result = ResponseFuture<Result<Vec<(db::Job, Vec<db::Disk>)>, DbError>>;
-    fn handle(&mut self, m: ClaimJobs, _: &mut Context<Self>) -> Self::Result {
-        self.exec(Exec::Claim(m), |r| match r {
-            ExecReply::Claimed(v) => Some(v),
-            _ => None,
+
+    /// Claims only after everything queued before the claim is written: a job
+    /// that just ended here has its final status and lease release pending, and
+    /// claiming before they land would find it live and ours, and run it again.
+    fn handle(&mut self, m: ClaimJobs, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.flush_waiters.push(tx);
+        self.send_due(ctx, true);
+        let claim = self.exec.clone();
+        Box::pin(async move {
+            // A failed flush (database away) makes the claim fail the same way.
+            let _ = rx.await;
+            match claim.send(Exec::Claim(m)).await {
+                Ok(Ok(ExecReply::Claimed(v))) => Ok(v),
+                Ok(Ok(_)) => Err(DbError::Migration { error: "unexpected reply".into() }),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(DbError::Migration { error: format!("database thread gone: {e}") }),
+            }
         })
     }
 }

@@ -14,6 +14,8 @@ use super::messages::*;
 
 pub struct DiscoveryActor {
     deps: JobDeps,
+    /// Where claims go: the DbWriter (a test substitutes a collector).
+    claims: Recipient<ClaimJobs>,
     active: HashMap<String, Addr<JobAggregator>>,
     claiming: bool,
     /// Another discovery was asked for while one was running.
@@ -26,8 +28,14 @@ pub struct DiscoveryActor {
 
 impl DiscoveryActor {
     pub fn new(deps: JobDeps) -> Self {
+        let claims = deps.db.clone().recipient();
+        Self::with_claims(deps, claims)
+    }
+
+    pub fn with_claims(deps: JobDeps, claims: Recipient<ClaimJobs>) -> Self {
         Self {
             deps,
+            claims,
             active: HashMap::new(),
             claiming: false,
             again: false,
@@ -64,8 +72,7 @@ impl DiscoveryActor {
             limit: room as i64,
             exclude: self.active.keys().cloned().collect(),
         };
-        self.deps
-            .db
+        self.claims
             .send(msg)
             .into_actor(self)
             .map(|res, act, ctx| {
@@ -174,5 +181,71 @@ impl Handler<Reconfigure> for DiscoveryActor {
         if interval_changed && !self.stopping {
             self.schedule(ctx);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::actors::db_writer::DbWriter;
+    use crate::actors::disk_copier::DiskSlots;
+    use crate::actors::timeout_watchdog::TimeoutWatchdog;
+    use crate::config::Settings;
+    use crate::db::{DbError, Disk, Job};
+
+    /// Answers every claim with no jobs, and counts them.
+    #[derive(Default)]
+    struct Claims(u32);
+    impl Actor for Claims {
+        type Context = Context<Self>;
+    }
+    impl Handler<ClaimJobs> for Claims {
+        type Result = Result<Vec<(Job, Vec<Disk>)>, DbError>;
+        fn handle(&mut self, _: ClaimJobs, _: &mut Context<Self>) -> Self::Result {
+            self.0 += 1;
+            Ok(Vec::new())
+        }
+    }
+    #[derive(Message)]
+    #[rtype(result = "u32")]
+    struct Count;
+    impl Handler<Count> for Claims {
+        type Result = u32;
+        fn handle(&mut self, _: Count, _: &mut Context<Self>) -> u32 {
+            self.0
+        }
+    }
+
+    #[actix_rt::test]
+    async fn claims_at_start_then_every_interval_and_when_asked_on_a_paused_clock() {
+        tokio::time::pause();
+        let settings = Arc::new(Settings::defaults());
+        assert_eq!(settings.discovery.interval, Duration::from_secs(30));
+        let deps = JobDeps {
+            db: DbWriter::new(&settings).start(),
+            watchdog: TimeoutWatchdog::new(settings.watchdog.stall_timeout).start(),
+            slots: DiskSlots::new(2),
+            settings: settings.clone(),
+            node: "n".into(),
+        };
+        let claims = Claims::default().start();
+        let discovery = DiscoveryActor::with_claims(deps, claims.clone().recipient()).start();
+        let count = || claims.send(Count);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(count().await.unwrap(), 1, "at start: resume this node's jobs at once");
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert_eq!(count().await.unwrap(), 1, "not before the interval");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(count().await.unwrap(), 2, "at 30 s");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(count().await.unwrap(), 3, "at 60 s");
+        discovery.send(DiscoverNow).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(count().await.unwrap(), 4, "at once when asked");
+        discovery.send(StopDiscovery).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(count().await.unwrap(), 4, "nothing after stopping");
     }
 }

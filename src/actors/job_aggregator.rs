@@ -172,6 +172,12 @@ impl JobTracker {
         if !self.all_planned() {
             return 0.0;
         }
+        if self.planned() == 0 {
+            // Nothing to read: done only if every disk is (a disk that failed
+            // before planning planned nothing, and did nothing).
+            let all_done = self.disks.iter().all(|d| d.status == DiskStatus::Completed);
+            return if all_done { 100.0 } else { 0.0 };
+        }
         crate::engine::progress::percent(self.done(), self.planned())
     }
 
@@ -897,6 +903,15 @@ mod tests {
             }
         }
         assert_eq!(seen, vec![10, 20, 30, 40, 50, 60, 70, 80, 90, 100]);
+    }
+
+    #[test]
+    fn a_job_that_planned_nothing_is_complete_only_when_its_disks_are() {
+        let mut t = JobTracker::new(&job(ReplicationType::Full), &[disk("a", DiskStatus::Pending, 0)], "c".into());
+        t.disks[0].status = DiskStatus::Failed;
+        assert_eq!(t.percent(), 0.0, "failed at connect: nothing was done");
+        t.disks[0].status = DiskStatus::Completed;
+        assert_eq!(t.percent(), 100.0, "an incremental copy with no changes is done");
     }
 
     #[test]

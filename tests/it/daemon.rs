@@ -177,6 +177,12 @@ fn a_two_disk_job_queued_by_sql_completes_with_correct_data_and_honest_progress(
         assert!(events.iter().any(|e| e.contains(want)), "no '{want}' event in {events:?}");
     }
     wait_until("the lease to be released", READY, || job(&db, "job-1", "owner_node").is_none());
+    let claims = one(
+        &db,
+        "SELECT CAST(COUNT(*) AS CHAR) AS v FROM job_events WHERE job_id='job-1' AND message LIKE 'claimed by%'",
+    );
+    assert_eq!(claims.as_deref(), Some("1"), "a finished job is never claimed again");
+    assert!(!daemon.log_text().contains("refused a write"), "{}", daemon.log_text());
     assert!(job(&db, "job-1", "completed_at").is_some() && job(&db, "job-1", "started_at").is_some());
 
     // Throttling: per row, a write per percentage point, one per 2 s interval,
