@@ -32,14 +32,13 @@ async fn serve(settings: Arc<Settings>, reload: Reload) -> anyhow::Result<()> {
     let node = settings.node_id();
     tracing::info!(version = env!("CARGO_PKG_VERSION"), node = %node, "starting");
 
+    let mut signals = shutdown::Signals::install()?;
     let s = settings.clone();
     let db = Supervisor::start(move |_| DbWriter::new(&s));
     // READY means the database answers: wait for it (a signal still stops us).
-    let stop = shutdown::terminate()?;
-    tokio::pin!(stop);
     loop {
         tokio::select! {
-            why = &mut stop => {
+            why = signals.stop() => {
                 tracing::info!(signal = why, "stopping before the database answered");
                 return Ok(());
             }
@@ -54,7 +53,7 @@ async fn serve(settings: Arc<Settings>, reload: Reload) -> anyhow::Result<()> {
                     let wait = settings.database.retry_interval;
                     tracing::warn!(error = %e, "database not ready; retrying in {}", humantime::format_duration(wait));
                     tokio::select! {
-                        why = &mut stop => {
+                        why = signals.stop() => {
                             tracing::info!(signal = why, "stopping before the database answered");
                             return Ok(());
                         }
@@ -85,6 +84,6 @@ async fn serve(settings: Arc<Settings>, reload: Reload) -> anyhow::Result<()> {
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!("ready");
-    shutdown::run(Components { discovery, db, watchdog, admin: Some(admin) }, reload).await?;
+    shutdown::run(Components { discovery, db, watchdog, admin: Some(admin) }, reload, signals).await?;
     Ok(())
 }

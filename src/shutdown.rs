@@ -42,27 +42,40 @@ pub struct Reload {
     pub log: LogControl,
 }
 
-/// A future that resolves on the first SIGTERM or SIGINT.
-pub fn terminate() -> std::io::Result<impl std::future::Future<Output = &'static str>> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
+/// The daemon's signal handlers, installed once at start-up so that no signal
+/// takes its default action (SIGHUP would kill) while the daemon starts.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT, naming it. A SIGHUP meanwhile
+    /// stays pending for `run`.
+    pub async fn stop(&mut self) -> &'static str {
         tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
         }
-    })
+    }
 }
 
 /// Runs until SIGTERM/SIGINT, handling SIGHUP meanwhile; then stops everything.
-pub async fn run(c: Components, mut reload: Reload) -> std::io::Result<()> {
-    let mut hup = signal(SignalKind::hangup())?;
-    let stop = terminate()?;
-    tokio::pin!(stop);
+pub async fn run(c: Components, mut reload: Reload, mut signals: Signals) -> std::io::Result<()> {
     let why = loop {
         tokio::select! {
-            why = &mut stop => break why,
-            _ = hup.recv() => reload_settings(&c, &mut reload),
+            _ = signals.term.recv() => break "SIGTERM",
+            _ = signals.int.recv() => break "SIGINT",
+            _ = signals.hup.recv() => reload_settings(&c, &mut reload),
         }
     };
     tracing::info!(signal = why, "stopping");

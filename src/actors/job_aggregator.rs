@@ -55,7 +55,6 @@ pub struct DiskTrack {
     /// Holds a copy slot (its connections are open).
     pub copying: bool,
     pub error: Option<String>,
-    pub resume_offset: u64,
     /// Transient failures the engine retried in this run (for /metrics).
     pub retries: u64,
 }
@@ -83,7 +82,6 @@ impl DiskTrack {
             stage: None,
             copying: false,
             error: None,
-            resume_offset: d.resume_offset.max(0) as u64,
             retries: 0,
         }
     }

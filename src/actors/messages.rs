@@ -101,6 +101,8 @@ pub enum Query {
     },
 }
 
+// Sent one at a time; boxing the loaded job would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum QueryResult {
     Done,

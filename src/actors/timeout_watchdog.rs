@@ -31,11 +31,11 @@ impl StallTracker {
 
     /// Records the job's work counter; time restarts only when it grew.
     pub fn heartbeat(&mut self, job: &str, work: u64, now: Instant) {
-        if let Some((w, at)) = self.jobs.get_mut(job) {
-            if work > *w {
-                *w = work;
-                *at = now;
-            }
+        if let Some((w, at)) = self.jobs.get_mut(job)
+            && work > *w
+        {
+            *w = work;
+            *at = now;
         }
     }
 

@@ -281,7 +281,7 @@ impl Copier {
             None => self.connect_pair(events)?,
         };
         let ranges: Vec<plan::Range> =
-            plan.from_offset(spec.resume_from).into_iter().filter(|r| r.action != Action::Skip).collect();
+            plan.remaining_from(spec.resume_from).into_iter().filter(|r| r.action != Action::Skip).collect();
         let planned = plan.planned_bytes();
 
         let t = &spec.tuning;
@@ -703,7 +703,6 @@ fn execute(ctx: &Ctx<'_>, connections: usize, src: Handle, dst: Handle) -> Resul
 
 /// One connection to a server and its health.
 struct Conn {
-    role: Role,
     handle: Option<Handle>,
     /// Last time a reply arrived or the connection went from idle to busy.
     last_activity: Instant,
@@ -714,9 +713,9 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(role: Role, handle: Option<Handle>) -> Self {
+    fn new(handle: Option<Handle>) -> Self {
         let now = Instant::now();
-        Self { role, handle, last_activity: now, failures: 0, reconnect_at: now, last_error: None }
+        Self { handle, last_activity: now, failures: 0, reconnect_at: now, last_error: None }
     }
 
     fn live(&mut self) -> Option<&mut Handle> {
@@ -772,8 +771,8 @@ impl<'a> Worker<'a> {
         };
         Self {
             ctx,
-            src: Conn::new(Role::Source, s),
-            dst: Conn::new(Role::Target, d),
+            src: Conn::new(s),
+            dst: Conn::new(d),
             reads: Vec::new(),
             writes: Vec::new(),
             pending: Vec::new(),
@@ -1259,10 +1258,8 @@ impl<'a> Worker<'a> {
     fn wind_down(&mut self) {
         let deadline = Instant::now() + CANCEL_GRACE;
         while Instant::now() < deadline {
-            if self.idle() {
-                if self.flush().is_err() || self.flushing.is_none() {
-                    return;
-                }
+            if self.idle() && (self.flush().is_err() || self.flushing.is_none()) {
+                return;
             }
             self.wait();
             if self.reap().is_err() {

@@ -63,7 +63,7 @@ impl Plan {
     }
 
     /// The part of the plan at or after `offset`, for resuming from a watermark.
-    pub fn from_offset(&self, offset: u64) -> Vec<Range> {
+    pub fn remaining_from(&self, offset: u64) -> Vec<Range> {
         self.ranges
             .iter()
             .filter(|r| r.end() > offset)
@@ -84,7 +84,6 @@ pub struct Extent {
     pub flags: u32,
 }
 
-pub const STATE_HOLE: u32 = 1;
 pub const STATE_ZERO: u32 = 2;
 /// In a `qemu:dirty-bitmap:` context, flag 1 means dirty.
 pub const STATE_DIRTY: u32 = 1;
@@ -95,11 +94,12 @@ fn push_merged(out: &mut Vec<Range>, r: Range) {
     if r.length == 0 {
         return;
     }
-    if let Some(last) = out.last_mut() {
-        if last.action == r.action && last.end() == r.offset {
-            last.length += r.length;
-            return;
-        }
+    if let Some(last) = out.last_mut()
+        && last.action == r.action
+        && last.end() == r.offset
+    {
+        last.length += r.length;
+        return;
     }
     out.push(r);
 }
@@ -184,12 +184,12 @@ pub fn normalize_areas(areas: &[Area], disk_size: u64) -> Result<Vec<Area>, Area
     sorted.sort_by_key(|a| a.start);
     let mut out: Vec<Area> = Vec::with_capacity(sorted.len());
     for a in sorted {
-        if let Some(last) = out.last_mut() {
-            if a.start <= last.start + last.length {
-                let end = (a.start + a.length).max(last.start + last.length);
-                last.length = end - last.start;
-                continue;
-            }
+        if let Some(last) = out.last_mut()
+            && a.start <= last.start + last.length
+        {
+            let end = (a.start + a.length).max(last.start + last.length);
+            last.length = end - last.start;
+            continue;
         }
         out.push(a);
     }
@@ -215,6 +215,8 @@ pub fn dirty_areas(extents: &[Extent], disk_size: u64) -> Vec<Area> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const STATE_HOLE: u32 = 1;
 
     fn ext(offset: u64, length: u64, flags: u32) -> Extent {
         Extent { offset, length, flags }
@@ -281,8 +283,8 @@ mod tests {
         assert_eq!(plan.planned_below(5), 5);
         assert_eq!(plan.planned_below(50), 10);
         assert_eq!(plan.planned_below(95), 15);
-        assert_eq!(plan.from_offset(50), vec![r(50, 40, Action::Zero), r(90, 10, Action::Copy)]);
-        assert_eq!(plan.from_offset(100), vec![]);
+        assert_eq!(plan.remaining_from(50), vec![r(50, 40, Action::Zero), r(90, 10, Action::Copy)]);
+        assert_eq!(plan.remaining_from(100), vec![]);
     }
 
     fn check_areas(input: &[(u64, u64)], size: u64, expected: Result<Vec<(u64, u64)>, AreasError>) {

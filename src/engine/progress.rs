@@ -60,12 +60,6 @@ pub struct Snapshot {
     pub eta: Option<Duration>,
 }
 
-impl Snapshot {
-    pub fn percent(&self) -> f64 {
-        percent(self.bytes_done, self.planned_bytes)
-    }
-}
-
 /// `done` of `total` as a percentage; an empty plan is 100 % done.
 pub fn percent(done: u64, total: u64) -> f64 {
     if total == 0 { 100.0 } else { (done as f64 * 100.0 / total as f64).min(100.0) }
@@ -265,7 +259,7 @@ mod tests {
         p.set_plan(1000, 1000, 600, 0);
         let s = p.snapshot();
         assert_eq!((s.bytes_done, s.throughput_bps), (600, 0));
-        assert_eq!(s.percent(), 60.0);
+        assert_eq!(percent(s.bytes_done, s.planned_bytes), 60.0);
         assert_eq!(s.eta, None);
     }
 

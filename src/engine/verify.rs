@@ -151,8 +151,8 @@ fn verify_worker(shared: &Shared<'_>) -> Result<(), CopyError> {
             let [a, b] = &mut hs;
             let _ = nbd::poll(&mut [a, b], Duration::from_millis(100));
         }
-        for side in 0..2 {
-            while let Some(c) = hs[side].next_completed() {
+        for (side, h) in hs.iter_mut().enumerate() {
+            while let Some(c) = h.next_completed() {
                 let Some(i) = reads.iter().position(|(k, _, _)| *k == c.cookie) else { continue };
                 let (_, _, offset) = reads.swap_remove(i);
                 let Returned::Read(buf) = c.buffer else { continue };

@@ -105,10 +105,6 @@ impl Server {
         format!("nbd+unix:///{export}?socket={}", self.sock.display())
     }
 
-    pub fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0))
-    }
-
     /// Starts the server again if it exited. nbdkit 1.32 has been seen to abort
     /// when a client vanishes with requests in flight (a `kill -9`ed copier).
     pub fn ensure_running(&mut self) {
@@ -301,7 +297,6 @@ pub fn sh(program: &str, args: &[&str]) -> String {
 /// datagram socket of ours (NOTIFY_SOCKET).
 pub struct Daemon {
     child: Option<Child>,
-    pub dir: PathBuf,
     pub config: PathBuf,
     pub admin_socket: PathBuf,
     pub log: PathBuf,
@@ -343,7 +338,6 @@ impl Daemon {
         notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
         let mut d = Daemon {
             child: None,
-            dir: dir.to_path_buf(),
             config,
             admin_socket,
             log: dir.join("daemon.log"),
@@ -385,10 +379,10 @@ impl Daemon {
         let end = Instant::now() + READY;
         let mut buf = [0u8; 512];
         loop {
-            if let Ok(n) = self.notify.recv(&mut buf) {
-                if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
-                    return;
-                }
+            if let Ok(n) = self.notify.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1")
+            {
+                return;
             }
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("daemon exited before READY ({st}):\n{}", self.log_text());

@@ -361,7 +361,7 @@ impl Handle {
         }
         let cookie = cookie as u64;
         // SAFETY: live handle; the cookie came from libnbd.
-        let rc = unsafe { ffi::nbd_aio_command_completed(self.raw(), cookie as u64) };
+        let rc = unsafe { ffi::nbd_aio_command_completed(self.raw(), cookie) };
         let result = match rc {
             1 => Ok(()),
             -1 => Err(NbdError::last()),
