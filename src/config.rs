@@ -86,7 +86,9 @@ pub struct ProgressSettings {
 #[serde(deny_unknown_fields)]
 pub struct Copy {
     pub max_concurrent_disks: usize,
-    pub connections: usize,
+    /// `None`: the engine's default (one per CPU, at most 4).
+    #[serde(default)]
+    pub connections: Option<usize>,
     pub requests: usize,
     #[serde(deserialize_with = "size")]
     pub request_size: usize,
@@ -199,7 +201,7 @@ impl Settings {
         if c.max_concurrent_disks == 0 {
             return bad("copy.max_concurrent_disks", "must be at least 1");
         }
-        if !(1..=64).contains(&c.connections) {
+        if c.connections.is_some_and(|n| !(1..=64).contains(&n)) {
             return bad("copy.connections", "must be 1 to 64");
         }
         if !(1..=1024).contains(&c.requests) {
@@ -233,7 +235,7 @@ impl Settings {
     pub fn tuning(&self) -> Tuning {
         let c = &self.copy;
         Tuning {
-            connections: c.connections,
+            connections: c.connections.unwrap_or_else(crate::engine::copy::default_connections),
             requests: c.requests,
             request_size: c.request_size,
             buffer_bytes: c.memory,

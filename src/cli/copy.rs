@@ -31,10 +31,10 @@ pub struct CopyArgs {
     /// The target reads as zeros: skip holes and zero extents
     #[arg(long)]
     pub destination_is_zero: bool,
-    /// Most connections per server (used when both servers advertise multi-conn)
-    #[arg(long, value_name = "N", default_value_t = default_tuning().connections,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
-    pub connections: usize,
+    /// Most connections per server, used when both servers advertise multi-conn
+    /// [default: one per CPU, at most 4]
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub connections: Option<usize>,
     /// Most requests in flight per connection
     #[arg(long, value_name = "N", default_value_t = default_tuning().requests,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
@@ -95,7 +95,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
         resume_from: args.resume_from,
         verify: args.verify,
         tuning: Tuning {
-            connections: args.connections,
+            connections: args.connections.unwrap_or(default_tuning().connections),
             requests: args.requests,
             request_size: args.request_size,
             buffer_bytes: args.memory,

@@ -41,7 +41,9 @@ const CANCEL_GRACE: Duration = Duration::from_millis(800);
 /// How hard to push the servers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tuning {
-    /// Most connections per server; more than one only when both servers advertise multi-conn.
+    /// Most connections per server; more than one only when both servers advertise
+    /// multi-conn. Default: one per CPU, at most 4 (more connections than CPUs only
+    /// add contention, measured in `scripts/bench`).
     pub connections: usize,
     /// Most requests in flight per connection.
     pub requests: usize,
@@ -61,7 +63,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Self {
-            connections: 4,
+            connections: default_connections(),
             requests: 16,
             request_size: 1024 * 1024,
             buffer_bytes: 64 * 1024 * 1024,
@@ -71,6 +73,11 @@ impl Default for Tuning {
             retry: RetryPolicy::default(),
         }
     }
+}
+
+/// One connection per CPU, at most 4.
+pub fn default_connections() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get().clamp(1, 4))
 }
 
 /// Where the changed ranges of an incremental copy come from.
