@@ -312,7 +312,9 @@ impl Handler<Exec> for DbExec {
 
 /// See the module documentation.
 pub struct DbWriter {
-    exec: Addr<DbExec>,
+    /// The executor, as two recipients so that a test can stand in for it.
+    batches: Recipient<Batch>,
+    exec: Recipient<Exec>,
     throttle: Throttle,
     retry_interval: Duration,
     jobs: BTreeMap<String, JobUpdate>,
@@ -331,7 +333,12 @@ impl DbWriter {
     pub fn new(settings: &Settings) -> Self {
         let url = settings.database.url.clone();
         let exec = SyncArbiter::start(1, move || DbExec { url: url.clone(), conn: None });
+        Self::with_executor(settings, exec.clone().recipient(), exec.recipient())
+    }
+
+    fn with_executor(settings: &Settings, batches: Recipient<Batch>, exec: Recipient<Exec>) -> Self {
         Self {
+            batches,
             exec,
             throttle: Throttle::new(settings.progress.min_percent_step, settings.progress.min_interval),
             retry_interval: settings.database.retry_interval,
@@ -399,7 +406,7 @@ impl DbWriter {
             return;
         }
         self.in_flight = true;
-        self.exec
+        self.batches
             .send(Batch(batch))
             .into_actor(self)
             .map(|res, act, ctx| {
@@ -743,6 +750,105 @@ mod tests {
         assert_eq!(m.status, Some(JobStatus::Streaming));
         assert_eq!(m.current_operation, Some(Operation::Transfer));
         assert_eq!(m.progress_percent, Some(12.0));
+    }
+
+    /// Stands in for the executor: records what reaches the database, in order.
+    #[derive(Default)]
+    struct FakeDb(Vec<String>);
+    impl Actor for FakeDb {
+        type Context = Context<Self>;
+    }
+    impl Handler<Batch> for FakeDb {
+        type Result = MessageResult<Batch>;
+        fn handle(&mut self, Batch(writes): Batch, _: &mut Context<Self>) -> Self::Result {
+            for w in &writes {
+                self.0.push(match w {
+                    Write::Job(u) => format!("job {}", u.status.map(|s| s.as_db()).unwrap_or("-")),
+                    Write::Disk(u) => format!("disk {}", u.disk_id),
+                    Write::Record(_) => "record".into(),
+                    Write::Release(r) => format!("release {}", r.job_id),
+                });
+            }
+            MessageResult(BatchDone { jobs: 0, disks: 0, records: 0, unwritten: Vec::new(), error: None })
+        }
+    }
+    impl Handler<Exec> for FakeDb {
+        type Result = Result<ExecReply, DbError>;
+        fn handle(&mut self, m: Exec, _: &mut Context<Self>) -> Self::Result {
+            match m {
+                Exec::Claim(_) => {
+                    self.0.push("claim".into());
+                    Ok(ExecReply::Claimed(Vec::new()))
+                }
+                _ => Err(DbError::NotFound { job: "fake".into() }),
+            }
+        }
+    }
+    #[derive(Message)]
+    #[rtype(result = "Vec<String>")]
+    struct Take;
+    impl Handler<Take> for FakeDb {
+        type Result = MessageResult<Take>;
+        fn handle(&mut self, _: Take, _: &mut Context<Self>) -> Self::Result {
+            MessageResult(std::mem::take(&mut self.0))
+        }
+    }
+
+    fn writer(fake: &Addr<FakeDb>) -> Addr<DbWriter> {
+        let settings = crate::config::Settings::defaults();
+        DbWriter::with_executor(&settings, fake.clone().recipient(), fake.clone().recipient()).start()
+    }
+
+    fn update(percent: f64, status: JobStatus) -> JobUpdate {
+        JobUpdate {
+            id: "j".into(),
+            status: Some(status),
+            current_operation: Some(Operation::Transfer),
+            progress_percent: Some(percent),
+            ..JobUpdate::default()
+        }
+    }
+
+    #[actix_rt::test]
+    async fn the_writer_throttles_progress_on_a_paused_clock() {
+        tokio::time::pause();
+        let fake = FakeDb::default().start();
+        let w = writer(&fake);
+        // 0.02 points every 100 ms for 10 s: never a full point between writes,
+        // so the 2 s interval alone decides.
+        for i in 0..100 {
+            w.do_send(PersistJob(update(f64::from(i) * 0.02, JobStatus::Streaming)));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let writes = fake.send(Take).await.unwrap();
+        assert!((5..=6).contains(&writes.len()), "one write per 2 s over 10 s: {writes:?}");
+        // A status change goes out at the next tick (200 ms), not 2 s later.
+        w.do_send(PersistJob(update(2.0, JobStatus::Finalizing)));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(fake.send(Take).await.unwrap(), vec!["job finalizing"]);
+        // A terminal state at once, without waiting for a tick.
+        w.do_send(PersistJob(update(100.0, JobStatus::Completed)));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(fake.send(Take).await.unwrap(), vec!["job completed"]);
+    }
+
+    #[actix_rt::test]
+    async fn a_claim_waits_for_the_writes_queued_before_it() {
+        tokio::time::pause();
+        let fake = FakeDb::default().start();
+        let w = writer(&fake);
+        w.do_send(PersistDisk(DiskUpdate { job_id: "j".into(), disk_id: "d".into(), ..DiskUpdate::default() }));
+        // A job ends: its terminal state goes out at once (a batch in flight), its
+        // lease release must wait for that batch, and discovery claims at once.
+        w.do_send(PersistJob(update(100.0, JobStatus::Completed)));
+        w.do_send(ReleaseLease { job_id: "j".into(), node: "n".into() });
+        let claimed = w.send(ClaimJobs { node: "n".into(), lease: Duration::from_secs(60), limit: 1, exclude: vec![] });
+        assert!(claimed.await.unwrap().unwrap().is_empty());
+        assert_eq!(
+            fake.send(Take).await.unwrap(),
+            vec!["disk d", "job completed", "release j", "claim"],
+            "the last figures, then the release, then the claim: a claim that came first would find the job live and ours"
+        );
     }
 
     #[test]

@@ -137,7 +137,16 @@ fn copy_thread(
         send(DiskReportKind::Started);
         copier.run(&on_event).map_err(failure)
     };
-    let result = match catch_unwind(AssertUnwindSafe(body)) {
+    let result = caught(&disk_id, body);
+    // Progress first, so the aggregator sees the final figures before the end.
+    send(DiskReportKind::Progress(copier.progress().snapshot()));
+    send(DiskReportKind::Finished(result));
+}
+
+/// Runs `body`, turning a panic into a failed copy: a bug in the engine fails
+/// one disk, never the daemon.
+fn caught<T>(disk_id: &str, body: impl FnOnce() -> Result<T, CopyFailure>) -> Result<T, CopyFailure> {
+    match catch_unwind(AssertUnwindSafe(body)) {
         Ok(r) => r,
         Err(panic) => {
             let what = panic
@@ -148,10 +157,7 @@ fn copy_thread(
             tracing::error!(disk_id = %disk_id, panic = %what, "copy engine panicked");
             Err(CopyFailure { message: format!("internal error: copy engine panicked: {what}"), cancelled: false })
         }
-    };
-    // Progress first, so the aggregator sees the final figures before the end.
-    send(DiskReportKind::Progress(copier.progress().snapshot()));
-    send(DiskReportKind::Finished(result));
+    }
 }
 
 impl Actor for DiskCopier {
@@ -231,6 +237,19 @@ impl Handler<Dismiss> for DiskCopier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::panic)]
+    fn a_panic_in_the_engine_becomes_a_failed_disk() {
+        let r: Result<(), CopyFailure> = caught("d1", || panic!("index out of bounds"));
+        let f = r.unwrap_err();
+        assert_eq!(f.message, "internal error: copy engine panicked: index out of bounds");
+        assert!(!f.cancelled);
+        let n = 7;
+        let r: Result<(), CopyFailure> = caught("d1", || panic!("formatted {n}"));
+        assert!(r.unwrap_err().message.ends_with("formatted 7"));
+        assert_eq!(caught("d1", || Ok::<_, CopyFailure>(5)).unwrap(), 5);
+    }
 
     #[test]
     fn slots_bound_concurrency_and_come_back() {
