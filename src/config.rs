@@ -247,6 +247,7 @@ impl Settings {
                 initial_delay: c.retry_initial_delay,
                 max_delay: c.retry_max_delay,
             },
+            retry_first_connect: true,
         }
     }
 }

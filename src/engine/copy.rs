@@ -58,6 +58,10 @@ pub struct Tuning {
     /// A connection with requests in flight and no reply for this long is replaced.
     pub request_timeout: Duration,
     pub retry: RetryPolicy,
+    /// Retry the first connection too (with `retry`), when the server refuses or
+    /// is not there yet. The daemon does, to ride out a restarting server or a
+    /// tunnel that is down; the CLI does not, so a typo fails at once.
+    pub retry_first_connect: bool,
 }
 
 impl Default for Tuning {
@@ -71,6 +75,7 @@ impl Default for Tuning {
             connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(120),
             retry: RetryPolicy::default(),
+            retry_first_connect: false,
         }
     }
 }
@@ -263,8 +268,27 @@ impl Copier {
         };
         let connect = |role: Role, uri: &str, contexts: &[String]| {
             let opts = ConnectOptions { name: role_name(role), meta_contexts: contexts };
-            Handle::connect(uri, &opts, spec.tuning.connect_timeout, &stop)
-                .map_err(|error| self.cancelled_or(CopyError::Connect { role, uri: uri.into(), error }))
+            let policy = spec.tuning.retry;
+            let mut failures = 0;
+            loop {
+                let error = match Handle::connect(uri, &opts, spec.tuning.connect_timeout, &stop) {
+                    Ok(h) => return Ok(h),
+                    Err(error) => error,
+                };
+                failures += 1;
+                // Nobody listening (yet) is worth waiting for; a refused export or
+                // a failed TLS handshake is not.
+                let absent = error.is_transient() || error.errno == libc::ENOENT;
+                if !spec.tuning.retry_first_connect || !absent || !policy.allows(failures) || stop() {
+                    return Err(self.cancelled_or(CopyError::Connect { role, uri: uri.into(), error }));
+                }
+                self.progress.add_retry();
+                events(Event::Retry { role, offset: 0, attempt: failures, error: format!("connect: {error}") });
+                let until = Instant::now() + policy.delay(failures);
+                while Instant::now() < until && !stop() {
+                    std::thread::sleep(TICK);
+                }
+            }
         };
         let src = connect(Role::Source, &spec.source, &contexts)?;
         let dst = connect(Role::Target, &spec.target, &[])?;

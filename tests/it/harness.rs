@@ -105,19 +105,6 @@ impl Server {
         format!("nbd+unix:///{export}?socket={}", self.sock.display())
     }
 
-    /// Starts the server again if it exited. nbdkit 1.32 has been seen to abort
-    /// when a client vanishes with requests in flight (a `kill -9`ed copier).
-    pub fn ensure_running(&mut self) {
-        let exited = match self.child.as_mut() {
-            Some(c) => !matches!(c.try_wait(), Ok(None)),
-            None => true,
-        };
-        if exited {
-            self.child = None;
-            self.start();
-        }
-    }
-
     /// SIGTERM and wait: nbdkit filters such as `stats` write their files on exit.
     pub fn stop(&mut self) {
         self.signal_and_wait(Signal::SIGTERM);
