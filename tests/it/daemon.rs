@@ -279,6 +279,32 @@ fn after_kill_9_a_restart_resumes_from_the_last_checkpoint() {
 }
 
 #[test]
+fn a_source_that_is_down_when_the_job_starts_is_waited_for() {
+    let d = tempdir();
+    let db = server().fresh_database("late_source");
+    let plugin = sparse("64M", 53, 50);
+    let mut src = nbdkit(d.path(), "src", &[], &plugin, &[]);
+    let dst = nbdkit(d.path(), "dst", &[], &plugin, &[]);
+    src.stop();
+    let daemon = Daemon::start(d.path(), &db.url, &[]);
+    queue(&db, "job-late", &[("disk-1", src.uri(), dst.uri())]);
+    let retried = || {
+        let st = job(&db, "job-late", "status").unwrap_or_default();
+        assert_ne!(st, "failed", "{:?}", job(&db, "job-late", "error_message"));
+        db.column("SELECT message AS v FROM job_events WHERE job_id = 'job-late'")
+            .into_iter()
+            .flatten()
+            .any(|m| m.contains("retry") && m.contains("source") && m.contains("connect"))
+    };
+    wait_until("a connection retry to be recorded", JOB_DEADLINE, retried);
+    assert_eq!(job(&db, "job-late", "error_message"), None, "not failed while the source is down");
+    src.start();
+    wait_status(&db, "job-late", "completed", &daemon);
+    // The target is sparse-random with the source's seed: it checked every byte.
+    assert_eq!(num(job(&db, "job-late", "bytes_transferred")) as u64, data_bytes(&allocation_map(&src.uri())));
+}
+
+#[test]
 fn sigterm_stops_gracefully_and_leaves_the_job_resumable() {
     let d = tempdir();
     let db = server().fresh_database("sigterm");
