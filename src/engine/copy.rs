@@ -13,7 +13,7 @@
 //! Nothing here knows about actors, databases or sockets: progress is read through
 //! [`Progress`], rare events go to a callback, and cancellation is a flag.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -33,6 +33,8 @@ pub const MAX_REQUEST: usize = 32 * 1024 * 1024;
 const MAX_ZERO_REQUEST: u64 = 1 << 30;
 /// Block-status queries are made in pieces of this size.
 const EXTENTS_STEP: u64 = 1 << 30;
+/// Block-status queries in flight at once while planning.
+const EXTENTS_IN_FLIGHT: usize = 8;
 /// How often a worker looks at cancellation and timers while waiting.
 const TICK: Duration = Duration::from_millis(100);
 /// After a cancellation, in-flight work may finish and be flushed for this long.
@@ -409,71 +411,107 @@ impl Copier {
     }
 
     /// All extents of meta context `ctx` over the disk, retrying transient errors.
+    /// Several queries are in flight at once: servers answer them in parallel
+    /// (nbdkit runs a connection's requests on several threads), and planning is
+    /// time in which nothing is copied.
     fn extents(&self, src: &mut Handle, ctx: &str, size: u64) -> Result<Vec<Extent>, CopyError> {
         let spec = &self.spec;
         let policy = spec.tuning.retry;
-        let mut out = Vec::new();
-        let mut pos = 0;
+        let io = |offset: u64, length: u64, attempts: u32, error: NbdError| CopyError::Io {
+            role: Role::Source,
+            uri: spec.source.clone(),
+            op: "block status",
+            offset,
+            length,
+            attempts,
+            error,
+        };
+        // Segments still to ask about; an answer may cover only a prefix of its
+        // segment, and the rest is asked again.
+        let mut todo: VecDeque<(u64, u64)> =
+            (0..size).step_by(EXTENTS_STEP as usize).map(|p| (p, (p + EXTENTS_STEP).min(size))).collect();
+        let mut asked: HashMap<u64, (u64, u64)> = HashMap::new();
+        let mut found: BTreeMap<u64, Extent> = BTreeMap::new();
         let mut failures = 0;
-        while pos < size {
+        let mut last_reply = Instant::now();
+        while !(todo.is_empty() && asked.is_empty()) {
             if self.cancel.is_cancelled() {
                 return Err(CopyError::Cancelled { watermark: spec.resume_from });
             }
-            let count = (size - pos).min(EXTENTS_STEP);
-            let end = pos + count;
-            let mut got: Vec<Extent> = Vec::new();
-            let res = src.block_status(count, pos, |name, offset, entries| {
-                if name != ctx {
-                    return;
-                }
-                let mut at = offset;
-                for pair in entries.chunks_exact(2) {
-                    let length = u64::from(pair[0]);
-                    got.push(Extent { offset: at, length, flags: pair[1] });
-                    at += length;
-                }
-            });
-            match res {
-                Ok(()) => {
-                    let mut advanced = pos;
-                    for e in got.into_iter().filter(|e| e.offset >= pos && e.offset < end && e.length > 0) {
-                        let length = (e.offset + e.length).min(end) - e.offset;
-                        advanced = e.offset + length;
-                        out.push(Extent { length, ..e });
+            while asked.len() < EXTENTS_IN_FLIGHT {
+                let Some((start, end)) = todo.pop_front() else { break };
+                match src.aio_block_status(end - start, start) {
+                    Ok(cookie) => {
+                        asked.insert(cookie, (start, end));
                     }
-                    if advanced <= pos {
-                        return Err(CopyError::Query {
-                            role: Role::Source,
-                            uri: spec.source.clone(),
-                            what: "extents",
-                            error: NbdError {
-                                message: format!("server returned no extents at offset {pos}"),
-                                errno: 0,
-                            },
-                        });
-                    }
-                    pos = advanced;
-                }
-                Err(error) if error.is_transient() && policy.allows(failures + 1) && !src.is_dead() => {
-                    failures += 1;
-                    self.progress.add_retry();
-                    std::thread::sleep(policy.delay(failures));
-                }
-                Err(error) => {
-                    return Err(CopyError::Io {
-                        role: Role::Source,
-                        uri: spec.source.clone(),
-                        op: "block status",
-                        offset: pos,
-                        length: count,
-                        attempts: failures + 1,
-                        error,
-                    });
+                    Err(error) => return Err(io(start, end - start, failures + 1, error)),
                 }
             }
+            nbd::poll(&mut [&mut *src], TICK).map_err(|e| io(0, size, failures + 1, e))?;
+            while let Some(c) = src.next_completed() {
+                let Some((start, end)) = asked.remove(&c.cookie) else { continue };
+                last_reply = Instant::now();
+                match (c.result, c.buffer) {
+                    (Ok(()), Returned::Extents(replies)) => {
+                        let advanced = take_extents(&replies, ctx, start, end, &mut found);
+                        if advanced <= start {
+                            return Err(CopyError::Query {
+                                role: Role::Source,
+                                uri: spec.source.clone(),
+                                what: "extents",
+                                error: NbdError {
+                                    message: format!("server returned no extents at offset {start}"),
+                                    errno: 0,
+                                },
+                            });
+                        }
+                        if advanced < end {
+                            todo.push_front((advanced, end));
+                        }
+                    }
+                    (Err(error), _) if error.is_transient() && policy.allows(failures + 1) && !src.is_dead() => {
+                        failures += 1;
+                        self.progress.add_retry();
+                        std::thread::sleep(policy.delay(failures));
+                        todo.push_front((start, end));
+                    }
+                    (Err(error), _) => return Err(io(start, end - start, failures + 1, error)),
+                    (Ok(()), _) => return Err(CopyError::Internal("block status without extents".into())),
+                }
+            }
+            if !asked.is_empty() && last_reply.elapsed() > spec.tuning.request_timeout {
+                let error = NbdError { message: "no reply to a block-status query".into(), errno: libc::ETIMEDOUT };
+                return Err(io(0, size, failures + 1, error));
+            }
         }
-        Ok(out)
+        Ok(found.into_values().collect())
     }
+}
+
+/// Adds the extents of `ctx` in `replies` that fall inside `[start, end)` to
+/// `found`, clipped to it, and returns where they stop (`start` when none do).
+fn take_extents(
+    replies: &[nbd::ExtentReply],
+    ctx: &str,
+    start: u64,
+    end: u64,
+    found: &mut BTreeMap<u64, Extent>,
+) -> u64 {
+    let mut advanced = start;
+    for reply in replies.iter().filter(|r| r.context == ctx) {
+        let mut at = reply.offset;
+        for pair in reply.entries.chunks_exact(2) {
+            let (offset, length) = (at, u64::from(pair[0]));
+            at += length;
+            if length == 0 || offset < start || offset >= end {
+                continue;
+            }
+            let length = (offset + length).min(end) - offset;
+            advanced = advanced.max(offset + length);
+            found.insert(offset, Extent { offset, length, flags: pair[1] });
+        }
+    }
+    advanced
 }
 
 fn role_name(role: Role) -> &'static str {
@@ -1313,6 +1351,30 @@ mod tests {
 
     fn r(offset: u64, length: u64, action: Action) -> plan::Range {
         plan::Range { offset, length, action }
+    }
+
+    #[test]
+    fn extents_are_taken_from_their_context_clipped_to_the_segment() {
+        let reply = |context: &str, offset: u64, entries: &[u32]| nbd::ExtentReply {
+            context: context.into(),
+            offset,
+            entries: entries.to_vec(),
+        };
+        let replies = [
+            reply("qemu:dirty-bitmap:b", 100, &[50, 1]),
+            // The server answers for more than was asked: clipped at the end.
+            reply("base:allocation", 100, &[20, 0, 30, 3, 100, 0]),
+        ];
+        let mut found = BTreeMap::new();
+        assert_eq!(take_extents(&replies, "base:allocation", 100, 160, &mut found), 160);
+        let got: Vec<_> = found.values().map(|e| (e.offset, e.length, e.flags)).collect();
+        assert_eq!(got, [(100, 20, 0), (120, 30, 3), (150, 10, 0)]);
+
+        // A short answer says how far it got; nothing at all says so too.
+        let mut found = BTreeMap::new();
+        assert_eq!(take_extents(&[reply("base:allocation", 0, &[10, 0])], "base:allocation", 0, 64, &mut found), 10);
+        assert_eq!(take_extents(&replies, "other", 100, 160, &mut found), 100);
+        assert_eq!(found.len(), 1);
     }
 
     #[test]

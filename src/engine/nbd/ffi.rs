@@ -80,13 +80,14 @@ unsafe extern "C" {
     pub fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i64;
 
     pub fn nbd_pread(h: *mut nbd_handle, buf: *mut c_void, count: size_t, offset: u64, flags: u32) -> c_int;
-    pub fn nbd_block_status(
+    pub fn nbd_aio_block_status(
         h: *mut nbd_handle,
         count: u64,
         offset: u64,
         extent_callback: nbd_extent_callback,
+        completion_callback: nbd_completion_callback,
         flags: u32,
-    ) -> c_int;
+    ) -> i64;
 
     pub fn nbd_aio_pread(
         h: *mut nbd_handle,

@@ -14,7 +14,7 @@ use std::fmt;
 use std::os::raw::{c_char, c_int};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// An error reported by libnbd: its message and the errno it gave (0 when none).
@@ -98,6 +98,17 @@ pub enum Returned {
     Read(Vec<u8>),
     /// Nothing: a write's shared buffer is simply released.
     Write,
+    /// The reply chunks of an `aio_block_status`.
+    Extents(Vec<ExtentReply>),
+}
+
+/// One reply chunk of a block-status query: the entries of one meta context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtentReply {
+    pub context: String,
+    pub offset: u64,
+    /// (length, flags) pairs.
+    pub entries: Vec<u32>,
 }
 
 /// A retired asynchronous command.
@@ -112,6 +123,8 @@ enum Pinned {
     None,
     Read(Vec<u8>),
     Write(#[allow(dead_code)] Arc<Vec<u8>>),
+    /// Where the extent callback of an `aio_block_status` collects its replies.
+    Extents(Box<Mutex<Vec<ExtentReply>>>),
 }
 
 /// One connection to an NBD server.
@@ -252,23 +265,21 @@ impl Handle {
         check(unsafe { ffi::nbd_pread(self.raw(), buf.as_mut_ptr().cast(), buf.len(), offset, 0) }).map(drop)
     }
 
-    /// Synchronous block-status query over `[offset, offset+count)`. `f` is called with
-    /// (meta context, offset, entries as (length, flags) pairs) for each reply chunk.
-    pub fn block_status(
-        &mut self,
-        count: u64,
-        offset: u64,
-        mut f: impl FnMut(&str, u64, &[u32]),
-    ) -> Result<(), NbdError> {
-        let mut dyn_f: &mut dyn FnMut(&str, u64, &[u32]) = &mut f;
+    /// Starts a block-status query over `[offset, offset+count)`; the reply chunks
+    /// come back in the [`Completion`] as [`Returned::Extents`].
+    pub fn aio_block_status(&mut self, count: u64, offset: u64) -> Result<u64, NbdError> {
+        let sink: Box<Mutex<Vec<ExtentReply>>> = Box::default();
         let cb = ffi::nbd_extent_callback {
-            callback: Some(extent_trampoline),
-            user_data: (&mut dyn_f as *mut &mut dyn FnMut(&str, u64, &[u32])).cast::<c_void>(),
+            callback: Some(collect_extents),
+            user_data: (&*sink as *const Mutex<Vec<ExtentReply>>).cast_mut().cast::<c_void>(),
             free: None,
         };
-        // SAFETY: the synchronous call returns only after the last callback, so the
-        // closure behind `user_data` outlives every use of it.
-        check(unsafe { ffi::nbd_block_status(self.raw(), count, offset, cb, 0) }).map(drop)
+        // SAFETY: the boxed sink does not move when the box is moved into
+        // `in_flight`, and it stays there until libnbd has retired the command or
+        // the handle is closed, so the callback's `user_data` outlives every call.
+        let cookie =
+            unsafe { ffi::nbd_aio_block_status(self.raw(), count, offset, cb, ffi::nbd_completion_callback::NULL, 0) };
+        self.track(cookie, Pinned::Extents(sink))
     }
 
     /// Starts reading `len` bytes at `offset` into `buf` (which must hold at least
@@ -373,6 +384,7 @@ impl Handle {
             Pinned::None => Returned::None,
             Pinned::Read(b) => Returned::Read(b),
             Pinned::Write(_) => Returned::Write,
+            Pinned::Extents(sink) => Returned::Extents(sink.into_inner().unwrap_or_else(|e| e.into_inner())),
         };
         Some(Completion { cookie, result, buffer })
     }
@@ -426,7 +438,7 @@ impl Drop for Handle {
     }
 }
 
-unsafe extern "C" fn extent_trampoline(
+unsafe extern "C" fn collect_extents(
     user_data: *mut c_void,
     metacontext: *const c_char,
     offset: u64,
@@ -435,14 +447,15 @@ unsafe extern "C" fn extent_trampoline(
     error: *mut c_int,
 ) -> c_int {
     let run = || {
-        // SAFETY: `user_data` is the `&mut &mut dyn FnMut` set up by `block_status`,
-        // alive for the whole synchronous call; libnbd passes a valid context string
-        // and `nr_entries` valid u32s.
-        let f = unsafe { &mut *user_data.cast::<&mut dyn FnMut(&str, u64, &[u32])>() };
-        let ctx = unsafe { CStr::from_ptr(metacontext) }.to_string_lossy();
+        // SAFETY: `user_data` is the boxed sink of `aio_block_status`, alive until the
+        // command is retired; libnbd passes a valid context string and `nr_entries`
+        // valid u32s.
+        let sink = unsafe { &*user_data.cast::<Mutex<Vec<ExtentReply>>>() };
+        let context = unsafe { CStr::from_ptr(metacontext) }.to_string_lossy().into_owned();
         let ents: &[u32] =
             if entries.is_null() { &[] } else { unsafe { std::slice::from_raw_parts(entries, nr_entries) } };
-        f(&ctx, offset, ents);
+        let mut replies = sink.lock().unwrap_or_else(|e| e.into_inner());
+        replies.push(ExtentReply { context, offset, entries: ents.to_vec() });
     };
     match catch_unwind(AssertUnwindSafe(run)) {
         Ok(()) => 0,
