@@ -278,6 +278,8 @@ pub struct JobAggregator {
     suspend_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
     disk_started: HashMap<String, Instant>,
     last_work: u64,
+    /// `finish` has run: the outcome is written once.
+    finished: bool,
 }
 
 impl JobAggregator {
@@ -295,6 +297,7 @@ impl JobAggregator {
             suspend_waiters: Vec::new(),
             disk_started: HashMap::new(),
             last_work: 0,
+            finished: false,
         }
     }
 
@@ -378,8 +381,11 @@ impl JobAggregator {
         }
     }
 
-    /// Writes the outcome and stops the actor.
+    /// Writes the outcome and stops the actor; once.
     fn finish(&mut self, ctx: &mut Context<Self>) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
         let now = Some(Utc::now().naive_utc());
         let mut final_update: Option<JobUpdate> = None;
         match self.ending.clone() {

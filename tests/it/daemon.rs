@@ -451,6 +451,29 @@ fn an_incremental_job_without_change_source_fails_clearly_and_copies_nothing() {
     assert!(logged(&log, "Write").is_empty(), "never silently a full copy");
 }
 
+#[test]
+fn a_failed_disk_fails_the_job_once_with_one_line_that_names_it() {
+    let d = tempdir();
+    let db = server().fresh_database("small_target");
+    let src = Server::nbdkit(d.path(), "src", &["pattern", "size=16M"]);
+    let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=8M"]);
+    let daemon = Daemon::start(d.path(), &db.url, &[]);
+    queue(&db, "job-s", &[("disk-1", src.uri(), dst.uri())]);
+    wait_status(&db, "job-s", "failed", &daemon);
+    let msg = job(&db, "job-s", "error_message").unwrap_or_default();
+    assert!(msg.starts_with("disk disk-1: ") && msg.contains("smaller"), "{msg}");
+    assert_eq!(disk(&db, "job-s", "disk-1", "sync_status").as_deref(), Some("failed"));
+    // The outcome is written once: one job-level error event, the lease released,
+    // and no second (refused) terminal write.
+    wait_until("the lease to be released", READY, || job(&db, "job-s", "owner_node").is_none());
+    let errors = one(
+        &db,
+        "SELECT CAST(COUNT(*) AS CHAR) AS v FROM job_events WHERE job_id = 'job-s' AND disk_id IS NULL AND level = 'error'",
+    );
+    assert_eq!(errors.as_deref(), Some("1"), "{:?}", db.column("SELECT message AS v FROM job_events"));
+    assert!(!daemon.log_text().contains("refused a write"), "{}", daemon.log_text());
+}
+
 /// The daemon writes the journal's native protocol: run it in a mount namespace
 /// where /run/systemd/journal is a directory of ours, and read the datagrams.
 #[test]
