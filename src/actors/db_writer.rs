@@ -851,6 +851,36 @@ mod tests {
         );
     }
 
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct StopNow;
+    impl Handler<StopNow> for DbWriter {
+        type Result = ();
+        fn handle(&mut self, _: StopNow, ctx: &mut Context<Self>) {
+            ctx.stop();
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_stopped_writer_is_restarted_by_its_supervisor_and_keeps_what_it_had_not_written() {
+        tokio::time::pause();
+        let fake = FakeDb::default().start();
+        let settings = crate::config::Settings::defaults();
+        let (b, e) = (fake.clone().recipient(), fake.clone().recipient());
+        let w = Supervisor::start(move |_| DbWriter::with_executor(&settings, b, e));
+        w.send(PersistJob(update(1.0, JobStatus::Streaming))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(fake.send(Take).await.unwrap(), vec!["job streaming"]);
+        // A small move waits for the interval; the writer stops meanwhile.
+        w.send(PersistJob(update(1.5, JobStatus::Streaming))).await.unwrap();
+        w.send(StopNow).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(fake.send(Take).await.unwrap(), vec!["job streaming"], "the pending write survived the restart");
+        w.send(PersistJob(update(100.0, JobStatus::Completed))).await.expect("restarted");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(fake.send(Take).await.unwrap(), vec!["job completed"]);
+    }
+
     #[test]
     fn terminal_marks_are_urgent() {
         let t0 = Instant::now();

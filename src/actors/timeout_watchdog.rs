@@ -100,6 +100,9 @@ impl Actor for TimeoutWatchdog {
 impl Supervised for TimeoutWatchdog {
     fn restarting(&mut self, _: &mut Context<Self>) {
         tracing::warn!("timeout watchdog restarting");
+        // A handle of the old context means nothing in the new one; cancelling
+        // it there could cancel the new ticker.
+        self.ticker = None;
     }
 }
 
@@ -200,5 +203,28 @@ mod tests {
         let got = c.send(Take).await.unwrap();
         assert_eq!(got.len(), 1, "reported once");
         assert!(got[0] >= Duration::from_secs(300) && got[0] < Duration::from_secs(310), "{got:?}");
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct StopNow;
+    impl Handler<StopNow> for TimeoutWatchdog {
+        type Result = ();
+        fn handle(&mut self, _: StopNow, ctx: &mut Context<Self>) {
+            ctx.stop();
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_stopped_watchdog_is_restarted_by_its_supervisor_and_keeps_its_jobs() {
+        tokio::time::pause();
+        let dog = Supervisor::start(|_| TimeoutWatchdog::new(Duration::from_secs(60)));
+        let c = Collector::default().start();
+        dog.send(Watch { job_id: "j".into(), notify: c.clone().recipient() }).await.unwrap();
+        dog.send(StopNow).await.unwrap();
+        // Restarted: it still answers, still knows "j", and its timer runs again.
+        dog.send(Heartbeat { job_id: "j".into(), work: 1 }).await.expect("the supervisor restarted the watchdog");
+        tokio::time::sleep(Duration::from_secs(70)).await;
+        assert_eq!(c.send(Take).await.unwrap().len(), 1, "the job watched before the restart is still watched");
     }
 }
