@@ -418,7 +418,7 @@ impl DbWriter {
                         disks: 0,
                         records: 0,
                         unwritten: Vec::new(),
-                        error: Some(DbError::Migration { error: format!("database thread gone: {e}") }),
+                        error: Some(DbError::Internal { error: format!("database thread gone: {e}") }),
                     },
                 };
                 act.batch_done(done, ctx);
@@ -496,7 +496,7 @@ impl DbWriter {
         for w in self.flush_waiters.drain(..) {
             let reply = match &r {
                 Ok(()) => Ok(()),
-                Err(e) => Err(DbError::Migration { error: e.to_string() }),
+                Err(e) => Err(DbError::Unflushed { error: e.to_string() }),
             };
             let _ = w.send(reply);
         }
@@ -510,9 +510,9 @@ impl DbWriter {
         let fut = self.exec.send(msg);
         Box::pin(async move {
             match fut.await {
-                Ok(Ok(reply)) => pick(reply).ok_or_else(|| DbError::Migration { error: "unexpected reply".into() }),
+                Ok(Ok(reply)) => pick(reply).ok_or_else(|| DbError::Internal { error: "unexpected reply".into() }),
                 Ok(Err(e)) => Err(e),
-                Err(e) => Err(DbError::Migration { error: format!("database thread gone: {e}") }),
+                Err(e) => Err(DbError::Internal { error: format!("database thread gone: {e}") }),
             }
         })
     }
@@ -605,9 +605,9 @@ impl Handler<ClaimJobs> for DbWriter {
             let _ = rx.await;
             match claim.send(Exec::Claim(m)).await {
                 Ok(Ok(ExecReply::Claimed(v))) => Ok(v),
-                Ok(Ok(_)) => Err(DbError::Migration { error: "unexpected reply".into() }),
+                Ok(Ok(_)) => Err(DbError::Internal { error: "unexpected reply".into() }),
                 Ok(Err(e)) => Err(e),
-                Err(e) => Err(DbError::Migration { error: format!("database thread gone: {e}") }),
+                Err(e) => Err(DbError::Internal { error: format!("database thread gone: {e}") }),
             }
         })
     }

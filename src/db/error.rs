@@ -22,6 +22,15 @@ pub enum DbError {
     #[error("cannot apply database migrations: {error}")]
     Migration { error: String },
 
+    /// The daemon's own database plumbing failed (its database thread is gone, or
+    /// answered with the wrong kind of reply): a bug, not the database's fault.
+    #[error("internal error in the database writer: {error}")]
+    Internal { error: String },
+
+    /// A flush that could not complete; `error` is why the last write failed.
+    #[error("writes not flushed: {error}")]
+    Unflushed { error: String },
+
     #[error("timed out after {seconds} s waiting for the database lock '{lock}'")]
     LockTimeout { lock: &'static str, seconds: i32 },
 
