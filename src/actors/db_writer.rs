@@ -227,9 +227,9 @@ impl DbExec {
         let Some(conn) = self.conn.as_mut() else {
             return Err(DbError::InvalidUrl { reason: "no connection".into() });
         };
-        let r = f(conn);
+        let r = guarded(|| f(conn));
         if let Err(e) = &r
-            && e.is_unavailable()
+            && (e.is_unavailable() || matches!(e, DbError::Internal { .. }))
         {
             self.conn = None;
         }
@@ -245,6 +245,16 @@ impl DbExec {
             Write::Release(r) => db::release_lease(c, &r.job_id, &r.node).map(drop),
         })
     }
+}
+
+/// Runs one database call, turning a panic into an error: a panic would end the
+/// executor's thread, and with it every later write.
+fn guarded<T>(f: impl FnOnce() -> Result<T, DbError>) -> Result<T, DbError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = super::panic_message(&*panic);
+        tracing::error!(panic = %what, "database call panicked");
+        Err(DbError::Internal { error: format!("database call panicked: {what}") })
+    })
 }
 
 impl Handler<Batch> for DbExec {
@@ -879,6 +889,14 @@ mod tests {
         w.send(PersistJob(update(100.0, JobStatus::Completed))).await.expect("restarted");
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(fake.send(Take).await.unwrap(), vec!["job completed"]);
+    }
+
+    #[test]
+    fn a_panicking_database_call_is_an_error() {
+        assert!(
+            matches!(guarded(|| -> Result<(), DbError> { panic!("boom") }), Err(DbError::Internal { error }) if error.contains("boom"))
+        );
+        assert!(matches!(guarded(|| Ok(7)), Ok(7)));
     }
 
     #[test]

@@ -149,11 +149,7 @@ fn caught<T>(disk_id: &str, body: impl FnOnce() -> Result<T, CopyFailure>) -> Re
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(r) => r,
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let what = super::panic_message(&*panic);
             tracing::error!(disk_id = %disk_id, panic = %what, "copy engine panicked");
             Err(CopyFailure { message: format!("internal error: copy engine panicked: {what}"), cancelled: false })
         }

@@ -17,3 +17,12 @@ pub mod disk_copier;
 pub mod job_aggregator;
 pub mod messages;
 pub mod timeout_watchdog;
+
+/// What a caught panic said, for a log line or an error message.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
