@@ -1018,22 +1018,20 @@ impl<'a> Worker<'a> {
     }
 
     fn write_data(&mut self, p: &mut Pending, buf: &Arc<Vec<u8>>, range: std::ops::Range<usize>, offset: u64) {
-        if self.dst.busy() == 0 {
-            self.dst.last_activity = Instant::now();
-        }
-        let res = match self.dst.live() {
-            Some(h) => h.aio_pwrite(buf, range, offset),
-            None => Err(lost()),
-        };
-        self.track_write(p, res, false);
+        self.write_with(p, false, |h| h.aio_pwrite(buf, range, offset));
     }
 
     fn write_zeros(&mut self, p: &mut Pending, offset: u64, length: u64, fast: bool) {
+        self.write_with(p, fast, |h| h.aio_zero(length, offset, fast));
+    }
+
+    /// Issues one write of `p` on the target connection, if it is up.
+    fn write_with(&mut self, p: &mut Pending, fast: bool, op: impl FnOnce(&mut Handle) -> Result<u64, NbdError>) {
         if self.dst.busy() == 0 {
             self.dst.last_activity = Instant::now();
         }
         let res = match self.dst.live() {
-            Some(h) => h.aio_zero(length, offset, fast),
+            Some(h) => op(h),
             None => Err(lost()),
         };
         self.track_write(p, res, fast);
