@@ -6,7 +6,7 @@
 //! socket or the command line, so a test can drive it alone. The entry point is
 //! [`Copier`]; [`plan`] and [`zero`] are the pure rules it applies.
 //!
-//! - `nbd/`: the libnbd FFI and the safe `Handle` (the only `unsafe` in blockrepl)
+//! - `nbd/`: the libnbd FFI and the safe `Handle` (the only module allowed raw pointers and FFI calls)
 //! - `plan`: which ranges to read, zero or skip
 //! - `zero`: zero detection in 4 KiB blocks
 //! - `copy`: the executor (workers, dispatcher, durable watermark)
