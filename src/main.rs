@@ -1,28 +1,10 @@
-//! blockrepl: disk replication over NBD for migration appliances.
-//!
-//! Layout (see ARCHITECTURE.md):
-//! - `engine/`: the copy engine (libnbd FFI, planning, execution, progress)
-//! - `cli/`: command-line definitions and the foreground commands
-//! - `daemon`, `actors/`, `db/`: `blockrepl serve` and its supervised actors
-//! - `admin/`: the admin API on the Unix socket (wire types, server, client)
-//! - `config`, `telemetry`, `shutdown`, `state`: settings, logging, signals, state machine
-//!
-//! `main` only parses the command line, dispatches, and turns an error into one
-//! line on stderr and an exit code.
-
-mod actors;
-mod admin;
-mod cli;
-mod config;
-mod daemon;
-mod db;
-mod engine;
-mod shutdown;
-mod state;
-mod telemetry;
+//! The `blockrepl` binary: parses the command line, dispatches, and turns an
+//! error into one line on stderr and an exit code. Everything else is in the
+//! library (`src/lib.rs`).
 
 use std::process::ExitCode;
 
+use blockrepl::{cli, daemon, engine};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -30,7 +12,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         cli::Command::Copy(args) => cli::copy::run(args),
         cli::Command::Serve { config } => daemon::run(config),
-        cli::Command::Admin(cmd) => cli::admin::run(cmd),
+        cli::Command::Admin(cmd) => cli::admin::run(cmd, &cli.socket),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

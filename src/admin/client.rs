@@ -1,17 +1,18 @@
-//! The CLI's side of the admin socket: a small blocking HTTP/1.1 client over
-//! `std::os::unix::net::UnixStream`, one connection per request
-//! (`Connection: close`), so the CLI needs no async runtime.
+//! The CLI's side of the admin socket: an HTTP/1.1 client (hyper's, over a
+//! tokio `UnixStream`, on a small current-thread runtime made per request), one
+//! connection per request, so the CLI stays a plain blocking program.
 //!
 //! It turns the daemon's JSON errors into [`ClientError::Api`] with the code and
 //! message the server chose, and every way of not getting an answer into one line
 //! that names the socket. It knows the wire types only as `serde` values; what to
 //! print is the CLI's business.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
 use super::wire::ErrorBody;
@@ -88,96 +89,63 @@ impl Client {
         ClientError::Protocol { socket: self.socket.clone(), reason }
     }
 
-    /// Sends one request and reads the whole answer.
-    pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Response, ClientError> {
-        let unreachable = |e: std::io::Error| {
-            let reason = match e.kind() {
-                std::io::ErrorKind::NotFound => "no such socket (is `blockrepl serve` running?)".to_string(),
-                std::io::ErrorKind::ConnectionRefused => {
-                    "connection refused (is `blockrepl serve` running?)".to_string()
-                }
-                std::io::ErrorKind::PermissionDenied => {
-                    "permission denied (root and members of the admin group may use it)".to_string()
-                }
-                _ => e.to_string(),
-            };
-            ClientError::Unreachable { socket: self.socket.clone(), reason }
+    fn unreachable(&self, e: std::io::Error) -> ClientError {
+        let reason = match e.kind() {
+            std::io::ErrorKind::NotFound => "no such socket (is `blockrepl serve` running?)".to_string(),
+            std::io::ErrorKind::ConnectionRefused => "connection refused (is `blockrepl serve` running?)".to_string(),
+            std::io::ErrorKind::PermissionDenied => {
+                "permission denied (root and members of the admin group may use it)".to_string()
+            }
+            _ => e.to_string(),
         };
-        let mut stream = UnixStream::connect(&self.socket).map_err(unreachable)?;
-        stream.set_read_timeout(Some(TIMEOUT)).map_err(unreachable)?;
-        stream.set_write_timeout(Some(TIMEOUT)).map_err(unreachable)?;
-        let body = body.unwrap_or_default();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: blockrepl/{}\r\nAccept: application/json\r\n\
-             Connection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            env!("CARGO_PKG_VERSION"),
-            body.len()
-        );
-        // The daemon may answer before it read everything (a body that is too
-        // large), and close: its answer is still there to read.
-        let sent = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body));
-        let mut raw = Vec::new();
-        let read = stream.read_to_end(&mut raw);
-        if raw.is_empty() {
-            let e = match (sent, read) {
-                (Err(e), _) | (_, Err(e)) => e.to_string(),
-                _ => "the connection closed without an answer".to_string(),
-            };
-            return Err(self.protocol(e));
-        }
-        parse_response(&raw).map_err(|e| self.protocol(e))
+        ClientError::Unreachable { socket: self.socket.clone(), reason }
+    }
+
+    /// Sends one request and reads the whole answer, within [`TIMEOUT`].
+    pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Response, ClientError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| self.protocol(format!("cannot start the client runtime: {e}")))?;
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::USER_AGENT, concat!("blockrepl/", env!("CARGO_PKG_VERSION")))
+            .header(hyper::header::ACCEPT, "application/json")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
+            .map_err(|e| self.protocol(format!("cannot make the request: {e}")))?;
+        runtime.block_on(async {
+            match tokio::time::timeout(TIMEOUT, self.exchange(request)).await {
+                Ok(answer) => answer,
+                Err(_) => Err(self.protocol(format!("no answer within {} s", TIMEOUT.as_secs()))),
+            }
+        })
+    }
+
+    async fn exchange(&self, request: hyper::Request<Full<Bytes>>) -> Result<Response, ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|e| self.unreachable(e))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.protocol(e.to_string()))?;
+        // The connection task drives the socket; it ends with the exchange.
+        let driver = tokio::spawn(connection);
+        let answer = sender.send_request(request).await.map_err(|e| self.protocol(describe(&e)))?;
+        let status = answer.status().as_u16();
+        let body = answer.into_body().collect().await.map_err(|e| self.protocol(describe(&e)))?.to_bytes().to_vec();
+        drop(sender);
+        driver.abort();
+        Ok(Response { status, body })
     }
 }
 
-/// Parses a whole HTTP/1.1 response (status line, headers, a body delimited by
-/// Content-Length, chunked encoding, or the end of the connection).
-pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("incomplete HTTP response header")?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(|_| "HTTP response header is not UTF-8")?;
-    let rest = &raw[end + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.split(' ');
-    let (version, code) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("not an HTTP/1 response: '{}'", snippet(status_line.as_bytes())));
-    }
-    let status: u16 = code.parse().map_err(|_| format!("bad status line '{status_line}'"))?;
-    let mut length: Option<usize> = None;
-    let mut chunked = false;
-    for l in lines {
-        let (k, v) = l.split_once(':').unwrap_or((l, ""));
-        let v = v.trim();
-        if k.eq_ignore_ascii_case("content-length") {
-            length = Some(v.parse().map_err(|_| format!("bad Content-Length '{v}'"))?);
-        } else if k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked") {
-            chunked = true;
-        }
-    }
-    let body = if chunked {
-        dechunk(rest)?
-    } else if let Some(n) = length {
-        rest.get(..n).ok_or_else(|| format!("body ended after {} of {n} bytes", rest.len()))?.to_vec()
-    } else {
-        rest.to_vec()
-    };
-    Ok(Response { status, body })
-}
-
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    loop {
-        let eol = data.windows(2).position(|w| w == b"\r\n").ok_or("truncated chunk size")?;
-        let size_text = std::str::from_utf8(&data[..eol]).map_err(|_| "bad chunk size")?;
-        let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| format!("bad chunk size '{size_text}'"))?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        let chunk = data.get(..size).ok_or("truncated chunk")?;
-        out.extend_from_slice(chunk);
-        data = data.get(size + 2..).ok_or("truncated chunk")?;
+/// hyper's error with its cause, which says what actually happened.
+fn describe(e: &hyper::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
     }
 }
 
@@ -191,26 +159,6 @@ fn snippet(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn check(raw: &str, status: u16, body: &str) {
-        let r = parse_response(raw.as_bytes()).unwrap();
-        assert_eq!((r.status, String::from_utf8(r.body).unwrap().as_str()), (status, body), "{raw:?}");
-    }
-
-    #[test]
-    fn responses_are_parsed_by_length_chunks_or_close() {
-        check("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}", 200, "{}");
-        check("HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}trailing", 201, "{}");
-        check(
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\na;x=1\r\n0123456789\r\n0\r\n\r\n",
-            200,
-            "abc0123456789",
-        );
-        check("HTTP/1.0 404 Not Found\r\n\r\nno length", 404, "no length");
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n{}").is_err());
-        assert!(parse_response(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
-        assert!(parse_response(b"HTTP/1.1 200").is_err());
-    }
 
     #[test]
     fn api_errors_carry_code_and_message() {

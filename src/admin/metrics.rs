@@ -1,16 +1,30 @@
-//! `/metrics`: the Prometheus text exposition format (version 0.0.4), rendered
-//! from figures the server gathered (live views of the running jobs, job counts,
-//! the DbWriter's counters). Pure: gathering is the server's business.
+//! `/metrics`: the figures the server gathered (live views of the running jobs,
+//! job counts, the DbWriter's counters), registered with `prometheus-client` and
+//! encoded in its OpenMetrics text format. Pure: gathering is the server's
+//! business.
 //!
 //! Per-job and per-disk series exist only while this node runs the job, so their
 //! label sets stay bounded by the jobs running at once; finished jobs are counted
 //! by status instead. When the database does not answer, the counts are left out
-//! and `blockrepl_database_up` is 0.
+//! and `blockrepl_database_up` is 0. A fresh registry is filled for every scrape:
+//! nothing here outlives a request.
 
-use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
 
-use crate::actors::messages::{DbStats, LiveJob};
+use prometheus_client::encoding::EncodeMetric;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::TypedMetric;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::actors::messages::{DbStats, LiveDisk, LiveJob};
 use crate::state::JobStatus;
+
+/// The content type of what [`render`] returns.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// What `/metrics` shows.
 #[derive(Debug, Clone)]
@@ -27,147 +41,121 @@ pub struct Figures {
     pub slots_capacity: usize,
 }
 
-/// A metric family being written.
-struct Out(String);
+type Labels = Vec<(&'static str, String)>;
 
-impl Out {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}");
-        let _ = writeln!(self.0, "# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        self.0.push_str(name);
-        if !labels.is_empty() {
-            self.0.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.0.push(',');
-                }
-                let _ = write!(self.0, "{k}=\"{}\"", escape(v));
-            }
-            self.0.push('}');
-        }
-        let _ = writeln!(self.0, " {}", number(value));
-    }
-
-    fn one(&mut self, name: &str, kind: &str, help: &str, value: f64) {
-        self.family(name, kind, help);
-        self.sample(name, &[], value);
-    }
+/// A gauge of a count or a number of bytes.
+fn gauge(value: u64) -> Gauge {
+    let g = Gauge::default();
+    g.set(i64::try_from(value).unwrap_or(i64::MAX));
+    g
 }
 
-/// A label value with `\`, `"` and newlines escaped as the format requires.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+fn counter(value: u64) -> Counter {
+    let c = Counter::default();
+    c.inc_by(value);
+    c
 }
 
-fn number(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v.is_infinite() {
-        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
-    } else {
-        format!("{v}")
+/// A family of gauges or counters, one series per label set.
+fn family<M: EncodeMetric + TypedMetric + Clone + Default + std::fmt::Debug + Send + Sync + 'static>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Labels, M)>,
+    set: impl Fn(&M, M),
+) {
+    let fam = Family::<Labels, M>::default();
+    for (labels, value) in series {
+        set(&fam.get_or_create(&labels), value);
     }
+    registry.register(name, help, fam);
 }
 
+fn set_gauge(g: &Gauge, v: Gauge) {
+    g.set(v.get());
+}
+
+fn set_counter(c: &Counter, v: Counter) {
+    c.inc_by(v.get());
+}
+
+/// Counters are registered without their `_total`, which the encoder adds.
 pub fn render(f: &Figures) -> String {
-    let mut o = Out(String::new());
-    o.family("blockrepl_build_info", "gauge", "Version of the running daemon (always 1).");
-    o.sample("blockrepl_build_info", &[("version", &f.version), ("node", &f.node)], 1.0);
-    o.one("blockrepl_uptime_seconds", "gauge", "Seconds since the daemon started.", f.uptime_seconds);
-    o.one(
-        "blockrepl_database_up",
-        "gauge",
-        "Whether the database answered (1) or not (0).",
-        if f.job_counts.is_some() && f.db.available { 1.0 } else { 0.0 },
+    let mut r = Registry::default();
+    r.register(
+        "blockrepl_build",
+        "Version of the running daemon",
+        Info::new(vec![("version", f.version.clone()), ("node", f.node.clone())]),
     );
+    let uptime = Gauge::<f64, AtomicU64>::default();
+    uptime.set(f.uptime_seconds);
+    r.register("blockrepl_uptime_seconds", "Seconds since the daemon started", uptime);
+    let up = f.job_counts.is_some() && f.db.available;
+    r.register("blockrepl_database_up", "Whether the database answered (1) or not (0)", gauge(u64::from(up)));
     if let Some(counts) = &f.job_counts {
-        o.family("blockrepl_jobs", "gauge", "Jobs in the database by status (all appliances).");
-        for (status, n) in counts {
-            o.sample("blockrepl_jobs", &[("status", status.as_db())], *n as f64);
-        }
+        let series =
+            counts.iter().map(|(s, n)| (vec![("status", s.as_db().to_string())], gauge(n.max(&0).unsigned_abs())));
+        family(&mut r, "blockrepl_jobs", "Jobs in the database by status (all appliances)", series, set_gauge);
     }
-    o.one("blockrepl_active_jobs", "gauge", "Jobs this node is running.", f.live.len() as f64);
-    o.one("blockrepl_copy_slots_in_use", "gauge", "Disk copy slots in use.", f.slots_in_use as f64);
-    o.one("blockrepl_copy_slots", "gauge", "Disk copy slots (copy.max_concurrent_disks).", f.slots_capacity as f64);
+    r.register("blockrepl_active_jobs", "Jobs this node is running", gauge(f.live.len() as u64));
+    r.register("blockrepl_copy_slots_in_use", "Disk copy slots in use", gauge(f.slots_in_use as u64));
+    r.register("blockrepl_copy_slots", "Disk copy slots (copy.max_concurrent_disks)", gauge(f.slots_capacity as u64));
 
-    o.family("blockrepl_db_writes_total", "counter", "Rows written by the database writer, by kind.");
-    for (kind, n) in [("job", f.db.job_updates), ("disk", f.db.disk_updates), ("record", f.db.records)] {
-        o.sample("blockrepl_db_writes_total", &[("kind", kind)], n as f64);
-    }
-    o.one(
-        "blockrepl_db_write_failures_total",
-        "counter",
-        "Database writes that failed or were dropped.",
-        f.db.failures as f64,
-    );
-    o.one("blockrepl_db_pending_writes", "gauge", "Writes waiting for the database.", f.db.pending as f64);
+    let writes = [("job", f.db.job_updates), ("disk", f.db.disk_updates), ("record", f.db.records)];
+    let series = writes.map(|(kind, n)| (vec![("kind", kind.to_string())], counter(n)));
+    family(&mut r, "blockrepl_db_writes", "Rows written by the database writer, by kind", series, set_counter);
+    r.register("blockrepl_db_write_failures", "Database writes that failed or were dropped", counter(f.db.failures));
+    r.register("blockrepl_db_pending_writes", "Writes waiting for the database", gauge(f.db.pending));
 
-    let jobs: Vec<(&LiveJob, [(&str, &str); 1])> =
-        f.live.iter().map(|j| (j, [("job_id", j.job_id.as_str())])).collect();
-    let job_family = |o: &mut Out, name: &str, kind: &str, help: &str, value: &dyn Fn(&LiveJob) -> f64| {
-        o.family(name, kind, help);
-        for (j, labels) in &jobs {
-            o.sample(name, labels, value(j));
-        }
+    let jobs = |value: fn(&LiveJob) -> u64| {
+        f.live.iter().map(move |j| (vec![("job_id", j.job_id.clone())], value(j))).collect::<Vec<_>>()
     };
-    job_family(&mut o, "blockrepl_job_planned_bytes", "gauge", "Bytes a running job must copy.", &|j| {
-        j.total_bytes as f64
+    let job_gauge = |r: &mut Registry, name: &str, help: &str, value: fn(&LiveJob) -> u64| {
+        let series = jobs(value).into_iter().map(|(l, v)| (l, gauge(v)));
+        family(r, name, help, series, set_gauge);
+    };
+    job_gauge(&mut r, "blockrepl_job_planned_bytes", "Bytes a running job must copy", |j| j.total_bytes);
+    job_gauge(&mut r, "blockrepl_job_transferred_bytes", "Bytes a running job has copied", |j| j.bytes_transferred);
+    job_gauge(&mut r, "blockrepl_job_throughput_bytes_per_second", "Current copy rate of a running job", |j| {
+        j.throughput_bps
     });
-    job_family(&mut o, "blockrepl_job_transferred_bytes", "gauge", "Bytes a running job has copied.", &|j| {
-        j.bytes_transferred as f64
+    let series = jobs(|j| j.retries).into_iter().map(|(l, v)| (l, counter(v)));
+    family(&mut r, "blockrepl_job_retries", "Transient failures retried by a running job", series, set_counter);
+
+    let disks = |value: fn(&LiveDisk) -> u64| {
+        f.live
+            .iter()
+            .flat_map(|j| j.disks.iter().map(move |d| (j, d)))
+            .map(move |(j, d)| (vec![("job_id", j.job_id.clone()), ("disk_id", d.disk_id.clone())], value(d)))
+            .collect::<Vec<_>>()
+    };
+    let disk_gauge = |r: &mut Registry, name: &str, help: &str, value: fn(&LiveDisk) -> u64| {
+        let series = disks(value).into_iter().map(|(l, v)| (l, gauge(v)));
+        family(r, name, help, series, set_gauge);
+    };
+    disk_gauge(&mut r, "blockrepl_disk_planned_bytes", "Bytes a disk of a running job must copy", |d| d.planned_bytes);
+    disk_gauge(&mut r, "blockrepl_disk_transferred_bytes", "Bytes a disk of a running job has copied", |d| {
+        d.bytes_transferred
     });
-    job_family(
-        &mut o,
-        "blockrepl_job_throughput_bytes_per_second",
-        "gauge",
-        "Current copy rate of a running job.",
-        &|j| j.throughput_bps as f64,
+    disk_gauge(
+        &mut r,
+        "blockrepl_disk_throughput_bytes_per_second",
+        "Current copy rate of a disk of a running job",
+        |d| d.throughput_bps,
     );
-    job_family(
-        &mut o,
-        "blockrepl_job_retries_total",
-        "counter",
-        "Transient failures retried by a running job.",
-        &|j| j.retries as f64,
+    let series = disks(|d| d.retries).into_iter().map(|(l, v)| (l, counter(v)));
+    family(
+        &mut r,
+        "blockrepl_disk_retries",
+        "Transient failures retried on a disk of a running job",
+        series,
+        set_counter,
     );
 
-    let disk_family =
-        |o: &mut Out, name: &str, kind: &str, help: &str, value: &dyn Fn(&crate::actors::messages::LiveDisk) -> f64| {
-            o.family(name, kind, help);
-            for j in &f.live {
-                for d in &j.disks {
-                    o.sample(name, &[("job_id", &j.job_id), ("disk_id", &d.disk_id)], value(d));
-                }
-            }
-        };
-    disk_family(&mut o, "blockrepl_disk_planned_bytes", "gauge", "Bytes a disk of a running job must copy.", &|d| {
-        d.planned_bytes as f64
-    });
-    disk_family(
-        &mut o,
-        "blockrepl_disk_transferred_bytes",
-        "gauge",
-        "Bytes a disk of a running job has copied.",
-        &|d| d.bytes_transferred as f64,
-    );
-    disk_family(
-        &mut o,
-        "blockrepl_disk_throughput_bytes_per_second",
-        "gauge",
-        "Current copy rate of a disk of a running job.",
-        &|d| d.throughput_bps as f64,
-    );
-    disk_family(
-        &mut o,
-        "blockrepl_disk_retries_total",
-        "counter",
-        "Transient failures retried on a disk of a running job.",
-        &|d| d.retries as f64,
-    );
-    o.0
+    let mut text = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut text, &r);
+    text
 }
 
 #[cfg(test)]
@@ -236,32 +224,26 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }
-        // Every family is declared once, before its samples.
+        // Every family is declared once, before its samples (OpenMetrics: a
+        // counter's samples end in `_total`, an info's in `_info`).
         let mut declared = std::collections::HashSet::new();
         for l in text.lines() {
             if let Some(rest) = l.strip_prefix("# TYPE ") {
                 assert!(declared.insert(rest.split(' ').next().unwrap().to_string()), "{l}");
             } else if !l.starts_with('#') {
                 let name = l.split(['{', ' ']).next().unwrap();
-                assert!(declared.contains(name), "{name} sampled before its TYPE");
+                let family = ["_total", "_info"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+                assert!(declared.contains(name) || declared.contains(family), "{name} sampled before its TYPE");
             }
         }
+        assert_eq!(text.lines().last(), Some("# EOF"));
     }
 
     #[test]
     fn without_the_database_counts_are_left_out() {
         let text = render(&figures(Vec::new(), false));
-        assert!(text.contains("blockrepl_database_up 0\n"));
+        assert!(text.contains("\nblockrepl_database_up 0\n"));
         assert!(!text.contains("blockrepl_jobs{"));
-        assert!(text.contains("blockrepl_active_jobs 0\n"));
-    }
-
-    #[test]
-    fn numbers_and_labels_follow_the_format() {
-        assert_eq!(number(1.0), "1");
-        assert_eq!(number(0.25), "0.25");
-        assert_eq!(number(f64::NAN), "NaN");
-        assert_eq!(number(f64::INFINITY), "+Inf");
-        assert_eq!(escape("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+        assert!(text.contains("\nblockrepl_active_jobs 0\n"));
     }
 }

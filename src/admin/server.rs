@@ -145,6 +145,10 @@ impl Bound {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .app_data(
+                    web::QueryConfig::default()
+                        .error_handler(|e, _| AdminError::InvalidRequest(format!("bad query string: {e}")).into()),
+                )
                 .wrap_fn(check_peer)
                 .service(resource("/api/v1/health").route(web::get().to(health)))
                 .service(resource("/api/v1/jobs").route(web::get().to(list_jobs)).route(web::post().to(submit_job)))
@@ -353,24 +357,29 @@ async fn health(st: web::Data<State>) -> Result<HttpResponse, AdminError> {
     }))
 }
 
-async fn list_jobs(req: HttpRequest, st: web::Data<State>) -> Result<HttpResponse, AdminError> {
-    let mut status: Option<JobStatus> = None;
-    let mut limit = LIST_DEFAULT;
-    for pair in req.query_string().split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_encoding::percent_decode_str(&v.replace('+', " ")).decode_utf8_lossy().into_owned();
-        match k {
-            "status" if v.is_empty() => {}
-            "status" => status = Some(v.parse().map_err(|_| AdminError::InvalidStatus(v.clone()))?),
-            "limit" => {
-                limit =
-                    v.parse::<i64>().ok().filter(|n| (1..=LIST_MAX).contains(n)).ok_or_else(|| {
-                        AdminError::InvalidRequest(format!("limit must be 1 to {LIST_MAX}, not '{v}'"))
-                    })?;
-            }
-            other => return Err(AdminError::InvalidRequest(format!("unknown query parameter '{other}'"))),
-        }
-    }
+/// The query string of `GET /api/v1/jobs`; any other parameter is refused.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    status: Option<String>,
+    /// Kept as text so that a bad value gets our own message.
+    limit: Option<String>,
+}
+
+async fn list_jobs(params: web::Query<ListParams>, st: web::Data<State>) -> Result<HttpResponse, AdminError> {
+    let ListParams { status, limit } = params.into_inner();
+    let status = match status.filter(|s| !s.is_empty()) {
+        Some(s) => Some(s.parse::<JobStatus>().map_err(|_| AdminError::InvalidStatus(s.clone()))?),
+        None => None,
+    };
+    let limit = match limit {
+        None => LIST_DEFAULT,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=LIST_MAX).contains(n))
+            .ok_or_else(|| AdminError::InvalidRequest(format!("limit must be 1 to {LIST_MAX}, not '{v}'")))?,
+    };
     match st.query(Query::ListJobs { status, limit }).await? {
         QueryResult::Jobs(jobs) => {
             Ok(HttpResponse::Ok().json(JobList { jobs: jobs.iter().map(view::job_summary).collect() }))
@@ -495,7 +504,7 @@ async fn metrics(st: web::Data<State>) -> Result<HttpResponse, AdminError> {
         slots_in_use: st.deps.slots.in_use(),
         slots_capacity: st.deps.slots.capacity(),
     });
-    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(text))
+    Ok(HttpResponse::Ok().content_type(metrics::CONTENT_TYPE).body(text))
 }
 
 async fn unknown_route(req: HttpRequest) -> HttpResponse {

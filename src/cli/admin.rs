@@ -8,7 +8,6 @@
 //! one line with its message and code; `main` prints it and exits non-zero.
 
 use std::io::{IsTerminal, Read};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -20,20 +19,10 @@ use serde::Serialize;
 use crate::admin::client::{Client, ClientError};
 use crate::admin::wire::*;
 
-/// The admin socket, for every command here.
-#[derive(Debug, Clone, clap::Args)]
-pub struct Socket {
-    /// The daemon's admin socket
-    #[arg(long = "socket", value_name = "PATH", env = "BLOCKREPL_SOCKET", default_value = "/run/blockrepl/admin.sock")]
-    pub path: PathBuf,
-}
-
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
     /// Show whether the daemon and its database are healthy (exit 1 when degraded)
     Health {
-        #[command(flatten)]
-        socket: Socket,
         /// Print the daemon's JSON
         #[arg(long)]
         json: bool,
@@ -46,8 +35,6 @@ pub enum AdminCommand {
         /// At most this many jobs
         #[arg(long, value_name = "N", default_value_t = 100)]
         limit: u32,
-        #[command(flatten)]
-        socket: Socket,
         /// Print the daemon's JSON
         #[arg(long)]
         json: bool,
@@ -56,8 +43,6 @@ pub enum AdminCommand {
     Show {
         /// Job id or nbd_export_name
         job: String,
-        #[command(flatten)]
-        socket: Socket,
         /// Print the daemon's JSON
         #[arg(long)]
         json: bool,
@@ -66,8 +51,6 @@ pub enum AdminCommand {
     Progress {
         /// Job id or nbd_export_name
         job: String,
-        #[command(flatten)]
-        socket: Socket,
         /// Print the daemon's JSON
         #[arg(long)]
         json: bool,
@@ -76,8 +59,6 @@ pub enum AdminCommand {
     Submit {
         /// The JSON file, or '-' for standard input
         file: String,
-        #[command(flatten)]
-        socket: Socket,
         /// Print the daemon's JSON
         #[arg(long)]
         json: bool,
@@ -86,16 +67,12 @@ pub enum AdminCommand {
     Cancel {
         /// Job id
         job: String,
-        #[command(flatten)]
-        socket: Socket,
         /// Print the daemon's JSON
         #[arg(long)]
         json: bool,
     },
     /// Ask the daemon to look for jobs now
     Discover {
-        #[command(flatten)]
-        socket: Socket,
         /// Print the daemon's JSON
         #[arg(long)]
         json: bool,
@@ -104,8 +81,6 @@ pub enum AdminCommand {
     Watch {
         /// Job id or nbd_export_name
         job: String,
-        #[command(flatten)]
-        socket: Socket,
         /// Print the progress JSON once a second, one document per line
         #[arg(long)]
         json: bool,
@@ -133,25 +108,25 @@ fn print_either<T: Serialize>(json: bool, v: &T, line: impl FnOnce(&T) -> String
     Ok(())
 }
 
-pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
+pub fn run(cmd: AdminCommand, socket: &std::path::Path) -> anyhow::Result<()> {
     match cmd {
-        AdminCommand::Health { socket, json } => health(&Client::new(&socket.path), json),
-        AdminCommand::Jobs { status, limit, socket, json } => jobs(&Client::new(&socket.path), status, limit, json),
-        AdminCommand::Show { job, socket, json } => show(&Client::new(&socket.path), &job, json),
-        AdminCommand::Progress { job, socket, json } => {
-            let p: Progress = Client::new(&socket.path).get(&format!("{API}/progress/{}", seg(&job)))?;
+        AdminCommand::Health { json } => health(&Client::new(socket), json),
+        AdminCommand::Jobs { status, limit, json } => jobs(&Client::new(socket), status, limit, json),
+        AdminCommand::Show { job, json } => show(&Client::new(socket), &job, json),
+        AdminCommand::Progress { job, json } => {
+            let p: Progress = Client::new(socket).get(&format!("{API}/progress/{}", seg(&job)))?;
             if json { print_json(&p) } else { print_progress(&p) }
         }
-        AdminCommand::Submit { file, socket, json } => submit(&Client::new(&socket.path), &file, json),
-        AdminCommand::Cancel { job, socket, json } => {
-            let r: CancelResponse = Client::new(&socket.path).post(&format!("{API}/jobs/{}/cancel", seg(&job)), b"")?;
+        AdminCommand::Submit { file, json } => submit(&Client::new(socket), &file, json),
+        AdminCommand::Cancel { job, json } => {
+            let r: CancelResponse = Client::new(socket).post(&format!("{API}/jobs/{}/cancel", seg(&job)), b"")?;
             print_either(json, &r, |r| format!("{}: {}", r.job_id, r.message))
         }
-        AdminCommand::Discover { socket, json } => {
-            let r: DiscoverResponse = Client::new(&socket.path).post(&format!("{API}/discover"), b"")?;
+        AdminCommand::Discover { json } => {
+            let r: DiscoverResponse = Client::new(socket).post(&format!("{API}/discover"), b"")?;
             print_either(json, &r, |r| r.message.clone())
         }
-        AdminCommand::Watch { job, socket, json } => watch(&Client::new(&socket.path), &job, json),
+        AdminCommand::Watch { job, json } => watch(&Client::new(socket), &job, json),
     }
 }
 

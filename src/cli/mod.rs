@@ -13,6 +13,15 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "blockrepl", version, about, propagate_version = true)]
 pub struct Cli {
+    /// The daemon's admin socket (for the commands that talk to a running daemon)
+    #[arg(
+        long = "socket",
+        value_name = "PATH",
+        global = true,
+        env = "BLOCKREPL_SOCKET",
+        default_value = "/run/blockrepl/admin.sock"
+    )]
+    pub socket: std::path::PathBuf,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -39,5 +48,18 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_socket_may_come_before_or_after_the_command() {
+        for args in [
+            &["blockrepl", "--socket", "/s", "watch", "job-1"][..],
+            &["blockrepl", "watch", "--socket", "/s", "job-1"][..],
+            &["blockrepl", "watch", "job-1", "--socket", "/s"][..],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(cli.socket, std::path::Path::new("/s"), "{args:?}");
+            assert!(matches!(cli.command, Command::Admin(admin::AdminCommand::Watch { .. })), "{args:?}");
+        }
     }
 }

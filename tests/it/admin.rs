@@ -189,7 +189,7 @@ fn check_progress_shape(v: &Value) {
 /// One sample of a Prometheus exposition: name, labels, value.
 type Sample = (String, Vec<(String, String)>, f64);
 
-/// Checks every line of a Prometheus text exposition, and returns the samples.
+/// Checks every line of an OpenMetrics text exposition, and returns the samples.
 fn parse_metrics(text: &str) -> Vec<Sample> {
     let is_name = |n: &str| {
         let mut c = n.chars();
@@ -198,6 +198,7 @@ fn parse_metrics(text: &str) -> Vec<Sample> {
     };
     let mut typed = std::collections::HashSet::new();
     let mut samples = Vec::new();
+    let mut eof = None;
     for line in text.lines() {
         if line.is_empty() {
             continue;
@@ -210,15 +211,25 @@ fn parse_metrics(text: &str) -> Vec<Sample> {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').unwrap_or_else(|| panic!("bad TYPE line: {line}"));
             assert!(is_name(name), "bad metric name in {line}");
-            assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind), "bad type in {line}");
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "info", "unknown"].contains(&kind),
+                "bad type in {line}"
+            );
             assert!(typed.insert(name.to_string()), "{name} typed twice");
             continue;
         }
+        if line == "# EOF" {
+            assert!(eof.replace(true).is_none(), "a second # EOF");
+            continue;
+        }
+        assert!(eof.is_none(), "a line after # EOF: {line}");
         assert!(!line.starts_with('#'), "unexpected comment: {line}");
         let name_end = line.find(['{', ' ']).unwrap_or_else(|| panic!("no value: {line}"));
         let name = &line[..name_end];
         assert!(is_name(name), "bad metric name in {line}");
-        assert!(typed.contains(name), "{name} has no TYPE line before it");
+        // A counter's samples end in `_total`, an info's in `_info`.
+        let family = ["_total", "_info"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+        assert!(typed.contains(name) || typed.contains(family), "{name} has no TYPE line before it");
         let mut rest = &line[name_end..];
         let mut labels = Vec::new();
         if let Some(r) = rest.strip_prefix('{') {
@@ -265,6 +276,7 @@ fn parse_metrics(text: &str) -> Vec<Sample> {
         assert!(fields.next().is_none(), "trailing text in {line}");
         samples.push((name.to_string(), labels, value));
     }
+    assert_eq!(eof, Some(true), "no # EOF at the end");
     samples
 }
 
@@ -511,6 +523,11 @@ fn bad_input_is_refused_with_stable_codes_and_changes_nothing() {
     huge.resize(17 << 20, b' ');
     let (status, body) = curl(&daemon, "POST", "/api/v1/jobs", Some(&huge));
     assert_eq!((status, code_of(&body).as_str()), (413, "payload_too_large"));
+    // The CLI reads the daemon's early answer too, though it is still sending.
+    let huge_file = d.path().join("huge.json");
+    std::fs::write(&huge_file, &huge).unwrap();
+    let line = daemon.cli(&["submit", huge_file.to_str().unwrap()]).error_line();
+    assert!(line.ends_with("(payload_too_large)"), "{line}");
     let line = daemon.cli(&["submit", write_json(d.path(), "x", &json!(0)).as_str()]).error_line();
     assert!(line.ends_with("(invalid_request)"), "{line}");
     for (method, path, status_want, code) in [
@@ -519,6 +536,7 @@ fn bad_input_is_refused_with_stable_codes_and_changes_nothing() {
         ("DELETE", "/api/v1/jobs/job-x", 405, "method_not_allowed"),
         ("GET", "/api/v1/jobs?status=bogus", 400, "invalid_status"),
         ("GET", "/api/v1/jobs?limit=0", 400, "invalid_request"),
+        ("GET", "/api/v1/jobs?limit=1&bogus=1", 400, "invalid_request"),
         ("GET", "/api/v1/jobs?colour=red", 400, "invalid_request"),
         ("GET", "/api/v1/jobs/job-nope", 404, "not_found"),
         ("GET", "/api/v1/progress/nope", 404, "not_found"),
