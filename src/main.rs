@@ -5,6 +5,7 @@
 //! - `cli/`: command-line definitions and the foreground commands
 //! - `daemon`, `actors/`, `db/`: `blockrepl serve` and its supervised actors
 //! - `admin/`: the admin API on the Unix socket (wire types, server, client)
+//! - `vmware/`: the vSphere client, changed areas and per-disk NBD sources
 //! - `config`, `telemetry`, `shutdown`, `state`: settings, logging, signals, state machine
 //!
 //! `main` only parses the command line, dispatches, and turns an error into one
@@ -20,6 +21,7 @@ mod engine;
 mod shutdown;
 mod state;
 mod telemetry;
+mod vmware;
 
 use std::process::ExitCode;
 
@@ -30,6 +32,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         cli::Command::Copy(args) => cli::copy::run(args),
         cli::Command::Serve { config } => daemon::run(config),
+        cli::Command::VmwareCheck(args) => cli::vmware::run(args),
         cli::Command::Admin(cmd) => cli::admin::run(cmd),
     };
     match result {
