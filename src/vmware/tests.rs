@@ -271,6 +271,25 @@ fn a_source_serves_until_stopped_and_can_restart() {
 }
 
 #[test]
+fn a_source_outlives_the_thread_that_started_it() {
+    // nbdkit's --exit-with-parent fires when the thread that forked it ends:
+    // a source started from a short-lived worker thread must keep serving.
+    let dir = testing::tempdir();
+    let path = dir.path().to_path_buf();
+    let src = std::thread::spawn(move || memory_source(&path, "disk-2001")).join().unwrap();
+    let pid = src.pid().unwrap();
+    let sock = dir.path().join("disk-2001.sock");
+    let end = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < end {
+        assert!(alive(pid) && src.is_running(), "the server died with the thread that started it");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok());
+    drop(src);
+    assert!(!alive(pid));
+}
+
+#[test]
 fn a_source_that_exits_early_is_an_error_quoting_it() {
     let dir = testing::tempdir();
     let sock = dir.path().join("s.sock");
@@ -374,6 +393,7 @@ fn a_vm_is_copied_full_then_incrementally_byte_for_byte() {
     // Full: the allocated areas onto fresh (zero) targets.
     let s1 = c.create_snapshot(&v.moref, "blockrepl-full", "", false).unwrap();
     let disks = c.snapshot_disks(&s1).unwrap();
+    assert_eq!(disks.len(), 2);
     let mut targets = Vec::new();
     for (i, disk) in disks.iter().enumerate() {
         let raw = c.changed_areas(&v.moref, &s1, disk, Since::Creation).unwrap();
@@ -397,6 +417,7 @@ fn a_vm_is_copied_full_then_incrementally_byte_for_byte() {
     sim.write(1, 2 * 1024 * 1024 - 1, &[0xFF]);
     let s2 = c.create_snapshot(&v.moref, "blockrepl-incr", "", false).unwrap();
     let disks = c.snapshot_disks(&s2).unwrap();
+    assert_eq!(disks.len(), 2);
     let expected_changed = [3 * BLOCK, BLOCK];
     for (i, disk) in disks.iter().enumerate() {
         let raw = c.changed_areas(&v.moref, &s2, disk, Since::ChangeId(&previous[i])).unwrap();
