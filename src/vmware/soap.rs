@@ -240,6 +240,20 @@ mod tests {
         parse_answer(doc.as_bytes()).unwrap()
     }
 
+    fn response(body: &str) -> Node {
+        match answer(body) {
+            Answer::Response(r) => r,
+            other => panic!("not a response: {other:?}"),
+        }
+    }
+
+    fn fault(body: &str) -> Fault {
+        match answer(body) {
+            Answer::Fault(f) => f,
+            other => panic!("not a fault: {other:?}"),
+        }
+    }
+
     #[test]
     fn xsi_type_is_matched_by_namespace_not_prefix() {
         // vCenter's spelling and govmomi's simulator's spelling of the same attribute.
@@ -247,25 +261,19 @@ mod tests {
             r#"xsi:type="xsd:string""#,
             r#"xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="string""#,
         ] {
-            let Answer::Response(r) = answer(&format!(r#"<R xmlns="urn:vim25"><val {attr}>x</val></R>"#)) else {
-                panic!("not a response")
-            };
+            let r = response(&format!(r#"<R xmlns="urn:vim25"><val {attr}>x</val></R>"#));
             assert_eq!(r.child("val").unwrap().type_name(), Some("string"), "{attr}");
         }
         // Another namespace's "type" is not xsi:type.
-        let Answer::Response(r) = answer(r#"<R xmlns:o="urn:other"><val o:type="Nope">x</val></R>"#) else {
-            panic!("not a response")
-        };
+        let r = response(r#"<R xmlns:o="urn:other"><val o:type="Nope">x</val></R>"#);
         assert_eq!(r.child("val").unwrap().type_name(), None);
     }
 
     #[test]
     fn morefs_text_and_entities() {
-        let Answer::Response(r) = answer(
+        let r = response(
             r#"<FindByInventoryPathResponse xmlns="urn:vim25"><returnval type="VirtualMachine">vm-42</returnval><name>a &amp; b&#x21;</name></FindByInventoryPathResponse>"#,
-        ) else {
-            panic!("not a response")
-        };
+        );
         assert_eq!(r.name, "FindByInventoryPathResponse");
         assert_eq!(r.child("returnval").unwrap().moref(), Some(Moref::new("VirtualMachine", "vm-42")));
         assert_eq!(r.text_at(&["name"]), Some("a & b!"));
@@ -274,27 +282,21 @@ mod tests {
 
     #[test]
     fn faults_carry_their_type_and_fields() {
-        let Answer::Fault(f) = answer(
+        let f = fault(
             r#"<soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>A specified parameter was not correct: changeId</faultstring><detail><InvalidArgumentFault xmlns="urn:vim25" xsi:type="InvalidArgument"><invalidProperty>changeId</invalidProperty></InvalidArgumentFault></detail></soapenv:Fault>"#,
-        ) else {
-            panic!("not a fault")
-        };
+        );
         assert_eq!(f.kind, "InvalidArgument");
         assert_eq!(f.field("invalidProperty"), Some("changeId"));
         assert!(f.message.ends_with("changeId"));
 
         // Without xsi:type the element name says it; without detail, the code.
-        let Answer::Fault(f) = answer(
+        let f = fault(
             r#"<soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>no</faultstring><detail><InvalidLoginFault xmlns="urn:vim25"/></detail></soapenv:Fault>"#,
-        ) else {
-            panic!("not a fault")
-        };
+        );
         assert_eq!(f.kind, "InvalidLogin");
-        let Answer::Fault(f) = answer(
+        let f = fault(
             r#"<soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>bad</faultstring></soapenv:Fault>"#,
-        ) else {
-            panic!("not a fault")
-        };
+        );
         assert_eq!((f.kind.as_str(), f.message.as_str()), ("ServerFaultCode", "bad"));
     }
 

@@ -286,11 +286,7 @@ func createVM(u *url.URL, name string, sizes []int64, cbtOn bool) (output, error
 		Moref: ref.Value,
 	}
 	for _, d := range vm.Config.Hardware.Device {
-		disk, ok := d.(*types.VirtualDisk)
-		if !ok {
-			continue
-		}
-		backing, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+		disk, backing, ok := flatDisk(d)
 		if !ok {
 			continue
 		}
@@ -318,6 +314,16 @@ func diskCapacity(disk *types.VirtualDisk) int64 {
 		return disk.CapacityInBytes
 	}
 	return disk.CapacityInKB * 1024
+}
+
+// flatDisk is d as a disk backed by a flat file, if it is one.
+func flatDisk(d types.BaseVirtualDevice) (*types.VirtualDisk, *types.VirtualDiskFlatVer2BackingInfo, bool) {
+	disk, ok := d.(*types.VirtualDisk)
+	if !ok {
+		return nil, nil, false
+	}
+	backing, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+	return disk, backing, ok
 }
 
 // flatPath is the local file behind a disk: "[ds] dir/name.vmdk" is
@@ -451,11 +457,7 @@ func (c *cbt) PutObject(obj mo.Reference) {
 	devices := make([]types.BaseVirtualDevice, len(snap.Config.Hardware.Device))
 	for i, d := range snap.Config.Hardware.Device {
 		devices[i] = d
-		disk, ok := d.(*types.VirtualDisk)
-		if !ok {
-			continue
-		}
-		backing, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+		disk, backing, ok := flatDisk(d)
 		if !ok {
 			continue
 		}
