@@ -40,6 +40,8 @@ const SESSION_COOKIE: &str = "vmware_soap_session";
 const TASK_POLL_MAX: Duration = Duration::from_millis(500);
 /// Granularity of sleeps while waiting (cancellation is seen this quickly).
 const TICK: Duration = Duration::from_millis(100);
+/// Logging out is a courtesy (sessions expire): it never holds up a drop long.
+const LOGOUT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A secret string (a password, a session cookie) that never prints.
 #[derive(Clone, PartialEq, Eq)]
@@ -641,6 +643,9 @@ impl Client {
             .set("SOAPAction", SOAP_ACTION);
         if let Some(c) = self.lock_cookie().as_ref() {
             req = req.set("Cookie", c.expose());
+        }
+        if method == "Logout" {
+            req = req.timeout(LOGOUT_TIMEOUT);
         }
         let resp = match req.send_string(&soap::envelope(method, body)) {
             Ok(resp) => resp,
