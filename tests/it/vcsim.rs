@@ -91,9 +91,13 @@ impl Vcsim {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
             let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = reader.read_line(&mut line);
             let _ = tx.send(line);
+            // Keep reading, so that a later line cannot hit a closed pipe; the
+            // thread ends with the process.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
         });
         let line = rx.recv_timeout(STARTUP).unwrap_or_default();
         if line.trim().is_empty() {
