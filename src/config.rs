@@ -34,6 +34,9 @@ pub struct Settings {
     pub progress: ProgressSettings,
     pub copy: Copy,
     pub log: Log,
+    /// vCenters by name (`[vmware.NAME]`); none by default.
+    #[serde(default)]
+    pub vmware: std::collections::BTreeMap<String, Vcenter>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -106,6 +109,40 @@ pub struct Copy {
     #[serde(with = "humantime_serde")]
     pub retry_max_delay: Duration,
     pub verify: bool,
+}
+
+/// One vCenter (or ESXi host) that VMware jobs name: `[vmware.NAME]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Vcenter {
+    /// `https://vcenter.example.com/sdk`
+    pub url: String,
+    pub user: String,
+    /// A file holding the password (never the password itself).
+    pub password_file: PathBuf,
+    /// SHA-256 of the server's certificate, `AB:CD:...`: the only certificate accepted.
+    pub thumbprint: String,
+    #[serde(default = "vc_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "vc_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Longest wait for a reconfigure or snapshot task.
+    #[serde(default = "vc_task_timeout", with = "humantime_serde")]
+    pub task_timeout: Duration,
+    /// The command serving one disk over NBD; `None`: nbdkit's vddk plugin
+    /// (see `vmware::source`).
+    #[serde(default)]
+    pub nbd_command: Option<Vec<String>>,
+}
+
+fn vc_connect_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn vc_request_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn vc_task_timeout() -> Duration {
+    Duration::from_secs(3600)
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -217,6 +254,10 @@ impl Settings {
             return bad("copy.retry_attempts", "must be at least 1");
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| ConfigError(format!("log.level: {e}")))?;
+        for (name, vc) in &self.vmware {
+            crate::vmware::validate_vcenter(name, vc)
+                .map_err(|(key, why)| ConfigError(format!("vmware.{name}.{key}: {why}")))?;
+        }
         Ok(())
     }
 
@@ -347,6 +388,26 @@ mod tests {
         check_err(Some("not toml at all ["), &[], "configuration");
         check_err(None, &[("BLOCKREPL__WATCHDOG__STALL_TIMEOUT", "0s")], "watchdog.stall_timeout");
         check_err(None, &[("BLOCKREPL__LOG__TARGET", "syslog")], "syslog");
+    }
+
+    #[test]
+    fn vmware_sections_are_read_and_checked() {
+        let tp = "AB:".repeat(31) + "AB";
+        let vc = |extra: &str| {
+            format!(
+                "[vmware.vc-1]\nurl = \"https://vc.example/sdk\"\nuser = \"u\"\npassword_file = \"/etc/pw\"\nthumbprint = \"{tp}\"\n{extra}"
+            )
+        };
+        let s = load(Some(&vc("")), &[("BLOCKREPL__VMWARE__VC-1__USER", "backup")]).unwrap();
+        let v = &s.vmware["vc-1"];
+        assert_eq!((v.user.as_str(), v.task_timeout), ("backup", Duration::from_secs(3600)));
+        assert_eq!(v.nbd_command, None);
+        assert!(load(None, &[]).unwrap().vmware.is_empty(), "no vCenter by default");
+        check_err(Some(&vc("").replace(&tp, "AB:CD")), &[], "vmware.vc-1.thumbprint");
+        check_err(Some(&vc("").replace("https:", "http:")), &[], "vmware.vc-1.url");
+        check_err(Some(&vc("").replace("/etc/pw", "pw")), &[], "vmware.vc-1.password_file");
+        check_err(Some(&vc("nbd_command = [\"nbdkit\", \"file\"]")), &[], "vmware.vc-1.nbd_command");
+        check_err(Some(&vc("pasword = \"x\"")), &[], "pasword");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - `cli/`: command-line definitions and the foreground commands
 //! - `daemon`, `actors/`, `db/`: `blockrepl serve` and its supervised actors
 //! - `admin/`: the admin API on the Unix socket (wire types, server, client)
+//! - `vmware/`: the vSphere client, changed areas and per-disk NBD sources
 //! - `config`, `telemetry`, `shutdown`, `state`: settings, logging, signals, state machine
 
 pub mod actors;
@@ -22,3 +23,4 @@ pub mod engine;
 pub mod shutdown;
 pub mod state;
 pub mod telemetry;
+pub mod vmware;

@@ -12,6 +12,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         cli::Command::Copy(args) => cli::copy::run(args),
         cli::Command::Serve { config } => daemon::run(config),
+        cli::Command::VmwareCheck(args) => cli::vmware::run(args),
         cli::Command::Admin(cmd) => cli::admin::run(cmd, &cli.socket),
     };
     match result {

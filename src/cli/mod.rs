@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod copy;
+pub mod vmware;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +37,8 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<std::path::PathBuf>,
     },
+    /// Log in to a configured vCenter and list a VM's disks (changes nothing).
+    VmwareCheck(vmware::VmwareCheckArgs),
     #[command(flatten)]
     Admin(admin::AdminCommand),
 }

@@ -8,8 +8,10 @@
 
 mod harness;
 mod mariadb;
+mod vcsim;
 
 mod admin;
 mod copy;
 mod daemon;
 mod db;
+mod vmware;
