@@ -22,10 +22,6 @@ fn sparse_random(size: &str, seed: u32, percent: u32) -> Vec<String> {
     ]
 }
 
-fn refs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 #[test]
 fn dense_copy_writes_every_byte() {
     let d = tempdir();

@@ -202,6 +202,20 @@ pub fn data_bytes(map: &[MapExtent]) -> u64 {
     map.iter().filter(|e| e.data).map(|e| e.length).sum()
 }
 
+/// `&str`s of a list of `String`s (server arguments).
+pub fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// SHA-256 of a file, as [`checksum`] gives it for an export.
+pub fn file_checksum(path: &Path) -> String {
+    hex(&Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// SHA-256 of a whole export, read with nbdcopy.
 pub fn checksum(uri: &str) -> String {
     let mut child = Command::new("nbdcopy").args([uri, "-"]).stdout(Stdio::piped()).spawn().unwrap();
@@ -216,7 +230,7 @@ pub fn checksum(uri: &str) -> String {
         h.update(&buf[..n]);
     }
     assert!(child.wait().unwrap().success(), "nbdcopy {uri} - failed");
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex(&h.finalize())
 }
 
 /// A request seen by nbdkit's `log` filter.

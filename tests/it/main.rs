@@ -13,3 +13,4 @@ mod admin;
 mod copy;
 mod daemon;
 mod db;
+mod trust;

@@ -1,0 +1,360 @@
+//! Engine trust: servers that fail, hang or lie, and what `blockrepl copy` and the
+//! daemon make of them. A copy either ends byte-identical, with the trouble said in
+//! one line or a few, or fails with one line naming what failed; never a false
+//! success, never a flood of lines, never a wait without end.
+//!
+//! The misbehaving targets are small nbdkit `sh` plugins over a file (see
+//! [`FileTarget`]); the rest are nbdkit's own filters.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::daemon::{JOB_DEADLINE, disk, job, num, queue, sparse, wait_status};
+use crate::harness::*;
+use crate::mariadb::server;
+
+/// How a [`FileTarget`] treats flushes.
+#[derive(Clone, Copy)]
+enum Flush {
+    /// Writes wait in an overlay until a flush applies them to the file; flush
+    /// number N fails with EIO and drops the overlay, as Linux's fsync does after
+    /// a writeback error (the data written since the last good flush is gone).
+    DropsWritesAt(u32),
+    /// Every flush fails with ENOSPC (not worth retrying).
+    AlwaysFails,
+    /// The server does not offer flush at all; writes go straight to the file.
+    Absent,
+}
+
+/// A target served by an nbdkit `sh` plugin over `disk.img` in its own directory,
+/// which starts filled with 0xa5 so that a missing write or zero shows. Reads see
+/// only what reached the file (the copy never reads its target before the end).
+struct FileTarget {
+    server: Server,
+    file: PathBuf,
+}
+
+impl FileTarget {
+    fn start(dir: &Path, name: &str, size: usize, flush: Flush) -> Self {
+        let home = dir.join(name);
+        std::fs::create_dir_all(home.join("overlay")).unwrap();
+        let file = home.join("disk.img");
+        std::fs::write(&file, vec![0xa5u8; size]).unwrap();
+        let (can_flush, pwrite, zero, flush) = match flush {
+            Flush::DropsWritesAt(n) => (
+                0,
+                r#"cat > "$ov/$(printf %08d "$(next seq)").$4""#.to_string(),
+                r#"head -c "$3" /dev/zero > "$ov/$(printf %08d "$(next seq)").$4""#.to_string(),
+                format!(
+                    r#"if [ "$(next flushes)" = {n} ]; then rm -f "$ov"/*; echo "EIO writeback error, unflushed writes lost" >&2; exit 1; fi
+    for w in $(ls "$ov"); do put "${{w#*.}}" < "$ov/$w"; rm "$ov/$w"; done"#
+                ),
+            ),
+            Flush::AlwaysFails => (
+                0,
+                r#"put "$4""#.to_string(),
+                r#"head -c "$3" /dev/zero | put "$4""#.to_string(),
+                r#"echo "ENOSPC no room to write back" >&2; exit 1"#.to_string(),
+            ),
+            Flush::Absent => {
+                (3, r#"put "$4""#.to_string(), r#"head -c "$3" /dev/zero | put "$4""#.to_string(), "exit 2".to_string())
+            }
+        };
+        let script = format!(
+            r#"#!/bin/bash
+d='{home}'; disk="$d/disk.img"; ov="$d/overlay"
+next() {{ local n=$(( $(cat "$d/$1" 2>/dev/null || echo 0) + 1 )); echo $n > "$d/$1"; echo $n; }}
+put() {{ dd of="$disk" seek="$1" oflag=seek_bytes conv=notrunc status=none; }}
+case "$1" in
+  get_size) stat -c %s "$disk" ;;
+  can_write|can_zero) exit 0 ;;
+  can_flush) exit {can_flush} ;;
+  pread) dd if="$disk" skip="$4" count="$3" iflag=skip_bytes,count_bytes status=none ;;
+  pwrite) {pwrite} ;;
+  zero) {zero} ;;
+  flush)
+    {flush} ;;
+  *) exit 2 ;;
+esac
+"#,
+            home = home.display()
+        );
+        let plugin = home.join("plugin.sh");
+        std::fs::write(&plugin, script).unwrap();
+        sh("chmod", &["+x", &plugin.display().to_string()]);
+        let server = Server::nbdkit(dir, name, &["sh", &plugin.display().to_string()]);
+        FileTarget { server, file }
+    }
+
+    fn uri(&self) -> String {
+        self.server.uri()
+    }
+
+    /// How many flushes the server was asked for.
+    fn flushes(&self) -> u32 {
+        let n = std::fs::read_to_string(self.file.with_file_name("flushes")).unwrap_or_default();
+        n.trim().parse().unwrap_or(0)
+    }
+
+    fn checksum(&self) -> String {
+        file_checksum(&self.file)
+    }
+}
+
+fn with(filters: &[&str], plugin: &[String], params: &[&str]) -> Vec<String> {
+    filters
+        .iter()
+        .map(|f| f.to_string())
+        .chain(plugin.iter().cloned())
+        .chain(params.iter().map(|p| p.to_string()))
+        .collect()
+}
+
+fn lines_with(text: &str, needle: &str) -> usize {
+    text.lines().filter(|l| l.contains(needle)).count()
+}
+
+// ------------------------------------------------------------ flushes (item 1) --
+
+#[test]
+fn writes_a_failed_flush_dropped_are_written_again() {
+    let d = tempdir();
+    let plugin = sparse("16M", 61, 50);
+    let src = Server::nbdkit(d.path(), "src", &refs(&plugin));
+    let dst = FileTarget::start(d.path(), "dst", 16 << 20, Flush::DropsWritesAt(1));
+    let run = blockrepl(&["copy", "--json", &src.uri(), &dst.uri()]);
+    let j = run.json();
+    assert!(j["retries"].as_u64().unwrap() >= 1, "{j}");
+    assert!(run.stderr.contains("flush failed"), "the failed flush is said: {}", run.stderr);
+    assert!(dst.flushes() >= 2, "flushed again after the failure");
+    assert_eq!(dst.checksum(), checksum(&src.uri()), "the target holds the source's bytes");
+}
+
+#[test]
+fn a_flush_that_keeps_failing_is_named_as_a_flush() {
+    let d = tempdir();
+    let src = Server::nbdkit(d.path(), "src", &["pattern", "size=4M"]);
+    let dst = FileTarget::start(d.path(), "dst", 4 << 20, Flush::AlwaysFails);
+    let line = blockrepl(&["copy", &src.uri(), &dst.uri()]).error_line();
+    assert!(line.contains(&format!("flush of target {} failed after 1 attempt(s)", dst.uri())), "{line}");
+    assert!(!line.contains("bytes at offset"), "a flush has no offset: {line}");
+}
+
+#[test]
+fn a_failing_zero_request_is_named_as_a_zero_request() {
+    let d = tempdir();
+    let src = Server::nbdkit(d.path(), "src", &refs(&sparse("64M", 62, 20)));
+    let dst = Server::nbdkit(
+        d.path(),
+        "dst",
+        &["--filter=error", "memory", "size=64M", "error=ENOSPC", "error-zero-rate=100%"],
+    );
+    let line = blockrepl(&["copy", &src.uri(), &dst.uri()]).error_line();
+    assert!(line.contains("zero request of") && line.contains("bytes at offset"), "{line}");
+}
+
+// ------------------------------------------------------ no flush (item 3) --
+
+#[test]
+fn a_target_without_flush_is_refused_unless_allowed() {
+    let d = tempdir();
+    let plugin = sparse("8M", 63, 50);
+    let src = Server::nbdkit(d.path(), "src", &refs(&plugin));
+    let dst = FileTarget::start(d.path(), "dst", 8 << 20, Flush::Absent);
+    let untouched = dst.checksum();
+
+    let line = blockrepl(&["copy", &src.uri(), &dst.uri()]).error_line();
+    assert!(line.contains(&format!("target {} cannot flush", dst.uri())), "{line}");
+    assert!(line.contains("--allow-no-flush"), "the line says how to go on: {line}");
+    assert_eq!(dst.checksum(), untouched, "nothing was written");
+
+    let run = blockrepl(&["copy", "--json", "--allow-no-flush", &src.uri(), &dst.uri()]);
+    let j = run.json();
+    assert_eq!(j["flushed"], false, "the summary does not claim a flush: {j}");
+    assert_eq!(lines_with(&run.stderr, "cannot flush"), 1, "one warning: {}", run.stderr);
+    assert_eq!(dst.checksum(), checksum(&src.uri()));
+}
+
+// ------------------------------------------------ block status (item 4) --
+
+#[test]
+fn a_source_whose_block_status_fails_is_copied_as_data() {
+    let d = tempdir();
+    let plugin = sparse("64M", 64, 30);
+    let src = Server::nbdkit(d.path(), "src", &refs(&with(&["--filter=error"], &plugin, &["error-extents-rate=100%"])));
+    let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=64M"]);
+    let t = Instant::now();
+    let run = blockrepl(&["copy", "--json", &src.uri(), &dst.uri()]);
+    let j = run.json();
+    assert!(t.elapsed() < Duration::from_secs(30), "took {:?}", t.elapsed());
+    assert_eq!(j["unmapped_bytes"], 64 << 20, "{j}");
+    assert_eq!(j["planned_bytes"], 64 << 20, "everything is read");
+    assert!(j["zeroed_bytes"].as_u64().unwrap() > 0, "zero blocks still become zero requests: {j}");
+    assert_eq!(lines_with(&run.stderr, "could not say which blocks are allocated"), 1, "{}", run.stderr);
+    let clean = Server::nbdkit(d.path(), "clean", &refs(&plugin));
+    assert_eq!(checksum(&clean.uri()), checksum(&dst.uri()));
+}
+
+#[test]
+fn a_source_without_base_allocation_is_copied_as_data_with_a_warning() {
+    let d = tempdir();
+    let plugin = sparse("32M", 65, 30);
+    // Without structured replies a server has no meta contexts at all.
+    let src = Server::nbdkit(d.path(), "src", &refs(&with(&["--no-sr"], &plugin, &[])));
+    let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=32M"]);
+    let run = blockrepl(&["copy", "--json", &src.uri(), &dst.uri()]);
+    let j = run.json();
+    assert_eq!(j["unmapped_bytes"], 32 << 20, "{j}");
+    assert_eq!(lines_with(&run.stderr, "does not offer base:allocation"), 1, "{}", run.stderr);
+    assert_eq!(checksum(&src.uri()), checksum(&dst.uri()));
+}
+
+// --------------------------------------------------------- stalls (item 5) --
+
+#[test]
+fn a_source_that_stops_answering_fails_the_copy_after_the_stall_timeout() {
+    let d = tempdir();
+    let plugin = sparse("64M", 66, 50);
+    // Extents answer at once; every read hangs far longer than the timeout.
+    let src = Server::nbdkit(d.path(), "src", &refs(&with(&["--filter=delay"], &plugin, &["delay-read=120"])));
+    let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=64M"]);
+    let t = Instant::now();
+    let line = blockrepl(&["copy", "--stall-timeout", "3s", &src.uri(), &dst.uri()]).error_line();
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(2900) && took < Duration::from_secs(20), "took {took:?}");
+    assert!(line.contains("no progress for 3s"), "{line}");
+    assert!(line.contains("read of ") && line.contains("bytes at offset"), "{line}");
+    assert!(line.contains(&format!("on source {}", src.uri())), "{line}");
+    assert!(line.contains("has had no reply for"), "{line}");
+}
+
+#[test]
+fn the_watchdog_names_the_disk_and_the_server_that_stopped_answering() {
+    let d = tempdir();
+    let db = server().fresh_database("stall_names");
+    let plugin = sparse("64M", 67, 50);
+    let src = Server::nbdkit(d.path(), "src", &refs(&with(&["--filter=delay"], &plugin, &["delay-read=120"])));
+    let dst = Server::nbdkit(d.path(), "dst", &refs(&plugin));
+    let daemon = Daemon::start(d.path(), &db.url, &[("BLOCKREPL__WATCHDOG__STALL_TIMEOUT", "4s")]);
+    queue(&db, "job-hang", &[("disk-9", src.uri(), dst.uri())]);
+    wait_status(&db, "job-hang", "failed", &daemon);
+    let msg = job(&db, "job-hang", "error_message").unwrap_or_default();
+    assert!(msg.contains("no progress was made for 4s"), "{msg}");
+    assert!(msg.contains("disk disk-9") && msg.contains(&format!("on source {}", src.uri())), "{msg}");
+    assert!(msg.contains("read of"), "the request that hung: {msg}");
+}
+
+// --------------------------------------------------------- cancel (item 6) --
+
+#[test]
+fn a_cancel_during_a_verify_retry_stops_within_a_second() {
+    let d = tempdir();
+    let log = d.path().join("dst.log");
+    // One request's worth, so that each round of verification fails once more.
+    let src = Server::nbdkit(d.path(), "src", &["pattern", "size=1M"]);
+    // Writes land; every read of the target (verification) fails and is retried.
+    let dst = Server::nbdkit(
+        d.path(),
+        "dst",
+        &[
+            "--filter=log",
+            "--filter=error",
+            "memory",
+            "size=1M",
+            "error-pread-rate=100%",
+            &format!("logfile={}", log.display()),
+        ],
+    );
+    let child = Command::new(bin())
+        .args(["copy", "--verify", "--connections", "1", &src.uri(), &dst.uri()])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // One connection copies, one verifies, and each failed round of reads
+    // reconnects after a backoff that doubles: after the fourth the wait is 4 s.
+    let connects = || std::fs::read_to_string(&log).unwrap_or_default().matches(" Connect ").count();
+    wait_until("verification to retry four times", JOB_DEADLINE, || connects() >= 6);
+    let t = Instant::now();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1), "took {:?} to stop", t.elapsed());
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+// ----------------------------------------------------- retry lines (item 7) --
+
+#[test]
+fn many_retries_give_a_few_lines() {
+    let d = tempdir();
+    let plugin = sparse("256M", 68, 100);
+    let src = Server::nbdkit(d.path(), "src", &refs(&with(&["--filter=error"], &plugin, &["error-pread-rate=30%"])));
+    let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=256M"]);
+    let run = blockrepl(&["copy", "--json", &src.uri(), &dst.uri()]);
+    let j = run.json();
+    let retries = j["retries"].as_u64().unwrap();
+    assert!(retries >= 40, "errors were injected: {j}");
+    let lines = lines_with(&run.stderr, "retrying");
+    assert!((1..=6).contains(&lines), "{retries} retries, {lines} lines: {}", run.stderr);
+    let clean = Server::nbdkit(d.path(), "clean", &refs(&plugin));
+    assert_eq!(checksum(&clean.uri()), checksum(&dst.uri()));
+}
+
+// ------------------------------------------------------------ the daemon --
+
+#[test]
+fn a_job_on_faulty_servers_completes_with_the_source_bytes_and_says_why_in_few_events() {
+    let d = tempdir();
+    let db = server().fresh_database("faulty");
+    let plugin = sparse("32M", 69, 50);
+    let faults = ["error-extents-rate=100%", "error-pread-rate=30%"];
+    let src = Server::nbdkit(d.path(), "src", &refs(&with(&["--filter=error"], &plugin, &faults)));
+    let dst = FileTarget::start(d.path(), "dst", 32 << 20, Flush::DropsWritesAt(1));
+    let daemon = Daemon::start(d.path(), &db.url, &[]);
+    queue(&db, "job-f", &[("disk-1", src.uri(), dst.uri())]);
+    wait_status(&db, "job-f", "completed", &daemon);
+    let clean = Server::nbdkit(d.path(), "clean", &refs(&plugin));
+    assert_eq!(dst.checksum(), checksum(&clean.uri()), "the target holds the source's bytes");
+    assert_eq!(num(disk(&db, "job-f", "disk-1", "resume_offset")) as u64, 32 << 20);
+    let events: Vec<String> = db
+        .column("SELECT CONCAT(level, ' ', message) AS v FROM job_events WHERE job_id = 'job-f' AND disk_id = 'disk-1'")
+        .into_iter()
+        .flatten()
+        .collect();
+    let count = |s: &str| events.iter().filter(|e| e.contains(s)).count();
+    assert_eq!(count("warn the source could not say which blocks are allocated"), 1, "{events:?}");
+    assert!(count("flush failed") >= 1, "{events:?}");
+    let reads = events.iter().filter(|e| e.contains("retrying the source") && e.contains("read of")).count();
+    assert!((1..=3).contains(&reads), "a few rows for many failed reads: {events:?}");
+}
+
+#[test]
+fn the_daemon_refuses_a_target_without_flush_unless_configured() {
+    let d = tempdir();
+    let db = server().fresh_database("noflush");
+    let src = Server::nbdkit(d.path(), "src", &["pattern", "size=4M"]);
+    let dst = FileTarget::start(d.path(), "dst", 4 << 20, Flush::Absent);
+    let untouched = dst.checksum();
+    let mut daemon = Daemon::start(d.path(), &db.url, &[]);
+    queue(&db, "job-n1", &[("disk-1", src.uri(), dst.uri())]);
+    wait_status(&db, "job-n1", "failed", &daemon);
+    let msg = job(&db, "job-n1", "error_message").unwrap_or_default();
+    assert!(msg.contains("cannot flush"), "{msg}");
+    assert_eq!(dst.checksum(), untouched);
+    daemon.terminate();
+
+    let d2 = d.path().join("allowed");
+    std::fs::create_dir_all(&d2).unwrap();
+    let daemon = Daemon::start(&d2, &db.url, &[("BLOCKREPL__COPY__ALLOW_NO_FLUSH", "true")]);
+    queue(&db, "job-n2", &[("disk-1", src.uri(), dst.uri())]);
+    wait_status(&db, "job-n2", "completed", &daemon);
+    assert_eq!(dst.checksum(), checksum(&src.uri()));
+    let warnings = db.column(
+        "SELECT message AS v FROM job_events WHERE job_id = 'job-n2' AND level = 'warn' AND message LIKE '%cannot flush%'",
+    );
+    assert_eq!(warnings.len(), 1, "one warning for the disk");
+}
