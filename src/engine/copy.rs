@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -520,6 +520,8 @@ impl Copier {
             flush_round: AtomicU64::new(0),
             completions: AtomicU64::new(0),
             flushed_through: AtomicU64::new(0),
+            running: AtomicUsize::new(connections),
+            unfinished: AtomicUsize::new(connections),
             request_size,
             slots,
         };
@@ -948,6 +950,9 @@ struct Ctx<'a> {
     completions: AtomicU64,
     /// With multi-conn: every chunk counted up to here is flushed.
     flushed_through: AtomicU64,
+    /// Workers still running, and those of them with chunks to copy.
+    running: AtomicUsize,
+    unfinished: AtomicUsize,
     request_size: usize,
     /// Requests in flight per worker (each read holds one buffer).
     slots: usize,
@@ -998,7 +1003,10 @@ fn execute(ctx: &Ctx<'_>, connections: usize, src: Handle, dst: Handle) -> Resul
             });
             match spawned {
                 Ok(j) => joins.push(j),
-                Err(e) => ctx.fail(CopyError::Internal(format!("cannot start a copy thread: {e}"))),
+                Err(e) => {
+                    ctx.running.fetch_sub(1, Ordering::SeqCst);
+                    ctx.fail(CopyError::Internal(format!("cannot start a copy thread: {e}")));
+                }
             }
         }
         drop(done_tx);
@@ -1167,6 +1175,8 @@ struct Worker<'a> {
     zero_buf: Option<Arc<Vec<u8>>>,
     runs: Vec<zero::Run>,
     exhausted: bool,
+    /// Counted as finished in `Ctx::unfinished`.
+    finished: bool,
     /// What this worker last reported as waited on.
     hang: Option<(Instant, String)>,
 }
@@ -1198,6 +1208,7 @@ impl<'a> Worker<'a> {
             zero_buf: None,
             runs: Vec::new(),
             exhausted: false,
+            finished: false,
             hang: None,
         }
     }
@@ -1213,6 +1224,8 @@ impl<'a> Worker<'a> {
     fn run(mut self) -> Result<(), CopyError> {
         let result = self.run_loop();
         self.ctx.progress.set_hang(self.id, None);
+        self.set_finished(true);
+        self.ctx.running.fetch_sub(1, Ordering::SeqCst);
         result
     }
 
@@ -1226,11 +1239,19 @@ impl<'a> Worker<'a> {
             self.issue()?;
             self.absorb();
             let finished = self.exhausted && self.idle() && self.retry.is_empty();
-            if finished && self.unflushed.is_empty() && self.flushing.is_none() {
+            self.set_finished(finished);
+            // A flush of ours still in flight whose chunks other connections'
+            // flushes already covered (multi-conn) need not be waited for.
+            let covered = self.flushing.as_ref().is_none_or(|f| f.chunks.is_empty());
+            let done = finished && self.unflushed.is_empty() && covered;
+            if done && !self.helps() {
                 return Ok(());
             }
+            // Flush at each round, at the end of our own chunks, and, helping,
+            // at once when every worker is at its end.
             let round = self.ctx.flush_round.load(Ordering::SeqCst);
-            if finished || round != self.round {
+            let all_finished = self.ctx.unfinished.load(Ordering::SeqCst) == 0;
+            if round != self.round || (finished && !done) || (done && all_finished) {
                 if self.flushing.is_none() {
                     self.round = round;
                 }
@@ -1239,6 +1260,27 @@ impl<'a> Worker<'a> {
             self.wait();
             self.reap()?;
             self.check_health()?;
+        }
+    }
+
+    /// Whether this worker, done with its own chunks, stays to flush for the
+    /// others: with multi-conn its flush covers their writes too, so one
+    /// connection that flushes slowly does not hold the watermark back.
+    fn helps(&self) -> bool {
+        let c = self.ctx;
+        let all_covered = c.unfinished.load(Ordering::SeqCst) == 0
+            && c.completions.load(Ordering::SeqCst) <= c.flushed_through.load(Ordering::SeqCst);
+        c.multi_conn && c.running.load(Ordering::SeqCst) > 1 && !all_covered
+    }
+
+    fn set_finished(&mut self, finished: bool) {
+        if finished != self.finished {
+            self.finished = finished;
+            if finished {
+                self.ctx.unfinished.fetch_sub(1, Ordering::SeqCst);
+            } else {
+                self.ctx.unfinished.fetch_add(1, Ordering::SeqCst);
+            }
         }
     }
 
@@ -1480,10 +1522,12 @@ impl<'a> Worker<'a> {
     /// Starts a flush of this worker's target connection covering what it wrote.
     /// The only place a flush is issued.
     fn flush(&mut self) -> Result<(), CopyError> {
-        if self.flushing.is_some() || self.unflushed.is_empty() {
+        let through = self.ctx.completions.load(Ordering::SeqCst);
+        // With multi-conn a flush here also covers the other connections' writes.
+        let theirs = self.ctx.multi_conn && through > self.ctx.flushed_through.load(Ordering::SeqCst);
+        if self.flushing.is_some() || (self.unflushed.is_empty() && !theirs) {
             return Ok(());
         }
-        let through = self.ctx.completions.load(Ordering::SeqCst);
         let Some(h) = self.dst.live() else { return Ok(()) };
         match h.aio_flush() {
             Ok(cookie) => {
@@ -1567,9 +1611,16 @@ impl<'a> Worker<'a> {
             let through = self.ctx.flushed_through.load(Ordering::SeqCst);
             if through > self.through {
                 self.through = through;
-                let (done, keep): (Vec<Written>, Vec<Written>) =
-                    std::mem::take(&mut self.unflushed).into_iter().partition(|w| w.seq <= through);
-                self.unflushed = keep;
+                let covered = |chunks: &mut Vec<Written>| {
+                    let (done, keep): (Vec<Written>, Vec<Written>) =
+                        std::mem::take(chunks).into_iter().partition(|w| w.seq <= through);
+                    *chunks = keep;
+                    done
+                };
+                let mut done = covered(&mut self.unflushed);
+                if let Some(f) = self.flushing.as_mut() {
+                    done.extend(covered(&mut f.chunks));
+                }
                 self.flushed(done);
             }
         }

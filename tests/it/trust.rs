@@ -24,10 +24,17 @@ enum Flush {
     /// number N fails with EIO and drops the overlay, as Linux's fsync does after
     /// a writeback error (the data written since the last good flush is gone).
     DropsWritesAt(u32),
+    /// The same with multi-conn: the overlay is shared by every connection, and
+    /// each other connection learns of the error at its next flush, once (as each
+    /// file descriptor does on Linux).
+    DropsWritesAtMultiConn(u32),
     /// Every flush fails with ENOSPC (not worth retrying).
     AlwaysFails,
     /// The server does not offer flush at all; writes go straight to the file.
     Absent,
+    /// Multi-conn, requests in parallel, writes straight to the file; a flush on
+    /// the second connection takes this many seconds.
+    SlowOnSecondConnection(u32),
 }
 
 /// A target served by an nbdkit `sh` plugin over `disk.img` in its own directory,
@@ -44,35 +51,64 @@ impl FileTarget {
         std::fs::create_dir_all(home.join("overlay")).unwrap();
         let file = home.join("disk.img");
         std::fs::write(&file, vec![0xa5u8; size]).unwrap();
-        let (can_flush, pwrite, zero, flush) = match flush {
+        let direct = (r#"put "$4""#.to_string(), r#"head -c "$3" /dev/zero | put "$4""#.to_string());
+        // (can_flush and can_multi_conn exit codes, thread model, pwrite, zero, flush)
+        let overlay = (
+            r#"cat > "$ov/$(printf %08d "$(next seq)").$4""#.to_string(),
+            r#"head -c "$3" /dev/zero > "$ov/$(printf %08d "$(next seq)").$4""#.to_string(),
+        );
+        let apply = r#"for w in $(ls "$ov"); do put "${w#*.}" < "$ov/$w"; rm "$ov/$w"; done"#;
+        let (can_flush, multi_conn, threads, (pwrite, zero), flush) = match flush {
+            Flush::DropsWritesAtMultiConn(n) => (
+                0,
+                0,
+                "serialize_all_requests",
+                overlay,
+                format!(
+                    r#"if [ "$(next flushes)" = {n} ]; then rm -f "$ov"/*; next errors > "$d/seen.$2"; echo "EIO writeback error, unflushed writes lost" >&2; exit 1; fi
+    if [ "$(cat "$d/errors" 2>/dev/null)" != "$(cat "$d/seen.$2" 2>/dev/null)" ]; then cp "$d/errors" "$d/seen.$2"; echo "EIO an earlier writeback error" >&2; exit 1; fi
+    {apply}"#
+                ),
+            ),
             Flush::DropsWritesAt(n) => (
                 0,
-                r#"cat > "$ov/$(printf %08d "$(next seq)").$4""#.to_string(),
-                r#"head -c "$3" /dev/zero > "$ov/$(printf %08d "$(next seq)").$4""#.to_string(),
+                3,
+                "serialize_all_requests",
+                overlay,
                 format!(
                     r#"if [ "$(next flushes)" = {n} ]; then rm -f "$ov"/*; echo "EIO writeback error, unflushed writes lost" >&2; exit 1; fi
-    for w in $(ls "$ov"); do put "${{w#*.}}" < "$ov/$w"; rm "$ov/$w"; done"#
+    {apply}"#
                 ),
             ),
             Flush::AlwaysFails => (
                 0,
-                r#"put "$4""#.to_string(),
-                r#"head -c "$3" /dev/zero | put "$4""#.to_string(),
+                3,
+                "serialize_all_requests",
+                direct,
                 r#"echo "ENOSPC no room to write back" >&2; exit 1"#.to_string(),
             ),
-            Flush::Absent => {
-                (3, r#"put "$4""#.to_string(), r#"head -c "$3" /dev/zero | put "$4""#.to_string(), "exit 2".to_string())
-            }
+            Flush::Absent => (3, 3, "serialize_all_requests", direct, "exit 2".to_string()),
+            Flush::SlowOnSecondConnection(secs) => (
+                0,
+                0,
+                "parallel",
+                direct,
+                format!(r#"next flushes >/dev/null; if [ "$2" = 2 ]; then sleep {secs}; fi"#),
+            ),
         };
         let script = format!(
             r#"#!/bin/bash
 d='{home}'; disk="$d/disk.img"; ov="$d/overlay"
-next() {{ local n=$(( $(cat "$d/$1" 2>/dev/null || echo 0) + 1 )); echo $n > "$d/$1"; echo $n; }}
+# A counter in a file, safe under parallel requests.
+next() {{ ( flock 9; local n=$(( $(cat "$d/$1" 2>/dev/null || echo 0) + 1 )); echo $n > "$d/$1"; echo $n ) 9>>"$d/lock"; }}
 put() {{ dd of="$disk" seek="$1" oflag=seek_bytes conv=notrunc status=none; }}
 case "$1" in
+  thread_model) echo {threads} ;;
+  open) h=$(next connections); cat "$d/errors" > "$d/seen.$h" 2>/dev/null; echo $h ;;
   get_size) stat -c %s "$disk" ;;
   can_write|can_zero) exit 0 ;;
   can_flush) exit {can_flush} ;;
+  can_multi_conn) exit {multi_conn} ;;
   pread) dd if="$disk" skip="$4" count="$3" iflag=skip_bytes,count_bytes status=none ;;
   pwrite) {pwrite} ;;
   zero) {zero} ;;
@@ -131,6 +167,20 @@ fn writes_a_failed_flush_dropped_are_written_again() {
     assert!(j["retries"].as_u64().unwrap() >= 1, "{j}");
     assert!(run.stderr.contains("flush failed"), "the failed flush is said: {}", run.stderr);
     assert!(dst.flushes() >= 2, "flushed again after the failure");
+    assert_eq!(dst.checksum(), checksum(&src.uri()), "the target holds the source's bytes");
+}
+
+#[test]
+fn writes_a_failed_flush_dropped_are_written_again_over_several_connections() {
+    let d = tempdir();
+    let plugin = sparse("16M", 71, 60);
+    let src = Server::nbdkit(d.path(), "src", &refs(&plugin));
+    let dst = FileTarget::start(d.path(), "dst", 16 << 20, Flush::DropsWritesAtMultiConn(1));
+    let run = blockrepl(&["copy", "--json", "--connections", "2", &src.uri(), &dst.uri()]);
+    run.json();
+    assert!(run.stderr.contains("flush failed"), "{}", run.stderr);
+    let connections = std::fs::read_to_string(dst.file.with_file_name("connections")).unwrap();
+    assert!(connections.trim().parse::<u32>().unwrap() >= 2, "two connections wrote");
     assert_eq!(dst.checksum(), checksum(&src.uri()), "the target holds the source's bytes");
 }
 
@@ -302,6 +352,45 @@ fn many_retries_give_a_few_lines() {
     assert!((1..=6).contains(&lines), "{retries} retries, {lines} lines: {}", run.stderr);
     let clean = Server::nbdkit(d.path(), "clean", &refs(&plugin));
     assert_eq!(checksum(&clean.uri()), checksum(&dst.uri()));
+}
+
+// ------------------------------------------ checkpoints (issue 9, item 5) --
+
+#[test]
+fn checkpoints_advance_at_the_interval_when_one_connection_flushes_slowly() {
+    let d = tempdir();
+    let db = server().fresh_database("checkpoints");
+    let size = 96 << 20;
+    // About 10 s of copying over two connections (both servers are multi-conn);
+    // every flush on the second target connection takes 6 s.
+    let plugin = sparse("96M", 70, 100);
+    let src = Server::nbdkit(d.path(), "src", &refs(&with(&["--filter=rate"], &plugin, &["rate=80M"])));
+    let dst = FileTarget::start(d.path(), "dst", size, Flush::SlowOnSecondConnection(6));
+    let daemon = Daemon::start(d.path(), &db.url, &[("BLOCKREPL__COPY__CONNECTIONS", "2")]);
+    queue(&db, "job-c", &[("disk-1", src.uri(), dst.uri())]);
+    // resume_offset as the database shows it (checkpoint_interval = 1s; the row
+    // is written at least every 2 s while it changes).
+    let mut changes: Vec<(Instant, u64)> = Vec::new();
+    let end = Instant::now() + JOB_DEADLINE;
+    loop {
+        let offset = num(disk(&db, "job-c", "disk-1", "resume_offset")) as u64;
+        if changes.last().is_none_or(|&(_, o)| o != offset) {
+            changes.push((Instant::now(), offset));
+        }
+        if offset >= size as u64 || job(&db, "job-c", "status").as_deref() == Some("completed") {
+            break;
+        }
+        assert!(Instant::now() < end, "not done: {changes:?}\n{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_status(&db, "job-c", "completed", &daemon);
+    assert!(dst.flushes() >= 4, "flushes on both connections");
+    let steps: Vec<(f64, u64)> = changes.windows(2).map(|w| ((w[1].0 - w[0].0).as_secs_f64(), w[1].1)).collect();
+    let longest = steps.iter().map(|s| s.0).fold(0.0, f64::max);
+    assert!(steps.len() >= 4, "the checkpoint moved a few times: {steps:?}");
+    assert!(longest < 4.0, "a checkpoint at least every 4 s (interval 1 s, rows every 2 s): {steps:?}");
+    let clean = Server::nbdkit(d.path(), "clean", &refs(&plugin));
+    assert_eq!(dst.checksum(), checksum(&clean.uri()));
 }
 
 // ------------------------------------------------------------ the daemon --
