@@ -259,6 +259,8 @@ pub struct PlanInfo {
 /// A plan and, until parked or used, the connections it was made on.
 struct Prepared {
     plan: Plan,
+    /// Where this run starts: the resume offset, in whole blocks.
+    resume: u64,
     unmapped_bytes: u64,
     conns: Option<(Handle, Handle, Servers)>,
 }
@@ -394,6 +396,9 @@ impl Copier {
                 spec.resume_from, plan.disk_size
             )));
         }
+        // A watermark is a chunk's start, so whole blocks, unless an earlier run
+        // had other servers: then the block it falls in is copied again.
+        let resume = spec.resume_from / servers.min_block * servers.min_block;
         let unmapped_bytes = unmapped.as_ref().map_or(0, |u| u.0);
         if let Some((bytes, error)) = unmapped {
             events(Event::Unmapped { bytes, error });
@@ -404,13 +409,13 @@ impl Copier {
             blocks: plan.blocks,
             zero_bytes: plan.bytes(Action::Zero),
             skipped_bytes: plan.bytes(Action::Skip),
-            done_bytes: plan.planned_below(spec.resume_from),
+            done_bytes: plan.planned_below(resume),
             unmapped_bytes,
         };
         self.progress.set_plan(info.disk_size, info.planned_bytes, info.done_bytes, info.skipped_bytes);
-        self.progress.set_watermark(spec.resume_from);
+        self.progress.set_watermark(resume);
         events(Event::Planned { disk_size: info.disk_size, planned_bytes: info.planned_bytes, blocks: info.blocks });
-        *self.lock_prepared() = Some(Prepared { plan, unmapped_bytes, conns: Some((src, dst, servers)) });
+        *self.lock_prepared() = Some(Prepared { plan, resume, unmapped_bytes, conns: Some((src, dst, servers)) });
         Ok(info)
     }
 
@@ -485,7 +490,7 @@ impl Copier {
         if self.lock_prepared().is_none() {
             self.prepare(events)?;
         }
-        let Some(Prepared { plan, unmapped_bytes, conns }) = self.lock_prepared().take() else {
+        let Some(Prepared { plan, resume, unmapped_bytes, conns }) = self.lock_prepared().take() else {
             return Err(CopyError::Internal("copy run twice".into()));
         };
         let (src, dst, servers) = match conns {
@@ -493,7 +498,7 @@ impl Copier {
             None => self.connect_pair(events)?,
         };
         let ranges: Vec<plan::Range> =
-            plan.remaining_from(spec.resume_from).into_iter().filter(|r| r.action != Action::Skip).collect();
+            plan.remaining_from(resume).into_iter().filter(|r| r.action != Action::Skip).collect();
         let planned = plan.planned_bytes();
 
         let t = &spec.tuning;
@@ -523,6 +528,7 @@ impl Copier {
             running: AtomicUsize::new(connections),
             unfinished: AtomicUsize::new(connections),
             request_size,
+            min_block: servers.min_block as usize,
             slots,
         };
         let watermark = execute(&ctx, connections, src, dst)?;
@@ -555,7 +561,7 @@ impl Copier {
         let s = self.progress.snapshot();
         let seconds = started.elapsed().as_secs_f64();
         let copy_seconds = copied.duration_since(started).as_secs_f64().max(1e-6);
-        let this_run = s.bytes_done - plan.planned_below(spec.resume_from);
+        let this_run = s.bytes_done - plan.planned_below(resume);
         Ok(Summary {
             disk_size: plan.disk_size,
             planned_bytes: planned,
@@ -578,9 +584,20 @@ impl Copier {
         if self.cancel.is_cancelled() { CopyError::Cancelled { watermark: self.spec.resume_from } } else { e }
     }
 
-    /// Asks the source which ranges to read and builds the plan; also says how
-    /// many bytes the source could not describe (read as data), and why.
+    /// Asks the source which ranges to read and builds the plan, in whole blocks
+    /// of the servers' minimum block size; also says how many bytes the source
+    /// could not describe (read as data), and why.
     fn plan(
+        &self,
+        src: &mut Handle,
+        servers: &Servers,
+        events: &(dyn Fn(Event) + Sync),
+    ) -> Result<(Plan, Option<Unmapped>), CopyError> {
+        let (plan, unmapped) = self.plan_ranges(src, servers, events)?;
+        Ok((plan.aligned(servers.min_block), unmapped))
+    }
+
+    fn plan_ranges(
         &self,
         src: &mut Handle,
         servers: &Servers,
@@ -789,8 +806,11 @@ struct Servers {
     can_flush: bool,
     /// Largest request both servers accept (0 = no limit advertised).
     max_block: u64,
-    /// Alignment both servers want (at least 1).
+    /// Alignment both servers want (at least 1): every request starts and ends
+    /// on a multiple of it.
     min_block: u64,
+    /// The larger of the servers' preferred request sizes (0 = none advertised).
+    preferred: u64,
 }
 
 impl Servers {
@@ -825,6 +845,8 @@ impl Servers {
             (a, b) => a.min(b),
         };
         let min_block = min(src, Role::Source)?.max(min(dst, Role::Target)?).max(1);
+        let pref = |h: &Handle, role| h.block_size(BlockSize::Preferred).map_err(q(role, "block size"));
+        let preferred = pref(src, Role::Source)?.max(pref(dst, Role::Target)?);
         let can_flush = dst.can_flush().map_err(q(Role::Target, "flags"))?;
         if !can_flush && !spec.allow_no_flush {
             return Err(CopyError::NoFlush { uri: spec.target.clone() });
@@ -839,13 +861,16 @@ impl Servers {
             can_flush,
             max_block,
             min_block,
+            preferred,
         })
     }
 
-    /// The request size to use: the wish, within the servers' limits, a multiple of
-    /// their alignment and of the zero-detection block where possible.
+    /// The request size to use: the wish, at least the servers' preferred size,
+    /// within their maximum, a multiple of their alignment and of the
+    /// zero-detection block where possible.
     fn request_size(&self, wanted: usize) -> usize {
         let mut size = wanted.clamp(zero::BLOCK, MAX_REQUEST) as u64;
+        size = size.max(self.preferred.min(MAX_REQUEST as u64));
         if self.max_block > 0 {
             size = size.min(self.max_block);
         }
@@ -954,6 +979,9 @@ struct Ctx<'a> {
     running: AtomicUsize,
     unfinished: AtomicUsize,
     request_size: usize,
+    /// Zero blocks are found in pieces of this size (the servers' minimum block
+    /// size, at least 4 KiB), so that zero requests stay aligned.
+    min_block: usize,
     /// Requests in flight per worker (each read holds one buffer).
     slots: usize,
 }
@@ -1490,7 +1518,7 @@ impl<'a> Worker<'a> {
         let len = chunk.length as usize;
         let mut runs = std::mem::take(&mut self.runs);
         runs.clear();
-        zero::runs(&buf[..len], |r| runs.push(r));
+        zero::runs(&buf[..len], self.ctx.min_block, |r| runs.push(r));
         let buf = Arc::new(buf);
         let mut p = Pending::new(chunk, Tally { done: chunk.length, ..Tally::default() }, self.ctx.epoch());
         let fast = self.ctx.fast_zero.load(Ordering::Relaxed);
@@ -1976,6 +2004,7 @@ mod tests {
     #[test]
     fn request_size_respects_server_limits() {
         let s = |max_block, min_block| Servers {
+            preferred: 0,
             source_size: 0,
             base_allocation: true,
             multi_conn: false,

@@ -13,4 +13,5 @@ mod admin;
 mod copy;
 mod daemon;
 mod db;
+mod peers;
 mod trust;

@@ -41,6 +41,7 @@ pub struct nbd_extent_callback {
 }
 
 pub const LIBNBD_SIZE_MINIMUM: c_int = 0;
+pub const LIBNBD_SIZE_PREFERRED: c_int = 1;
 pub const LIBNBD_SIZE_MAXIMUM: c_int = 2;
 
 pub const LIBNBD_CMD_FLAG_NO_HOLE: u32 = 0x02;

@@ -87,6 +87,7 @@ pub struct ConnectOptions<'a> {
 #[derive(Debug, Clone, Copy)]
 pub enum BlockSize {
     Minimum,
+    Preferred,
     Maximum,
 }
 
@@ -252,6 +253,7 @@ impl Handle {
     pub fn block_size(&self, kind: BlockSize) -> Result<u64, NbdError> {
         let k = match kind {
             BlockSize::Minimum => ffi::LIBNBD_SIZE_MINIMUM,
+            BlockSize::Preferred => ffi::LIBNBD_SIZE_PREFERRED,
             BlockSize::Maximum => ffi::LIBNBD_SIZE_MAXIMUM,
         };
         // SAFETY: live handle.
