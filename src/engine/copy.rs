@@ -1864,7 +1864,9 @@ impl<'a> Worker<'a> {
     fn wind_down(&mut self) {
         let deadline = Instant::now() + CANCEL_GRACE;
         while Instant::now() < deadline {
-            if self.idle() && (self.flush().is_err() || self.flushing.is_none()) {
+            // Reads from a source that stopped answering are not worth waiting for.
+            let reads_over = self.reads.is_empty() || self.src.last_activity.elapsed() >= HANG_AFTER;
+            if self.pending.is_empty() && reads_over && (self.flush().is_err() || self.flushing.is_none()) {
                 return;
             }
             self.wait();

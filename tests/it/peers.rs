@@ -38,7 +38,10 @@ fn a_target_with_a_64k_minimum_block_size_gets_whole_blocks() {
         let j = blockrepl(&args).json();
         let planned = j["planned_bytes"].as_u64().unwrap();
         let data = data_bytes(&allocation_map(&src.uri()));
-        assert!(planned >= data && planned.is_multiple_of(65536), "whole blocks are read: {planned} for {data} data bytes");
+        assert!(
+            planned >= data && planned.is_multiple_of(65536),
+            "whole blocks are read: {planned} for {data} data bytes"
+        );
         assert_eq!(checksum(&src.uri()), checksum(&dst.uri()), "{name}");
     }
 }
@@ -73,7 +76,10 @@ fn a_source_with_a_64k_minimum_block_size_is_read_in_whole_blocks() {
     let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=16M"]);
     let j = blockrepl(&["copy", "--json", &src.uri(), &dst.uri()]).json();
     let reads = logged(&log, "Read");
-    assert!(reads.iter().all(|r| r.offset.is_multiple_of(65536) && r.count.is_multiple_of(65536)), "unaligned read in {reads:?}");
+    assert!(
+        reads.iter().all(|r| r.offset.is_multiple_of(65536) && r.count.is_multiple_of(65536)),
+        "unaligned read in {reads:?}"
+    );
     assert_eq!(j["planned_bytes"].as_u64().unwrap(), total(&reads), "planned bytes are the bytes read");
     assert_eq!(total(&reads), 6 * 65536, "six 64 KiB blocks hold the data");
     assert_eq!(file_checksum(&img), checksum(&dst.uri()));

@@ -28,8 +28,8 @@ enum Flush {
     /// each other connection learns of the error at its next flush, once (as each
     /// file descriptor does on Linux).
     DropsWritesAtMultiConn(u32),
-    /// Every flush fails with ENOSPC (not worth retrying).
-    AlwaysFails,
+    /// Every flush fails with this error (ENOSPC is not worth retrying, EIO is).
+    AlwaysFails(&'static str),
     /// The server does not offer flush at all; writes go straight to the file.
     Absent,
     /// Multi-conn, requests in parallel, writes straight to the file; a flush on
@@ -80,12 +80,12 @@ impl FileTarget {
     {apply}"#
                 ),
             ),
-            Flush::AlwaysFails => (
+            Flush::AlwaysFails(errno) => (
                 0,
                 3,
                 "serialize_all_requests",
                 direct,
-                r#"echo "ENOSPC no room to write back" >&2; exit 1"#.to_string(),
+                format!(r#"next flushes >/dev/null; echo "{errno} the flush failed" >&2; exit 1"#),
             ),
             Flush::Absent => (3, 3, "serialize_all_requests", direct, "exit 2".to_string()),
             Flush::SlowOnSecondConnection(secs) => (
@@ -188,7 +188,7 @@ fn writes_a_failed_flush_dropped_are_written_again_over_several_connections() {
 fn a_flush_that_keeps_failing_is_named_as_a_flush() {
     let d = tempdir();
     let src = Server::nbdkit(d.path(), "src", &["pattern", "size=4M"]);
-    let dst = FileTarget::start(d.path(), "dst", 4 << 20, Flush::AlwaysFails);
+    let dst = FileTarget::start(d.path(), "dst", 4 << 20, Flush::AlwaysFails("ENOSPC"));
     let line = blockrepl(&["copy", &src.uri(), &dst.uri()]).error_line();
     assert!(line.contains(&format!("flush of target {} failed after 1 attempt(s)", dst.uri())), "{line}");
     assert!(!line.contains("bytes at offset"), "a flush has no offset: {line}");
@@ -205,6 +205,29 @@ fn a_failing_zero_request_is_named_as_a_zero_request() {
     );
     let line = blockrepl(&["copy", &src.uri(), &dst.uri()]).error_line();
     assert!(line.contains("zero request of") && line.contains("bytes at offset"), "{line}");
+}
+
+#[test]
+fn failed_flushes_are_retried_with_the_usual_backoff() {
+    let d = tempdir();
+    let db = server().fresh_database("flush_backoff");
+    let src = Server::nbdkit(d.path(), "src", &["pattern", "size=4M"]);
+    let dst = FileTarget::start(d.path(), "dst", 4 << 20, Flush::AlwaysFails("EIO"));
+    let policy = [
+        ("BLOCKREPL__COPY__RETRY_ATTEMPTS", "4"),
+        ("BLOCKREPL__COPY__RETRY_INITIAL_DELAY", "400ms"),
+        ("BLOCKREPL__COPY__RETRY_MAX_DELAY", "10s"),
+    ];
+    let daemon = Daemon::start(d.path(), &db.url, &policy);
+    queue(&db, "job-b", &[("disk-1", src.uri(), dst.uri())]);
+    wait_until("the copy to start", JOB_DEADLINE, || dst.flushes() >= 1);
+    let first = Instant::now();
+    wait_status(&db, "job-b", "failed", &daemon);
+    // Waits of 0.4, 0.8 and 1.6 s between the four attempts.
+    assert!(first.elapsed() >= Duration::from_millis(2800), "gave up after {:?}", first.elapsed());
+    assert_eq!(dst.flushes(), 4);
+    let msg = job(&db, "job-b", "error_message").unwrap_or_default();
+    assert!(msg.contains(&format!("flush of target {} failed after 4 attempt(s)", dst.uri())), "{msg}");
 }
 
 // ------------------------------------------------------ no flush (item 3) --
@@ -329,6 +352,35 @@ fn a_cancel_during_a_verify_retry_stops_within_a_second() {
     // reconnects after a backoff that doubles: after the fourth the wait is 4 s.
     let connects = || std::fs::read_to_string(&log).unwrap_or_default().matches(" Connect ").count();
     wait_until("verification to retry four times", JOB_DEADLINE, || connects() >= 6);
+    let t = Instant::now();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1), "took {:?} to stop", t.elapsed());
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_cancel_while_the_source_hangs_stops_within_a_second() {
+    let d = tempdir();
+    let log = d.path().join("src.log");
+    let plugin = sparse("64M", 72, 50);
+    let logfile = format!("logfile={}", log.display());
+    let src = Server::nbdkit(
+        d.path(),
+        "src",
+        &refs(&with(&["--filter=log", "--filter=delay"], &plugin, &["delay-read=120", &logfile])),
+    );
+    let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=64M"]);
+    let child = Command::new(bin())
+        .args(["copy", &src.uri(), &dst.uri()])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the first read", JOB_DEADLINE, || !logged(&log, "Read").is_empty());
+    // The scenario: a source silent for a few seconds, not a slow one.
+    let asked = Instant::now();
+    wait_until("the source to have been silent for 3 s", JOB_DEADLINE, || asked.elapsed() >= Duration::from_secs(3));
     let t = Instant::now();
     kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
     let out = child.wait_with_output().unwrap();
