@@ -174,6 +174,20 @@ pub fn blockrepl(args: &[&str]) -> Run {
     }
 }
 
+/// Starts `blockrepl ARGS` in the background, its stdout and stderr captured.
+pub fn spawn_blockrepl(args: &[&str]) -> Child {
+    Command::new(bin()).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// Sends SIGINT to a running `blockrepl` and waits for it: how long it took to
+/// exit, its exit code and its stderr.
+pub fn interrupt(child: Child) -> (Duration, Option<i32>, String) {
+    let t = Instant::now();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (t.elapsed(), out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// One extent as `nbdinfo --map` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapExtent {

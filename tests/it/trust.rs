@@ -7,11 +7,7 @@
 //! [`FileTarget`]); the rest are nbdkit's own filters.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 
 use crate::daemon::{JOB_DEADLINE, disk, job, num, queue, sparse, wait_status};
 use crate::harness::*;
@@ -342,21 +338,14 @@ fn a_cancel_during_a_verify_retry_stops_within_a_second() {
             &format!("logfile={}", log.display()),
         ],
     );
-    let child = Command::new(bin())
-        .args(["copy", "--verify", "--connections", "1", &src.uri(), &dst.uri()])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_blockrepl(&["copy", "--verify", "--connections", "1", &src.uri(), &dst.uri()]);
     // One connection copies, one verifies, and each failed round of reads
     // reconnects after a backoff that doubles: after the fourth the wait is 4 s.
     let connects = || std::fs::read_to_string(&log).unwrap_or_default().matches(" Connect ").count();
     wait_until("verification to retry four times", JOB_DEADLINE, || connects() >= 6);
-    let t = Instant::now();
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(t.elapsed() < Duration::from_secs(1), "took {:?} to stop", t.elapsed());
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let (took, code, stderr) = interrupt(child);
+    assert!(took < Duration::from_secs(1), "took {took:?} to stop");
+    assert_eq!(code, Some(130), "{stderr}");
 }
 
 #[test]
@@ -371,21 +360,14 @@ fn a_cancel_while_the_source_hangs_stops_within_a_second() {
         &refs(&with(&["--filter=log", "--filter=delay"], &plugin, &["delay-read=120", &logfile])),
     );
     let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=64M"]);
-    let child = Command::new(bin())
-        .args(["copy", &src.uri(), &dst.uri()])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_blockrepl(&["copy", &src.uri(), &dst.uri()]);
     wait_until("the first read", JOB_DEADLINE, || !logged(&log, "Read").is_empty());
     // The scenario: a source silent for a few seconds, not a slow one.
     let asked = Instant::now();
     wait_until("the source to have been silent for 3 s", JOB_DEADLINE, || asked.elapsed() >= Duration::from_secs(3));
-    let t = Instant::now();
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(t.elapsed() < Duration::from_secs(1), "took {:?} to stop", t.elapsed());
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let (took, code, stderr) = interrupt(child);
+    assert!(took < Duration::from_secs(1), "took {took:?} to stop");
+    assert_eq!(code, Some(130), "{stderr}");
 }
 
 // ----------------------------------------------------- retry lines (item 7) --
