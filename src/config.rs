@@ -109,6 +109,8 @@ pub struct Copy {
     #[serde(with = "humantime_serde")]
     pub retry_max_delay: Duration,
     pub verify: bool,
+    /// Copy to targets that cannot flush (refused otherwise).
+    pub allow_no_flush: bool,
 }
 
 /// One vCenter (or ESXi host) that VMware jobs name: `[vmware.NAME]`.
@@ -288,6 +290,10 @@ impl Settings {
                 initial_delay: c.retry_initial_delay,
                 max_delay: c.retry_max_delay,
             },
+            // The watchdog watches jobs; its message names what hung.
+            stall_timeout: None,
+            // At most a few rows of job_events per minute for one kind of retry.
+            retry_report_interval: Duration::from_secs(20),
             retry_first_connect: true,
         }
     }

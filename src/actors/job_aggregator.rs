@@ -20,7 +20,7 @@ use super::messages::*;
 use super::timeout_watchdog::TimeoutWatchdog;
 use crate::config::Settings;
 use crate::db::{CbtRecord, Disk, DiskUpdate, Job, JobUpdate, NewJobEvent};
-use crate::engine::{Changes, Copier, CopySpec, Event, Role, Snapshot, Stage, Summary, plan};
+use crate::engine::{Changes, Copier, CopySpec, Event, Snapshot, Stage, Summary, plan};
 use crate::state::{DiskStatus, JobStatus, Operation, ReplicationType};
 
 /// What a job needs from the rest of the daemon.
@@ -57,6 +57,8 @@ pub struct DiskTrack {
     pub error: Option<String>,
     /// Transient failures the engine retried in this run (for /metrics).
     pub retries: u64,
+    /// The request the engine has long waited on, if any (for the watchdog's message).
+    pub waiting_on: Option<String>,
 }
 
 impl DiskTrack {
@@ -83,6 +85,7 @@ impl DiskTrack {
             copying: false,
             error: None,
             retries: 0,
+            waiting_on: None,
         }
     }
 
@@ -101,6 +104,7 @@ impl DiskTrack {
         self.retries = s.retries;
         self.throughput = if self.copying { s.throughput_bps } else { 0 };
         self.watermark = self.watermark.max(s.durable_watermark);
+        self.waiting_on = s.waiting_on.clone();
         self.stage = Some(s.stage);
         if s.planned_bytes > 0 || s.disk_size > 0 {
             self.planned = s.planned_bytes;
@@ -362,6 +366,9 @@ impl JobAggregator {
             target: row.target_uri.clone(),
             changes,
             destination_is_zero: row.destination_is_zero,
+            // A per-job setting awaits its column; `blockrepl copy --allocated` has it.
+            allocated: false,
+            allow_no_flush: s.copy.allow_no_flush,
             resume_from: row.resume_offset.max(0) as u64,
             verify: s.copy.verify,
             tuning: s.tuning(),
@@ -469,7 +476,7 @@ impl JobAggregator {
                     d.planned = summary.planned_bytes;
                     d.throughput = 0;
                     d.copying = false;
-                    d.watermark = summary.disk_size;
+                    d.watermark = summary.watermark;
                     d.blocks = summary.blocks;
                     d.change_id.clone()
                 };
@@ -670,24 +677,19 @@ impl Handler<DiskReport> for JobAggregator {
                 self.persist_disk(&r.disk_id);
                 self.on_progress();
             }
-            DiskReportKind::Engine(e) => match e {
-                Event::Retry { role, offset, attempt, error } => self.event(
-                    Some(&r.disk_id),
-                    "warn",
-                    format!("retry {attempt} on the {role} at offset {offset}: {error}"),
-                ),
-                Event::Reconnected { role } => {
-                    let side = if role == Role::Source { "source" } else { "target" };
-                    self.event(Some(&r.disk_id), "info", format!("reconnected to the {side}"));
+            DiskReportKind::Engine(Event::Checkpoint { watermark }) => {
+                if let Some(d) = self.t.disk_mut(&r.disk_id) {
+                    d.watermark = d.watermark.max(watermark);
                 }
-                Event::Checkpoint { watermark } => {
-                    if let Some(d) = self.t.disk_mut(&r.disk_id) {
-                        d.watermark = d.watermark.max(watermark);
-                    }
-                    self.persist_disk(&r.disk_id);
+                self.persist_disk(&r.disk_id);
+            }
+            DiskReportKind::Engine(e) => {
+                // Retries (a few rows per kind and minute: the engine folds them),
+                // reconnections, a target without flush, a source without extents.
+                if let Some(line) = e.describe() {
+                    self.event(Some(&r.disk_id), if e.is_warning() { "warn" } else { "info" }, line);
                 }
-                Event::Stage(_) | Event::Planned { .. } => {}
-            },
+            }
             DiskReportKind::Finished(result) => self.on_finished(&r.disk_id, result, ctx),
         }
     }
@@ -698,7 +700,16 @@ impl Handler<Stalled> for JobAggregator {
     fn handle(&mut self, m: Stalled, ctx: &mut Context<Self>) {
         let secs = m.idle.as_secs();
         let shown = humantime::format_duration(std::time::Duration::from_secs(secs));
-        self.end(Ending::Failed(format!("no progress was made for {shown}; the job was stopped by the watchdog")), ctx);
+        // Name the disks and what they were waiting for.
+        let waits: String = self
+            .t
+            .unfinished()
+            .filter_map(|d| d.waiting_on.as_ref().map(|w| format!("; disk {}: {w}", d.disk_id)))
+            .collect();
+        self.end(
+            Ending::Failed(format!("no progress was made for {shown}; the job was stopped by the watchdog{waits}")),
+            ctx,
+        );
     }
 }
 
@@ -838,6 +849,7 @@ mod tests {
             elapsed: std::time::Duration::ZERO,
             throughput_bps: bps,
             eta: None,
+            waiting_on: None,
         }
     }
 

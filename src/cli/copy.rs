@@ -10,7 +10,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use crate::engine::{Changes, Copier, CopySpec, Event, Progress, Snapshot, Tuning, plan};
+use crate::engine::{Changes, Copier, CopyError, CopySpec, Event, Progress, Snapshot, Tuning, plan};
 
 fn default_tuning() -> Tuning {
     Tuning::default()
@@ -31,6 +31,14 @@ pub struct CopyArgs {
     /// The target reads as zeros: skip holes and zero extents
     #[arg(long)]
     pub destination_is_zero: bool,
+    /// Keep the target fully allocated: zero requests never punch holes
+    /// (for thick-provisioned volumes)
+    #[arg(long)]
+    pub allocated: bool,
+    /// Copy to a target that cannot flush, whose writes are never known to be
+    /// durable (refused otherwise)
+    #[arg(long)]
+    pub allow_no_flush: bool,
     /// Most connections per server, used when both servers advertise multi-conn
     /// [default: one per CPU, at most 4]
     #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
@@ -45,6 +53,9 @@ pub struct CopyArgs {
     /// Most buffer memory for the copy in bytes
     #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = crate::config::parse_size)]
     pub memory: usize,
+    /// Fail when nothing moves for this long, naming the request that hung
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub stall_timeout: Duration,
     /// Resume from this durable watermark (byte offset) of an earlier run
     #[arg(long, value_name = "OFFSET", default_value_t = 0)]
     pub resume_from: u64,
@@ -71,6 +82,8 @@ struct JsonSummary {
     bytes_written: u64,
     disk_size: u64,
     retries: u64,
+    unmapped_bytes: u64,
+    flushed: bool,
 }
 
 fn changes(args: &CopyArgs) -> anyhow::Result<Changes> {
@@ -92,6 +105,8 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
         target: args.target.clone(),
         changes: changes(&args)?,
         destination_is_zero: args.destination_is_zero,
+        allocated: args.allocated,
+        allow_no_flush: args.allow_no_flush,
         resume_from: args.resume_from,
         verify: args.verify,
         tuning: Tuning {
@@ -99,6 +114,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
             requests: args.requests,
             request_size: args.request_size,
             buffer_bytes: args.memory,
+            stall_timeout: Some(args.stall_timeout),
             ..Tuning::default()
         },
     };
@@ -122,13 +138,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
             s.spawn(move || draw_until_done(bar, &progress, &done_rx));
         }
         let on_event = |e: Event| {
-            let line = match e {
-                Event::Retry { role, offset, attempt, error } => {
-                    format!("retrying {role} at offset {offset} (attempt {attempt}): {error}")
-                }
-                Event::Reconnected { role } => format!("reconnected to the {role}"),
-                _ => return,
-            };
+            let Some(line) = e.describe() else { return };
             match &bar {
                 Some(b) => b.println(line),
                 None => eprintln!("blockrepl: {line}"),
@@ -142,7 +152,10 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let summary = result?;
+    let summary = result.map_err(|e| match e {
+        CopyError::NoFlush { .. } => anyhow::anyhow!("{e} (--allow-no-flush)"),
+        e => e.into(),
+    })?;
     if args.json {
         let j = JsonSummary {
             planned_bytes: summary.planned_bytes,
@@ -155,6 +168,8 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
             bytes_written: summary.bytes_written,
             disk_size: summary.disk_size,
             retries: summary.retries,
+            unmapped_bytes: summary.unmapped_bytes,
+            flushed: summary.flushed,
         };
         println!("{}", serde_json::to_string(&j)?);
     } else if bar.is_some() {

@@ -7,7 +7,7 @@ use super::plan::AreasError;
 use std::fmt;
 
 /// Which side of the copy an error concerns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     Source,
     Target,
@@ -47,6 +47,22 @@ pub enum CopyError {
 
     #[error("{op} of {length} bytes at offset {offset} on {role} {uri} failed after {attempts} attempt(s): {error}")]
     Io { role: Role, uri: String, op: &'static str, offset: u64, length: u64, attempts: u32, error: NbdError },
+
+    #[error("flush of target {uri} failed after {attempts} attempt(s): {error}")]
+    Flush { uri: String, attempts: u32, error: NbdError },
+
+    #[error(
+        "target {uri} cannot flush (it does not offer NBD_CMD_FLUSH), so nothing written to it is known to be \
+         durable; refused unless targets without flush are allowed explicitly"
+    )]
+    NoFlush { uri: String },
+
+    #[error(
+        "no progress for {}{}",
+        humantime::format_duration(std::time::Duration::from_secs(idle.as_secs())),
+        waiting.as_ref().map(|w| format!(": {w}")).unwrap_or_default()
+    )]
+    Stalled { idle: std::time::Duration, waiting: Option<String> },
 
     #[error("lost the connection to {role} {uri} and could not reconnect after {attempts} attempt(s): {error}")]
     Reconnect { role: Role, uri: String, attempts: u32, error: NbdError },

@@ -62,6 +62,44 @@ impl Plan {
             .sum()
     }
 
+    /// The plan in whole blocks of `block` bytes (a power of two), for servers
+    /// with a minimum block size: every range is widened to the blocks it touches,
+    /// and a block shared by two ranges takes the stronger action (copy over zero
+    /// over skip: a block with data and zeros is read and written as data). Planned
+    /// bytes then count what is really read.
+    pub fn aligned(&self, block: u64) -> Plan {
+        if block <= 1 {
+            return self.clone();
+        }
+        let rank = |a: Action| match a {
+            Action::Copy => 2,
+            Action::Zero => 1,
+            Action::Skip => 0,
+        };
+        let mut out: Vec<Range> = Vec::with_capacity(self.ranges.len());
+        for r in &self.ranges {
+            let mut start = r.offset / block * block;
+            let end = (r.end().div_ceil(block) * block).min(self.disk_size);
+            // Only the block shared with the previous range can overlap.
+            if let Some(last) = out.last_mut()
+                && last.end() > start
+            {
+                if rank(r.action) > rank(last.action) {
+                    last.length = start - last.offset;
+                    if last.length == 0 {
+                        out.pop();
+                    }
+                } else {
+                    start = last.end();
+                }
+            }
+            if end > start {
+                push_merged(&mut out, Range { offset: start, length: end - start, action: r.action });
+            }
+        }
+        Plan { disk_size: self.disk_size, ranges: out, blocks: self.blocks }
+    }
+
     /// The part of the plan at or after `offset`, for resuming from a watermark.
     pub fn remaining_from(&self, offset: u64) -> Vec<Range> {
         self.ranges
@@ -285,6 +323,46 @@ mod tests {
         assert_eq!(plan.planned_below(95), 15);
         assert_eq!(plan.remaining_from(50), vec![r(50, 40, Action::Zero), r(90, 10, Action::Copy)]);
         assert_eq!(plan.remaining_from(100), vec![]);
+    }
+
+    fn check_aligned(ranges: &[Range], size: u64, block: u64, expected: &[Range]) {
+        let plan = Plan { disk_size: size, ranges: ranges.to_vec(), blocks: 1 };
+        let got = plan.aligned(block);
+        assert_eq!(got.ranges, expected, "{ranges:?} in blocks of {block}");
+        for r in &got.ranges {
+            assert!(r.offset % block == 0 && (r.end() % block == 0 || r.end() == size), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn aligned_plans_use_whole_blocks_and_data_wins() {
+        use Action::*;
+        // Data at 4 KiB granularity in a 64 KiB world.
+        check_aligned(
+            &[r(0, 4096, Zero), r(4096, 8192, Copy), r(12288, 131072 - 12288, Zero), r(131072, 65536, Copy)],
+            196608,
+            65536,
+            &[r(0, 65536, Copy), r(65536, 65536, Zero), r(131072, 65536, Copy)],
+        );
+        // Skip yields to zero, zero to copy; a tiny range in one block.
+        check_aligned(
+            &[r(0, 100, Skip), r(100, 100, Zero), r(200, 10000, Skip)],
+            10200,
+            4096,
+            &[r(0, 4096, Zero), r(4096, 6104, Skip)],
+        );
+        check_aligned(&[r(0, 100, Copy), r(100, 100, Zero), r(200, 4896, Copy)], 5096, 4096, &[r(0, 5096, Copy)]);
+        // Gaps of an incremental plan stay gaps; touching blocks merge.
+        check_aligned(&[r(100, 10, Copy), r(5000, 10, Copy), r(9000, 10, Copy)], 16384, 4096, &[r(0, 12288, Copy)]);
+        check_aligned(&[r(100, 10, Copy), r(9000, 10, Copy)], 16384, 4096, &[r(0, 4096, Copy), r(8192, 4096, Copy)]);
+        check_aligned(&[r(3, 5, Copy)], 100, 1, &[r(3, 5, Copy)]);
+    }
+
+    #[test]
+    fn aligned_planned_bytes_are_what_is_read() {
+        let plan = full(131072, &[ext(0, 4096, STATE_ZERO), ext(4096, 4096, 0), ext(8192, 122880, STATE_ZERO)], false);
+        assert_eq!(plan.planned_bytes(), 4096);
+        assert_eq!(plan.aligned(65536).planned_bytes(), 65536);
     }
 
     fn check_areas(input: &[(u64, u64)], size: u64, expected: Result<Vec<(u64, u64)>, AreasError>) {

@@ -2,9 +2,11 @@
 //! counters) and any number of readers (which take snapshots).
 //!
 //! Readers pay for the rate estimate, never the copy: the moving window of samples
-//! lives behind a mutex the copy threads never touch.
+//! lives behind a mutex the copy threads never touch. The copy threads touch the
+//! one other mutex, [`Progress::set_hang`], only when a server stops or starts
+//! answering again.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,6 +60,10 @@ pub struct Snapshot {
     /// Moving average over the last few seconds, in planned bytes per second.
     pub throughput_bps: u64,
     pub eta: Option<Duration>,
+    /// The request that has waited longest for a server that does not answer,
+    /// e.g. "read of 1048576 bytes at offset 0 on source nbd://h/e has had no
+    /// reply for 12 s"; `None` while every server answers.
+    pub waiting_on: Option<String>,
 }
 
 /// `done` of `total` as a percentage; an empty plan is 100 % done.
@@ -93,6 +99,8 @@ struct Shared {
     c: Counters,
     started: Instant,
     window: Mutex<RateWindow>,
+    /// Per copy thread: what it waits for without an answer, and since when.
+    hangs: Mutex<BTreeMap<usize, (Instant, String)>>,
 }
 
 /// Cheap to clone; all clones see the same copy.
@@ -111,6 +119,7 @@ impl Progress {
             c: Counters::default(),
             started: Instant::now(),
             window: Mutex::new(RateWindow::new(Duration::from_secs(10))),
+            hangs: Mutex::new(BTreeMap::new()),
         }))
     }
 
@@ -155,8 +164,35 @@ impl Progress {
         self.0.c.retries.fetch_add(1, Relaxed);
     }
 
+    /// A figure that changes whenever the copy moves at all (bytes done,
+    /// written, zeroed or skipped, or the watermark); for stall detection.
+    pub(crate) fn work(&self) -> u64 {
+        let c = &self.0.c;
+        [&c.done, &c.written, &c.zeroed, &c.skipped, &c.watermark, &c.verified]
+            .iter()
+            .fold(0u64, |acc, v| acc.wrapping_add(v.load(Relaxed)))
+    }
+
     pub(crate) fn set_watermark(&self, w: u64) {
         self.0.c.watermark.store(w, Relaxed);
+    }
+
+    /// Copy thread `who` waits, since `since`, for an answer to `what` (a request
+    /// and the server, e.g. "read of 4096 bytes at offset 0 on source nbd://h/"),
+    /// or (`None`) no longer waits.
+    pub(crate) fn set_hang(&self, who: usize, hang: Option<(Instant, String)>) {
+        let mut h = self.0.hangs.lock().unwrap_or_else(|e| e.into_inner());
+        match hang {
+            Some(v) => h.insert(who, v),
+            None => h.remove(&who),
+        };
+    }
+
+    /// The longest wait for an answer, as a sentence, if any.
+    pub fn waiting_on(&self) -> Option<String> {
+        let h = self.0.hangs.lock().unwrap_or_else(|e| e.into_inner());
+        let (since, what) = h.values().min_by_key(|(since, _)| *since)?;
+        Some(format!("{what} has had no reply for {} s", since.elapsed().as_secs()))
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -188,6 +224,7 @@ impl Progress {
             elapsed: now.duration_since(self.0.started),
             throughput_bps: rate as u64,
             eta,
+            waiting_on: self.waiting_on(),
         }
     }
 }
@@ -273,6 +310,23 @@ mod tests {
         p.take_back(t);
         let s = p.snapshot();
         assert_eq!((s.bytes_done, s.bytes_written, s.zeroed_bytes), (10, 6, 4));
+    }
+
+    #[test]
+    fn the_longest_wait_is_reported_until_it_ends() {
+        let p = Progress::new();
+        assert_eq!(p.snapshot().waiting_on, None);
+        let now = Instant::now();
+        p.set_hang(1, Some((now, "flush on target t".into())));
+        p.set_hang(0, Some((now - Duration::from_secs(7), "read of 1 bytes at offset 0 on source s".into())));
+        assert_eq!(
+            p.snapshot().waiting_on.as_deref(),
+            Some("read of 1 bytes at offset 0 on source s has had no reply for 7 s")
+        );
+        p.set_hang(0, None);
+        assert!(p.snapshot().waiting_on.is_some_and(|w| w.starts_with("flush on target t")));
+        p.set_hang(1, None);
+        assert_eq!(p.snapshot().waiting_on, None);
     }
 
     #[test]

@@ -3,12 +3,14 @@
 //! first differing 4 KiB block before it is reported.
 //!
 //! Uses its own connections (the copy's are closed by then) and the same pipelining
-//! idea as the copy, with a simpler error policy: a transient failure re-reads the
-//! block pair on fresh connections, within the retry budget.
+//! idea as the copy, with a simpler error policy: a transient failure (or a server
+//! that stops answering for the request timeout) re-reads the block pair on fresh
+//! connections, within the retry budget. Every wait looks at cancellation at least
+//! every 100 ms.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -16,6 +18,7 @@ use super::copy::{CancelToken, Tuning};
 use super::error::{CopyError, Role};
 use super::nbd::{self, ConnectOptions, Handle, NbdError, Returned};
 use super::progress::Progress;
+use super::retry::sleep_unless;
 use super::zero;
 
 pub struct VerifySpec<'a> {
@@ -97,12 +100,13 @@ pub fn run(spec: &VerifySpec<'_>, progress: &Progress, cancel: &CancelToken) -> 
     if panicked {
         shared.fail(CopyError::Internal("a verify thread panicked".into()));
     }
+    if cancel.is_cancelled() {
+        // Verification runs after the copy is complete and flushed. A cancel
+        // wins over what it cut short (a reconnection, say).
+        return Err(CopyError::Cancelled { watermark: spec.disk_size });
+    }
     if let Some(e) = shared.failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
         return Err(e);
-    }
-    if cancel.is_cancelled() {
-        // Verification runs after the copy is complete and flushed.
-        return Err(CopyError::Cancelled { watermark: spec.disk_size });
     }
     Ok(())
 }
@@ -131,6 +135,10 @@ fn verify_worker(shared: &Shared<'_>) -> Result<(), CopyError> {
     let mut reads: Vec<(u64, usize, u64)> = Vec::new();
     let mut exhausted = false;
     let policy = shared.spec.tuning.retry;
+    let tuning = shared.spec.tuning;
+    let timeout = tuning.stall_timeout.map_or(tuning.request_timeout, |s| s.min(tuning.request_timeout));
+    let mut last_reply = Instant::now();
+    let mut moved = Instant::now();
     loop {
         if shared.stopped() {
             return Ok(());
@@ -153,6 +161,7 @@ fn verify_worker(shared: &Shared<'_>) -> Result<(), CopyError> {
         }
         for (side, h) in hs.iter_mut().enumerate() {
             while let Some(c) = h.next_completed() {
+                last_reply = Instant::now();
                 let Some(i) = reads.iter().position(|(k, _, _)| *k == c.cookie) else { continue };
                 let (_, _, offset) = reads.swap_remove(i);
                 let Returned::Read(buf) = c.buffer else { continue };
@@ -169,7 +178,23 @@ fn verify_worker(shared: &Shared<'_>) -> Result<(), CopyError> {
                 free.push(buf);
             }
         }
-        if let Some((offset, error)) = failed.or_else(|| dead(&hs)) {
+        if reads.is_empty() {
+            last_reply = Instant::now();
+        }
+        if let Some(limit) = tuning.stall_timeout
+            && moved.elapsed() >= limit
+        {
+            let at = pairs.first().map_or(0, |p| p.offset);
+            let waiting =
+                Some(format!("verification at offset {at} of {} and {}", shared.spec.source, shared.spec.target));
+            return Err(CopyError::Stalled { idle: moved.elapsed(), waiting });
+        }
+        let hung = (last_reply.elapsed() >= timeout).then(|| {
+            let offset = pairs.first().map_or(0, |p| p.offset);
+            let message = format!("no reply for {} s", timeout.as_secs());
+            (offset, NbdError { message, errno: libc::ETIMEDOUT })
+        });
+        if let Some((offset, error)) = failed.or_else(|| dead(&hs)).or(hung) {
             // Start over on fresh connections: everything in flight is re-read.
             let i = pairs.iter().position(|p| p.offset == offset).unwrap_or(0);
             let failures = pairs.get_mut(i).map_or(1, |p| {
@@ -188,7 +213,10 @@ fn verify_worker(shared: &Shared<'_>) -> Result<(), CopyError> {
                 });
             }
             shared.progress.add_retry();
-            std::thread::sleep(policy.delay(failures));
+            if !sleep_unless(policy.delay(failures), &|| shared.stopped()) {
+                return Ok(());
+            }
+            last_reply = Instant::now();
             drop(hs);
             hs = [connect(shared, Role::Source)?, connect(shared, Role::Target)?];
             free = (0..2 * slots).map(|_| vec![0u8; shared.spec.request_size]).collect();
@@ -205,15 +233,46 @@ fn verify_worker(shared: &Shared<'_>) -> Result<(), CopyError> {
             let p = &pairs[k];
             if let [Some(a), Some(b)] = p.hashes {
                 if a != b {
-                    return Err(locate_mismatch(&mut hs, p.offset, p.length));
+                    return Err(locate_mismatch(&mut hs, p.offset, p.length, &|| shared.stopped()));
                 }
                 shared.progress.add_verified(p.length);
+                moved = Instant::now();
                 pairs.swap_remove(k);
             } else {
                 k += 1;
             }
         }
     }
+}
+
+/// Reads the same block from both sides, waiting at most 100 ms at a time so that
+/// `stop` is heard.
+fn read_both(hs: &mut [Handle; 2], offset: u64, length: usize, stop: &dyn Fn() -> bool) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut cookies = [0u64; 2];
+    for (h, cookie) in hs.iter_mut().zip(&mut cookies) {
+        *cookie = h.aio_pread(vec![0u8; length], length, offset).ok()?;
+    }
+    let mut got: [Option<Vec<u8>>; 2] = [None, None];
+    while got.iter().any(Option::is_none) {
+        if stop() || hs.iter().any(Handle::is_dead) {
+            return None;
+        }
+        {
+            let [a, b] = &mut *hs;
+            nbd::poll(&mut [a, b], Duration::from_millis(100)).ok()?;
+        }
+        for (side, h) in hs.iter_mut().enumerate() {
+            while let Some(c) = h.next_completed() {
+                match (c.result, c.buffer) {
+                    (Ok(()), Returned::Read(buf)) if c.cookie == cookies[side] => got[side] = Some(buf),
+                    (Err(_), _) if c.cookie == cookies[side] => return None,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let [a, b] = got;
+    Some((a?, b?))
 }
 
 fn dead(hs: &[Handle; 2]) -> Option<(u64, NbdError)> {
@@ -243,15 +302,11 @@ fn issue(
 }
 
 /// Narrows a mismatching block to its first differing 4 KiB block.
-fn locate_mismatch(hs: &mut [Handle; 2], offset: u64, length: u64) -> CopyError {
+fn locate_mismatch(hs: &mut [Handle; 2], offset: u64, length: u64, stop: &dyn Fn() -> bool) -> CopyError {
     let whole = CopyError::VerifyMismatch { offset, length };
-    let mut a = vec![0u8; length as usize];
-    let mut b = vec![0u8; length as usize];
-    let [s, t] = hs;
-    // Fresh synchronous reads; if they fail, the whole block is reported.
-    if s.pread(&mut a, offset).is_err() || t.pread(&mut b, offset).is_err() {
-        return whole;
-    }
+    // Fresh reads; if they fail (or the copy is cancelled), the whole block is
+    // reported.
+    let Some((a, b)) = read_both(hs, offset, length as usize, stop) else { return whole };
     let found = a.chunks(zero::BLOCK).zip(b.chunks(zero::BLOCK)).position(|(x, y)| x != y);
     match found {
         Some(i) => {

@@ -30,11 +30,12 @@ pub fn is_zero(block: &[u8]) -> bool {
 }
 
 /// Calls `f` with the maximal runs of `buf`, in order, judging zero-ness per
-/// `BLOCK` bytes (the last block may be shorter).
-pub fn runs(buf: &[u8], mut f: impl FnMut(Run)) {
+/// `block` bytes (at least [`BLOCK`]; larger when a server needs whole blocks of
+/// its own size; the last block may be shorter).
+pub fn runs(buf: &[u8], block: usize, mut f: impl FnMut(Run)) {
     let mut cur: Option<Run> = None;
     let mut start = 0;
-    for block in buf.chunks(BLOCK) {
+    for block in buf.chunks(block.max(BLOCK)) {
         let end = start + block.len();
         let zero = is_zero(block);
         cur = match cur {
@@ -61,7 +62,7 @@ mod tests {
 
     fn collect(buf: &[u8]) -> Vec<(usize, usize, bool)> {
         let mut v = Vec::new();
-        runs(buf, |r| v.push((r.start, r.end, r.zero)));
+        runs(buf, BLOCK, |r| v.push((r.start, r.end, r.zero)));
         v
     }
 
@@ -92,6 +93,15 @@ mod tests {
                 (5 * BLOCK, 5 * BLOCK + 100, false)
             ]
         );
+    }
+
+    #[test]
+    fn larger_blocks_are_judged_whole() {
+        let mut buf = vec![0u8; 4 * BLOCK];
+        buf[BLOCK] = 1;
+        let mut v = Vec::new();
+        runs(&buf, 2 * BLOCK, |r| v.push((r.start, r.end, r.zero)));
+        assert_eq!(v, vec![(0, 2 * BLOCK, false), (2 * BLOCK, 4 * BLOCK, true)]);
     }
 
     #[test]

@@ -3,11 +3,7 @@
 //! (qcow2 images with persistent dirty bitmaps).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 
 use crate::harness::*;
 
@@ -20,10 +16,6 @@ fn sparse_random(size: &str, seed: u32, percent: u32) -> Vec<String> {
         // Short runs give many extents, which exercises planning and dispatch.
         "runlength=131072".into(),
     ]
-}
-
-fn refs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 #[test]
@@ -366,19 +358,11 @@ fn cancel_stops_within_a_second_and_reports_the_watermark() {
     let src = Server::nbdkit(d.path(), "src", &["--filter=delay", "pattern", "size=1G", "delay-read=100ms"]);
     let dst =
         Server::nbdkit(d.path(), "dst", &["--filter=log", "memory", "size=1G", &format!("logfile={}", log.display())]);
-    let child = Command::new(bin())
-        .args(["copy", &src.uri(), &dst.uri()])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_blockrepl(&["copy", &src.uri(), &dst.uri()]);
     wait_until("the first write", READY, || !logged(&log, "Write").is_empty());
-    let t = Instant::now();
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(t.elapsed() < Duration::from_millis(1500), "took {:?} to stop", t.elapsed());
-    assert_eq!(out.status.code(), Some(130));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (took, code, err) = interrupt(child);
+    assert!(took < Duration::from_millis(1500), "took {took:?} to stop");
+    assert_eq!(code, Some(130));
     assert!(err.contains("cancelled; the target is consistent up to offset"), "{err}");
 }
 
@@ -395,12 +379,7 @@ fn reconnects_when_the_target_restarts() {
         "dst",
         &["--filter=log", "file", &img.display().to_string(), &format!("logfile={}", log.display())],
     );
-    let child = Command::new(bin())
-        .args(["copy", "--json", &src.uri(), &dst.uri()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_blockrepl(&["copy", "--json", &src.uri(), &dst.uri()]);
     wait_until("the first writes", READY, || total(&logged(&log, "Write")) >= 16 << 20);
     dst.kill();
     dst.start();

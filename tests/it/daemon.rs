@@ -10,17 +10,17 @@ use crate::harness::*;
 use crate::mariadb::{TestDb, server};
 
 /// Longest any job here may take.
-const JOB_DEADLINE: Duration = Duration::from_secs(120);
+pub(crate) const JOB_DEADLINE: Duration = Duration::from_secs(120);
 
-fn one(db: &TestDb, sql: &str) -> Option<String> {
+pub(crate) fn one(db: &TestDb, sql: &str) -> Option<String> {
     db.column(sql).into_iter().next().flatten()
 }
 
-fn job(db: &TestDb, id: &str, field: &str) -> Option<String> {
+pub(crate) fn job(db: &TestDb, id: &str, field: &str) -> Option<String> {
     one(db, &format!("SELECT CAST({field} AS CHAR) AS v FROM replication_jobs WHERE id = '{id}'"))
 }
 
-fn disk(db: &TestDb, id: &str, disk: &str, field: &str) -> Option<String> {
+pub(crate) fn disk(db: &TestDb, id: &str, disk: &str, field: &str) -> Option<String> {
     one(db, &format!("SELECT CAST({field} AS CHAR) AS v FROM vm_disks WHERE job_id = '{id}' AND disk_id = '{disk}'"))
 }
 
@@ -39,13 +39,13 @@ fn sample(conn: &mut diesel::MysqlConnection, id: &str) -> String {
     diesel::sql_query(sql).load::<Row>(conn).unwrap().into_iter().next().and_then(|r| r.v).unwrap_or_default()
 }
 
-fn num(v: Option<String>) -> f64 {
+pub(crate) fn num(v: Option<String>) -> f64 {
     v.and_then(|s| s.parse().ok()).unwrap_or(0.0)
 }
 
 /// Queues a job exactly as SPEC.md's orchestrator does, one disk per
 /// (disk_id, source, target).
-fn queue(db: &TestDb, id: &str, disks: &[(&str, String, String)]) {
+pub(crate) fn queue(db: &TestDb, id: &str, disks: &[(&str, String, String)]) {
     let mut sql = format!(
         "INSERT INTO replication_jobs (id, vm_name, replication_type, status, nbd_export_name) \
          VALUES ('{id}', 'vm1', 'full', 'replicating', 'migration-vol-1');"
@@ -60,7 +60,7 @@ fn queue(db: &TestDb, id: &str, disks: &[(&str, String, String)]) {
     db.execute(&format!("START TRANSACTION; {sql} COMMIT;"));
 }
 
-fn wait_status(db: &TestDb, id: &str, want: &str, d: &Daemon) {
+pub(crate) fn wait_status(db: &TestDb, id: &str, want: &str, d: &Daemon) {
     let end = Instant::now() + JOB_DEADLINE;
     loop {
         let st = job(db, id, "status").unwrap_or_default();
@@ -78,7 +78,7 @@ fn wait_status(db: &TestDb, id: &str, want: &str, d: &Daemon) {
     }
 }
 
-fn sparse(size: &str, seed: u32, percent: u32) -> Vec<String> {
+pub(crate) fn sparse(size: &str, seed: u32, percent: u32) -> Vec<String> {
     [
         "sparse-random",
         &format!("size={size}"),

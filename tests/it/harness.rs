@@ -174,6 +174,20 @@ pub fn blockrepl(args: &[&str]) -> Run {
     }
 }
 
+/// Starts `blockrepl ARGS` in the background, its stdout and stderr captured.
+pub fn spawn_blockrepl(args: &[&str]) -> Child {
+    Command::new(bin()).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// Sends SIGINT to a running `blockrepl` and waits for it: how long it took to
+/// exit, its exit code and its stderr.
+pub fn interrupt(child: Child) -> (Duration, Option<i32>, String) {
+    let t = Instant::now();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (t.elapsed(), out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// One extent as `nbdinfo --map` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapExtent {
@@ -202,6 +216,20 @@ pub fn data_bytes(map: &[MapExtent]) -> u64 {
     map.iter().filter(|e| e.data).map(|e| e.length).sum()
 }
 
+/// `&str`s of a list of `String`s (server arguments).
+pub fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// SHA-256 of a file, as [`checksum`] gives it for an export.
+pub fn file_checksum(path: &Path) -> String {
+    hex(&Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// SHA-256 of a whole export, read with nbdcopy.
 pub fn checksum(uri: &str) -> String {
     let mut child = Command::new("nbdcopy").args([uri, "-"]).stdout(Stdio::piped()).spawn().unwrap();
@@ -216,7 +244,7 @@ pub fn checksum(uri: &str) -> String {
         h.update(&buf[..n]);
     }
     assert!(child.wait().unwrap().success(), "nbdcopy {uri} - failed");
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex(&h.finalize())
 }
 
 /// A request seen by nbdkit's `log` filter.

@@ -14,4 +14,6 @@ mod admin;
 mod copy;
 mod daemon;
 mod db;
+mod peers;
+mod trust;
 mod vmware;

@@ -41,8 +41,10 @@ pub struct nbd_extent_callback {
 }
 
 pub const LIBNBD_SIZE_MINIMUM: c_int = 0;
+pub const LIBNBD_SIZE_PREFERRED: c_int = 1;
 pub const LIBNBD_SIZE_MAXIMUM: c_int = 2;
 
+pub const LIBNBD_CMD_FLAG_NO_HOLE: u32 = 0x02;
 pub const LIBNBD_CMD_FLAG_FAST_ZERO: u32 = 0x10;
 
 pub const LIBNBD_AIO_DIRECTION_READ: c_uint = 1;
@@ -79,7 +81,6 @@ unsafe extern "C" {
     pub fn nbd_get_size(h: *mut nbd_handle) -> i64;
     pub fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i64;
 
-    pub fn nbd_pread(h: *mut nbd_handle, buf: *mut c_void, count: size_t, offset: u64, flags: u32) -> c_int;
     pub fn nbd_aio_block_status(
         h: *mut nbd_handle,
         count: u64,

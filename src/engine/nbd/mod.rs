@@ -87,6 +87,7 @@ pub struct ConnectOptions<'a> {
 #[derive(Debug, Clone, Copy)]
 pub enum BlockSize {
     Minimum,
+    Preferred,
     Maximum,
 }
 
@@ -252,17 +253,12 @@ impl Handle {
     pub fn block_size(&self, kind: BlockSize) -> Result<u64, NbdError> {
         let k = match kind {
             BlockSize::Minimum => ffi::LIBNBD_SIZE_MINIMUM,
+            BlockSize::Preferred => ffi::LIBNBD_SIZE_PREFERRED,
             BlockSize::Maximum => ffi::LIBNBD_SIZE_MAXIMUM,
         };
         // SAFETY: live handle.
         let v = unsafe { ffi::nbd_get_block_size(self.raw(), k) };
         if v < 0 { Err(NbdError::last()) } else { Ok(v as u64) }
-    }
-
-    /// Synchronous read of `buf.len()` bytes at `offset`.
-    pub fn pread(&mut self, buf: &mut [u8], offset: u64) -> Result<(), NbdError> {
-        // SAFETY: `buf` is valid for writes of its length for the whole (blocking) call.
-        check(unsafe { ffi::nbd_pread(self.raw(), buf.as_mut_ptr().cast(), buf.len(), offset, 0) }).map(drop)
     }
 
     /// Starts a block-status query over `[offset, offset+count)`; the reply chunks
@@ -330,9 +326,13 @@ impl Handle {
     }
 
     /// Starts a write-zeroes request; `fast` asks the server to fail rather than
-    /// fall back to writing zeros slowly (NBD fast-zero).
-    pub fn aio_zero(&mut self, count: u64, offset: u64, fast: bool) -> Result<u64, NbdError> {
-        let flags = if fast { ffi::LIBNBD_CMD_FLAG_FAST_ZERO } else { 0 };
+    /// fall back to writing zeros slowly (NBD fast-zero); `keep_allocated` asks it
+    /// not to punch a hole (NBD's NO_HOLE flag).
+    pub fn aio_zero(&mut self, count: u64, offset: u64, fast: bool, keep_allocated: bool) -> Result<u64, NbdError> {
+        let mut flags = if fast { ffi::LIBNBD_CMD_FLAG_FAST_ZERO } else { 0 };
+        if keep_allocated {
+            flags |= ffi::LIBNBD_CMD_FLAG_NO_HOLE;
+        }
         // SAFETY: no buffer involved.
         let cookie = unsafe { ffi::nbd_aio_zero(self.raw(), count, offset, ffi::nbd_completion_callback::NULL, flags) };
         self.track(cookie, Pinned::None)
