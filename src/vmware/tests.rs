@@ -372,6 +372,8 @@ fn copy(source: &NbdSource, target: &NbdSource, areas: &DiskAreas, destination_i
         target: target.uri(),
         changes: areas.changes(destination_is_zero),
         destination_is_zero,
+        allocated: false,
+        allow_no_flush: false,
         resume_from: 0,
         verify: false,
         tuning: Tuning::default(),
