@@ -10,7 +10,6 @@
 use std::fmt::Write as _;
 
 use crate::actors::messages::{DbStats, LiveJob};
-use crate::state::JobStatus;
 
 /// What `/metrics` shows.
 #[derive(Debug, Clone)]
@@ -18,8 +17,9 @@ pub struct Figures {
     pub version: String,
     pub node: String,
     pub uptime_seconds: f64,
-    /// Jobs per status, when the database answered.
-    pub job_counts: Option<Vec<(JobStatus, i64)>>,
+    /// Jobs per status (the database's words, unknown ones as they are), when
+    /// the database answered.
+    pub job_counts: Option<Vec<(String, i64)>>,
     pub db: DbStats,
     /// The jobs this node runs.
     pub live: Vec<LiveJob>,
@@ -86,7 +86,7 @@ pub fn render(f: &Figures) -> String {
     if let Some(counts) = &f.job_counts {
         o.family("blockrepl_jobs", "gauge", "Jobs in the database by status (all appliances).");
         for (status, n) in counts {
-            o.sample("blockrepl_jobs", &[("status", status.as_db())], *n as f64);
+            o.sample("blockrepl_jobs", &[("status", status)], *n as f64);
         }
     }
     o.one("blockrepl_active_jobs", "gauge", "Jobs this node is running.", f.live.len() as f64);
@@ -174,14 +174,16 @@ pub fn render(f: &Figures) -> String {
 mod tests {
     use super::*;
     use crate::actors::messages::LiveDisk;
-    use crate::state::{DiskStatus, ReplicationType};
+    use crate::state::{DiskStatus, JobStatus, ReplicationType};
 
     fn figures(live: Vec<LiveJob>, counts: bool) -> Figures {
         Figures {
             version: "0.1.0".into(),
             node: "node \"a\"".into(),
             uptime_seconds: 12.5,
-            job_counts: counts.then(|| JobStatus::ALL.iter().map(|s| (*s, 2)).collect()),
+            job_counts: counts.then(|| {
+                JobStatus::ALL.iter().map(|s| (s.as_db().to_string(), 2)).chain([("PENDING".into(), 1)]).collect()
+            }),
             db: DbStats { job_updates: 3, disk_updates: 4, records: 5, failures: 0, pending: 1, available: true },
             live,
             slots_in_use: 1,
@@ -226,6 +228,7 @@ mod tests {
             "blockrepl_build_info{version=\"0.1.0\",node=\"node \\\"a\\\"\"} 1",
             "blockrepl_database_up 1",
             "blockrepl_jobs{status=\"completed\"} 2",
+            "blockrepl_jobs{status=\"PENDING\"} 1",
             "blockrepl_active_jobs 1",
             "blockrepl_db_writes_total{kind=\"disk\"} 4",
             "blockrepl_job_transferred_bytes{job_id=\"job-1\"} 536870912",

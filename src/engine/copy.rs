@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::error::{CopyError, Role};
+use super::fence::Fence;
 use super::nbd::{self, BlockSize, ConnectOptions, Handle, NbdError, Returned};
 use super::plan::{self, Action, Area, Extent, Plan};
 use super::progress::{Progress, Stage, Tally};
@@ -196,11 +197,25 @@ pub struct Copier {
     progress: Progress,
     cancel: CancelToken,
     prepared: Mutex<Option<Prepared>>,
+    fence: Fence,
 }
 
 impl Copier {
     pub fn new(spec: CopySpec) -> Self {
-        Self { spec, progress: Progress::new(), cancel: CancelToken::default(), prepared: Mutex::new(None) }
+        Self {
+            spec,
+            progress: Progress::new(),
+            cancel: CancelToken::default(),
+            prepared: Mutex::new(None),
+            fence: Fence::default(),
+        }
+    }
+
+    /// Sends nothing more to the target once `fence` expires, and fails the copy
+    /// with [`CopyError::Fenced`] (see `fence`).
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
     }
 
     pub fn progress(&self) -> Progress {
@@ -328,6 +343,7 @@ impl Copier {
             spec,
             progress: &self.progress,
             cancel: &self.cancel,
+            fence: &self.fence,
             events,
             dispatcher: Mutex::new(Dispatcher::new(ranges, plan.disk_size, request_size as u64, zero_max)),
             stop: AtomicBool::new(false),
@@ -683,6 +699,8 @@ struct Ctx<'a> {
     spec: &'a CopySpec,
     progress: &'a Progress,
     cancel: &'a CancelToken,
+    /// No request may go to the target once it expires.
+    fence: &'a Fence,
     events: &'a (dyn Fn(Event) + Sync),
     dispatcher: Mutex<Dispatcher>,
     /// Set when any worker failed: the others wind down.
@@ -1025,8 +1043,14 @@ impl<'a> Worker<'a> {
         self.write_with(p, fast, |h| h.aio_zero(length, offset, fast));
     }
 
-    /// Issues one write of `p` on the target connection, if it is up.
+    /// Issues one write of `p` on the target connection, if it is up and the
+    /// write fence is open.
     fn write_with(&mut self, p: &mut Pending, fast: bool, op: impl FnOnce(&mut Handle) -> Result<u64, NbdError>) {
+        if self.fenced() {
+            let e = NbdError { message: "write fence expired".into(), errno: libc::ECANCELED };
+            self.track_write(p, Err(e), fast);
+            return;
+        }
         if self.dst.busy() == 0 {
             self.dst.last_activity = Instant::now();
         }
@@ -1126,6 +1150,9 @@ impl<'a> Worker<'a> {
         if self.flushing.is_some() || self.unflushed.is_empty() {
             return Ok(());
         }
+        if self.fenced() {
+            return Err(CopyError::Fenced { uri: self.ctx.spec.target.clone() });
+        }
         let Some(h) = self.dst.live() else { return Ok(()) };
         match h.aio_flush() {
             Ok(cookie) => {
@@ -1161,8 +1188,25 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Waits for socket activity, a due retry or the next tick.
+    /// Cuts the target connection and fails the copy once the write fence has
+    /// expired; true if it has. The cut is abrupt: a polite disconnect would let
+    /// libnbd finish sending whatever request it had begun.
+    fn fenced(&mut self) -> bool {
+        if !self.ctx.fence.expired() {
+            return false;
+        }
+        if let Some(h) = self.dst.handle.take() {
+            h.abort();
+        }
+        self.ctx.fail(CopyError::Fenced { uri: self.ctx.spec.target.clone() });
+        true
+    }
+
+    /// Waits for socket activity, a due retry or the next tick. Socket work on
+    /// the target (which may send the rest of a queued or partly sent request)
+    /// happens only while the write fence is open, checked again after the wait.
     fn wait(&mut self) {
+        self.fenced();
         let now = Instant::now();
         let mut timeout = TICK;
         for (t, _) in &self.retry {
@@ -1173,13 +1217,16 @@ impl<'a> Worker<'a> {
                 timeout = timeout.min(c.reconnect_at.saturating_duration_since(now));
             }
         }
+        let target = self.dst.live().is_some();
         let mut hs: Vec<&mut Handle> = [self.src.live(), self.dst.live()].into_iter().flatten().collect();
         if hs.is_empty() {
             std::thread::sleep(timeout);
             return;
         }
         // A failing poll(2) leaves nothing to do but look again at the next tick.
-        let _ = nbd::poll(&mut hs, timeout);
+        let fence = self.ctx.fence;
+        let _ = nbd::poll_unless(&mut hs, timeout, &|| target && fence.expired());
+        self.fenced();
     }
 
     /// Handles every finished command on both connections.

@@ -284,6 +284,8 @@ pub fn sh(program: &str, args: &[&str]) -> String {
 /// datagram socket of ours (NOTIFY_SOCKET).
 pub struct Daemon {
     child: Option<Child>,
+    /// The node id it runs under.
+    pub node: String,
     pub config: PathBuf,
     pub admin_socket: PathBuf,
     pub log: PathBuf,
@@ -304,6 +306,18 @@ impl Daemon {
 
     /// Like `start`, with the daemon run as `WRAPPER... blockrepl serve ...`.
     pub fn start_under(dir: &Path, db_url: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
+        let mut d = Self::configure(dir, db_url, env, wrapper);
+        d.spawn();
+        d
+    }
+
+    /// Writes the configuration (see `start`) without starting the daemon.
+    pub fn configure(dir: &Path, db_url: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
+        // Node ids are unique per live daemon on one database server (the test
+        // server is shared by every test): one per configured daemon.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let node =
+            format!("it-node-{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let config = dir.join("blockrepl.toml");
         let admin_socket = dir.join("admin.sock");
         std::fs::write(
@@ -311,7 +325,7 @@ impl Daemon {
             format!(
                 "[database]\nurl = \"{db_url}\"\nretry_interval = \"300ms\"\n\
                  [admin]\nsocket = \"{}\"\ngroup = \"root\"\n\
-                 [node]\nid = \"it-node\"\n\
+                 [node]\nid = \"{node}\"\n\
                  [discovery]\ninterval = \"1s\"\nlease = \"30s\"\n\
                  [copy]\ncheckpoint_interval = \"1s\"\n\
                  [log]\ntarget = \"stderr\"\nlevel = \"info\"\n",
@@ -319,12 +333,14 @@ impl Daemon {
             ),
         )
         .unwrap();
+        let node = env.iter().find(|(k, _)| *k == "BLOCKREPL__NODE__ID").map_or(node, |(_, v)| v.to_string());
         let notify_path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
         let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
         notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let mut d = Daemon {
+        Daemon {
             child: None,
+            node,
             config,
             admin_socket,
             log: dir.join("daemon.log"),
@@ -332,13 +348,17 @@ impl Daemon {
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             notify,
             notify_path,
-        };
-        d.spawn();
-        d
+        }
     }
 
     /// Starts the process (again) and waits for READY.
     pub fn spawn(&mut self) {
+        self.launch();
+        self.wait_ready();
+    }
+
+    /// Starts the process (again) without waiting for anything.
+    pub fn launch(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let mut cmd = match self.wrapper.split_first() {
             Some((program, args)) => {
@@ -359,10 +379,10 @@ impl Daemon {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        self.wait_ready();
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits for READY=1 on the notify socket.
+    pub fn wait_ready(&mut self) {
         let end = Instant::now() + READY;
         let mut buf = [0u8; 512];
         loop {
@@ -382,19 +402,44 @@ impl Daemon {
         Pid::from_raw(self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0))
     }
 
+    /// The notifications (`READY=1`, `WATCHDOG=1`, ...) the daemon sends during
+    /// `within`, one string per datagram.
+    pub fn notifications(&self, within: Duration) -> Vec<String> {
+        let end = Instant::now() + within;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while Instant::now() < end {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        got
+    }
+
+    /// Whether the daemon's process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+
     /// SIGTERM; returns the exit status and how long the daemon took to exit.
     pub fn terminate(&mut self) -> (ExitStatus, Duration) {
+        let t = Instant::now();
+        kill(self.pid(), Signal::SIGTERM).unwrap();
+        (self.wait_exit(), t.elapsed())
+    }
+
+    /// Waits (at most 30 s) for the daemon to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("daemon running");
         let t = Instant::now();
-        kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM).unwrap();
         let end = t + Duration::from_secs(30);
         loop {
             if let Some(st) = c.try_wait().unwrap() {
-                return (st, t.elapsed());
+                return st;
             }
             if Instant::now() > end {
                 let _ = c.kill();
-                panic!("daemon ignored SIGTERM for 30 s:\n{}", self.log_text());
+                panic!("daemon did not exit within 30 s:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
