@@ -557,42 +557,31 @@ fn parse_journal(mut b: &[u8]) -> std::collections::HashMap<String, String> {
 
 // ------------------------------------------------------- trust (issue 9) --
 
-/// Every column of a job's rows, its events and its CBT history, as text: what
-/// a node that no longer owns the job must leave alone.
+/// Every column of a job's rows, its disks, events and CBT history, as text:
+/// what a node that no longer owns the job must leave alone.
 fn rows_of(db: &TestDb, id: &str) -> Vec<String> {
-    let mut rows = db
-        .column(&format!(
-            "SELECT CONCAT_WS('|', id, status, IFNULL(current_operation, '-'), progress_percent, bytes_transferred,
-                    total_bytes, transfer_speed_bps, IFNULL(eta_seconds, '-'), IFNULL(error_message, '-'),
-                    IFNULL(owner_node, '-'), IFNULL(owner_run, '-'), IFNULL(lease_expires_at, '-'),
-                    IFNULL(last_progress_at, '-'), updated_at, IFNULL(completed_at, '-')) AS v
-             FROM replication_jobs WHERE id = '{id}'"
-        ))
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>();
-    rows.extend(
-        db.column(&format!(
-        "SELECT CONCAT_WS('|', disk_id, sync_status, bytes_synced, sync_progress_percent, throughput_bps, resume_offset,
-                IFNULL(disk_change_id, '-'), IFNULL(error_message, '-'), updated_at) AS v
-         FROM vm_disks WHERE job_id = '{id}' ORDER BY disk_id"
-    ))
-        .into_iter()
-        .flatten(),
-    );
-    rows.extend(
-        db.column(&format!(
-            "SELECT CONCAT_WS('|', disk_id, IFNULL(change_id, '-'), bytes_transferred, sync_success, created_at) AS v
-         FROM cbt_history WHERE job_id = '{id}' ORDER BY disk_id"
-        ))
-        .into_iter()
-        .flatten(),
-    );
-    rows.extend(
-        db.column(&format!("SELECT CAST(COUNT(*) AS CHAR) AS v FROM job_events WHERE job_id = '{id}'"))
+    let mut rows = Vec::new();
+    for (table, key) in
+        [("replication_jobs", "id"), ("vm_disks", "job_id"), ("cbt_history", "job_id"), ("job_events", "job_id")]
+    {
+        let columns: Vec<String> = db
+            .column(&format!(
+                "SELECT CAST(column_name AS CHAR) AS v FROM information_schema.columns
+                 WHERE table_schema = DATABASE() AND table_name = '{table}' ORDER BY ordinal_position"
+            ))
+            .into_iter()
+            .flatten()
+            .map(|c| format!("IFNULL(CAST(`{c}` AS CHAR), '-')"))
+            .collect();
+        rows.extend(
+            db.column(&format!(
+                "SELECT CONCAT_WS('|', {}) AS v FROM {table} WHERE {key} = '{id}' ORDER BY 1",
+                columns.join(", ")
+            ))
             .into_iter()
             .flatten(),
-    );
+        );
+    }
     rows
 }
 
@@ -740,13 +729,11 @@ fn two_hundred_stops_at_random_moments_all_exit_with_status_0() {
                     let real = query.split('&').next().unwrap();
                     let proxy = Proxy::start(&dir.join("db-proxy.sock"), std::path::Path::new(real));
                     let url = db.url.replace(real, &proxy.path.display().to_string());
-                    let env = [
-                        ("BLOCKREPL__DISCOVERY__INTERVAL", "200ms"),
-                        ("BLOCKREPL__DISCOVERY__LEASE", "3s"),
-                        ("BLOCKREPL__DATABASE__TIMEOUT", "2s"),
-                        ("BLOCKREPL__DATABASE__CONNECT_TIMEOUT", "1s"),
-                    ];
+                    let env = [("BLOCKREPL__DISCOVERY__INTERVAL", "200ms"), ("BLOCKREPL__DISCOVERY__LEASE", "3s")];
                     let mut daemon = Daemon::configure(&dir, &url, &env, &[]);
+                    // A first start migrates the database, so that every round can queue jobs.
+                    daemon.spawn();
+                    daemon.terminate();
                     let mut rng = seed ^ (w + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
                     let mut next = move |n: u64| {
                         rng ^= rng << 13;
@@ -760,14 +747,13 @@ fn two_hundred_stops_at_random_moments_all_exit_with_status_0() {
                         let pause = Duration::from_millis(next(400));
                         let id = format!("job-{w}-{round}");
                         daemon.launch();
+                        // Before `main` runs, no program can handle a signal: every
+                        // stop comes once the daemon has taken SIGTERM in hand.
+                        let pid = daemon.pid().as_raw();
+                        wait_until("the daemon to take SIGTERM", READY, || catches_sigterm(pid));
                         match scenario {
-                            // Right after the start: as soon as the daemon handles
-                            // SIGTERM at all, and a random moment after.
-                            0 => {
-                                let pid = daemon.pid().as_raw();
-                                wait_until("the daemon to take SIGTERM", READY, || catches_sigterm(pid));
-                                std::thread::sleep(pause / 4);
-                            }
+                            // Right after the start: a random moment after that.
+                            0 => std::thread::sleep(pause / 4),
                             1 => {
                                 daemon.wait_ready();
                                 std::thread::sleep(pause);
@@ -930,6 +916,9 @@ fn rows_an_orchestrator_got_wrong_never_block_the_others() {
     let src = Server::nbdkit(d.path(), "src", &["pattern", "size=4M"]);
     let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=4M"]);
     let (s, t) = (src.uri(), dst.uri());
+    // A first start migrates the empty database; the rows go in while no daemon runs.
+    let mut daemon = Daemon::start(d.path(), &db.url, &[]);
+    daemon.terminate();
     let mut sql = String::new();
     // Older than the good jobs, so that a claim batch meets them first.
     let bad: [(&str, &str, &str, Option<(&str, &str)>); 14] = [
@@ -968,7 +957,7 @@ fn rows_an_orchestrator_got_wrong_never_block_the_others() {
         ));
     }
     db.execute(&sql);
-    let daemon = Daemon::start(d.path(), &db.url, &[]);
+    daemon.spawn();
     for i in 0..8 {
         wait_status(&db, &format!("good-{i}"), "completed", &daemon);
     }

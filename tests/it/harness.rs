@@ -292,7 +292,10 @@ pub struct Daemon {
     env: Vec<(String, String)>,
     /// A command the daemon is started under (e.g. `unshare -m ...`), if any.
     wrapper: Vec<String>,
-    notify: std::os::unix::net::UnixDatagram,
+    /// What arrived on the notify socket, read all along by a thread of ours as
+    /// systemd reads it (an unread datagram socket fills up, and then the
+    /// daemon's sends block).
+    notes: Notes,
     notify_path: PathBuf,
 }
 
@@ -338,6 +341,7 @@ impl Daemon {
         let _ = std::fs::remove_file(&notify_path);
         let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
         notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let notes = Notes::read(notify);
         Daemon {
             child: None,
             node,
@@ -346,7 +350,7 @@ impl Daemon {
             log: dir.join("daemon.log"),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
-            notify,
+            notes,
             notify_path,
         }
     }
@@ -359,6 +363,7 @@ impl Daemon {
 
     /// Starts the process (again) without waiting for anything.
     pub fn launch(&mut self) {
+        self.notes.forget_ready();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let mut cmd = match self.wrapper.split_first() {
             Some((program, args)) => {
@@ -381,16 +386,14 @@ impl Daemon {
         self.child = Some(child);
     }
 
-    /// Waits for READY=1 on the notify socket.
+    /// Waits for READY=1 on the notify socket (one sent since the last wait).
     pub fn wait_ready(&mut self) {
         let end = Instant::now() + READY;
-        let mut buf = [0u8; 512];
         loop {
-            if let Ok(n) = self.notify.recv(&mut buf)
-                && String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1")
-            {
+            if self.notes.take_ready() {
                 return;
             }
+            std::thread::sleep(Duration::from_millis(10));
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("daemon exited before READY ({st}):\n{}", self.log_text());
             }
@@ -405,15 +408,9 @@ impl Daemon {
     /// The notifications (`READY=1`, `WATCHDOG=1`, ...) the daemon sends during
     /// `within`, one string per datagram.
     pub fn notifications(&self, within: Duration) -> Vec<String> {
-        let end = Instant::now() + within;
-        let mut got = Vec::new();
-        let mut buf = [0u8; 512];
-        while Instant::now() < end {
-            if let Ok(n) = self.notify.recv(&mut buf) {
-                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-        got
+        let from = Instant::now();
+        std::thread::sleep(within);
+        self.notes.since(from)
     }
 
     /// Whether the daemon's process has exited.
@@ -474,6 +471,60 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        self.notes.stop();
+    }
+}
+
+/// The datagrams of a notify socket with the time each arrived, read by a
+/// thread until `stop`.
+struct Notes {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
+    /// How many READY=1 `take_ready` has consumed.
+    readies: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Notes {
+    fn read(socket: std::os::unix::net::UnixDatagram) -> Notes {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, st) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !st.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(n) = socket.recv(&mut buf) {
+                    s.lock().unwrap().push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+                }
+            }
+        });
+        Notes { seen, readies: 0, stop }
+    }
+
+    fn count_ready(&self) -> usize {
+        self.seen.lock().unwrap().iter().filter(|(_, m)| m.lines().any(|l| l == "READY=1")).count()
+    }
+
+    /// Forgets every READY=1 so far (a new process starts).
+    fn forget_ready(&mut self) {
+        self.readies = self.count_ready();
+    }
+
+    fn take_ready(&mut self) -> bool {
+        let n = self.count_ready();
+        if n > self.readies {
+            self.readies = n;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn since(&self, from: Instant) -> Vec<String> {
+        self.seen.lock().unwrap().iter().filter(|(t, _)| *t >= from).map(|(_, m)| m.clone()).collect()
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
