@@ -429,6 +429,7 @@ impl ExecThreads {
         if let Some(h) = self.guard.take() {
             let _ = h.join();
         }
+        tracing::info!("stopped: database threads (joined)");
     }
 }
 
