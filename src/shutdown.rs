@@ -117,8 +117,14 @@ fn reload_settings(c: &Components, r: &mut Reload) {
         Err(e) => tracing::error!(error = %e, "SIGHUP: configuration not reloaded"),
         Ok(s) => {
             let old = &r.current;
-            if s.database.url != old.database.url || s.node.id != old.node.id || s.admin != old.admin {
-                tracing::warn!("SIGHUP: database.url, node.id and [admin] take effect at the next restart");
+            let database = (&s.database.url, s.database.timeout, s.database.connect_timeout);
+            if database != (&old.database.url, old.database.timeout, old.database.connect_timeout)
+                || s.node.id != old.node.id
+                || s.admin != old.admin
+            {
+                tracing::warn!(
+                    "SIGHUP: database.url, database.timeout, database.connect_timeout, node.id and [admin] take effect at the next restart"
+                );
             }
             if let Err(e) = r.log.set_level(&s.log.level) {
                 tracing::error!(error = %e, "SIGHUP: log.level not changed");

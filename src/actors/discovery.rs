@@ -97,7 +97,11 @@ impl DiscoveryActor {
                             if act.stopping {
                                 break;
                             }
-                            act.start(claimed, sent, ctx);
+                            // A row that could not be run took a place in this
+                            // claim: look again for one that can.
+                            if !act.start(claimed, sent, ctx) {
+                                act.again = true;
+                            }
                         }
                     }
                     Ok(Ok(Err(e))) => {
@@ -131,8 +135,8 @@ fn claim_deadline(s: &crate::config::Settings) -> std::time::Duration {
 
 impl DiscoveryActor {
     /// Starts the aggregator of a claimed job, or fails the job alone when its
-    /// row cannot be run.
-    fn start(&mut self, c: Claimed, sent: Instant, ctx: &mut Context<Self>) {
+    /// row cannot be run (and returns false).
+    fn start(&mut self, c: Claimed, sent: Instant, ctx: &mut Context<Self>) -> bool {
         let id = c.job.id.clone();
         let lease = self.deps.settings.discovery.lease;
         match JobTracker::new(&c.job, &c.disks, c.owner.run.clone()) {
@@ -141,6 +145,7 @@ impl DiscoveryActor {
                 let fence = Fence::until(fence_deadline(sent, lease));
                 let agg = JobAggregator::new(t, c.disks, c.owner, fence, self.deps.clone(), ctx.address().recipient());
                 self.active.insert(id, agg.start());
+                true
             }
             Err(why) => {
                 tracing::error!(job_id = %id, correlation_id = %c.owner.run, "claimed a job that cannot be run: {why}");
@@ -167,6 +172,7 @@ impl DiscoveryActor {
                     ..JobUpdate::default()
                 }));
                 db.do_send(ReleaseLease { job_id: id, owner: c.owner });
+                false
             }
         }
     }

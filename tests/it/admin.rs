@@ -624,6 +624,8 @@ fn a_second_daemon_on_the_same_socket_fails_with_one_line_and_the_first_keeps_se
         .args(["serve", "--config"])
         .arg(&daemon.config)
         .env("BLOCKREPL__LOG__LEVEL", "error")
+        // Another node id: the socket's lock, not the node's, is what this is about.
+        .env("BLOCKREPL__NODE__ID", format!("{}-second", daemon.node))
         .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
