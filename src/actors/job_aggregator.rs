@@ -1175,7 +1175,7 @@ mod tests {
         assert!(JobTracker::new(&full, std::slice::from_ref(&ok), "c".into()).is_ok());
         let odd = Job { replication_type: crate::db::Word::Unknown("differential".into()), ..full.clone() };
         assert_eq!(
-            reason(&odd, &[ok.clone()]),
+            reason(&odd, std::slice::from_ref(&ok)),
             "unknown replication type 'differential' (expected full or incremental)"
         );
         assert_eq!(reason(&full, &[]), "the job has no disks");
@@ -1186,7 +1186,7 @@ mod tests {
         let no_target = Disk { target_uri: String::new(), ..ok.clone() };
         assert_eq!(reason(&full, &[no_target]), "disk 'a' has no target URI");
         let done_elsewhere = Job { status: JobStatus::Completed.into(), ..full.clone() };
-        assert_eq!(reason(&done_elsewhere, &[ok.clone()]), "cannot run a job in status 'completed'");
+        assert_eq!(reason(&done_elsewhere, std::slice::from_ref(&ok)), "cannot run a job in status 'completed'");
         // A completed disk needs no URIs any more.
         let completed = Disk { source_uri: String::new(), ..disk("c", DiskStatus::Completed, 5) };
         assert!(JobTracker::new(&full, &[ok, completed], "c".into()).is_ok());

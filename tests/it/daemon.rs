@@ -624,9 +624,9 @@ fn a_paused_daemon_that_lost_its_lease_never_writes_again() {
         wait_status(&db, "job-f", "completed", &b);
         wait_until("b to release the job", READY, || job(&db, "job-f", "owner_node").is_none());
     }));
-    if resumed.is_err() {
+    if let Err(panic) = resumed {
         a.signal(Signal::SIGCONT);
-        std::panic::resume_unwind(resumed.unwrap_err());
+        std::panic::resume_unwind(panic);
     }
     let clean = Server::nbdkit(d.path(), "clean", &plugin.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(checksum(&clean.uri()), checksum(&dst.uri()), "b made the volume whole");
@@ -924,7 +924,9 @@ fn rows_an_orchestrator_got_wrong_never_block_the_others() {
     daemon.terminate();
     let mut sql = String::new();
     // Older than the good jobs, so that a claim batch meets them first.
-    let bad: [(&str, &str, &str, Option<(&str, &str)>); 14] = [
+    // (id, status, replication type, the disk's sync_status and URIs).
+    type Row<'a> = (&'a str, &'a str, &'a str, Option<(&'a str, &'a str)>);
+    let bad: [Row; 14] = [
         ("bad-upper", "PENDING", "full", Some(("pending", "ok"))),
         ("bad-mixed", "Replicating", "full", Some(("pending", "ok"))),
         ("bad-init", "initializing", "full", Some(("pending", "ok"))),
