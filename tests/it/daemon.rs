@@ -1081,8 +1081,10 @@ fn a_verified_multi_disk_job_finalizes_only_when_every_disk_is_copied() {
     let (a, b) = (sparse("16M", 101, 50), sparse("128M", 102, 50));
     // The small disk copies in about a second and verifies for about another (its
     // source is read again), well within the big disk's copy of several seconds.
-    let sa = nbdkit(d.path(), "sa", &["--filter=rate"], &a, &["rate=64M".into()]);
-    let sb = nbdkit(d.path(), "sb", &["--filter=rate"], &b, &["rate=96M".into()]);
+    // No burst: the rate holds from the first byte.
+    let rate = |r: &str| vec![format!("rate={r}"), "burstiness=0.1".to_string()];
+    let sa = nbdkit(d.path(), "sa", &["--filter=rate"], &a, &rate("64M"));
+    let sb = nbdkit(d.path(), "sb", &["--filter=rate"], &b, &rate("96M"));
     let ta = nbdkit(d.path(), "ta", &[], &a, &[]);
     let tb = nbdkit(d.path(), "tb", &[], &b, &[]);
     let daemon = Daemon::start(d.path(), &db.url, &[("BLOCKREPL__COPY__VERIFY", "true")]);
