@@ -19,6 +19,9 @@ CREATE TABLE replication_jobs (
     error_message          TEXT         NULL,
     owner_node             VARCHAR(255) NULL,
     lease_expires_at       DATETIME(6)  NULL,
+    -- The run (claim) that holds or last held the lease: every write of job state
+    -- names owner_node and owner_run in its WHERE.
+    owner_run              VARCHAR(64)  NULL,
     last_progress_at       DATETIME(6)  NULL,
     created_at             DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
     updated_at             DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),

@@ -45,6 +45,12 @@ pub struct Database {
     pub url: String,
     #[serde(with = "humantime_serde")]
     pub retry_interval: Duration,
+    /// Longest any statement may take before its connection is cut.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Longest connecting may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -57,7 +63,7 @@ pub struct Admin {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Node {
-    /// `None`: the host name.
+    /// `None`: the host name and this machine's id (see [`Settings::node_id`]).
     pub id: Option<String>,
 }
 
@@ -218,6 +224,8 @@ impl Settings {
         }
         for (key, d) in [
             ("database.retry_interval", self.database.retry_interval),
+            ("database.timeout", self.database.timeout),
+            ("database.connect_timeout", self.database.connect_timeout),
             ("discovery.interval", self.discovery.interval),
             ("discovery.lease", self.discovery.lease),
             ("watchdog.stall_timeout", self.watchdog.stall_timeout),
@@ -263,14 +271,16 @@ impl Settings {
         Ok(())
     }
 
-    /// This appliance's name as an owner of jobs.
+    /// This appliance's name as an owner of jobs: `node.id`, or else the host
+    /// name and the first 12 hex digits of `/etc/machine-id`, which differ even
+    /// between appliances cloned from one image with one host name (systemd gives
+    /// each its own machine id on first boot). A second live daemon with the same
+    /// id is refused at start-up (see `db::lock_node`).
     pub fn node_id(&self) -> String {
         self.node.id.clone().unwrap_or_else(|| {
-            nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "localhost".into())
+            let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok());
+            let machine = std::fs::read_to_string("/etc/machine-id").ok();
+            default_node_id(host.as_deref(), machine.as_deref())
         })
     }
 
@@ -297,6 +307,14 @@ impl Settings {
             retry_first_connect: true,
         }
     }
+}
+
+/// `host-machine` (see [`Settings::node_id`]); either part may be missing.
+fn default_node_id(host: Option<&str>, machine_id: Option<&str>) -> String {
+    let host = host.map(str::trim).filter(|h| !h.is_empty()).unwrap_or("localhost");
+    let machine: String = machine_id.unwrap_or("").trim().chars().filter(char::is_ascii_hexdigit).take(12).collect();
+    let id = if machine.is_empty() { host.to_string() } else { format!("{host}-{}", machine.to_ascii_lowercase()) };
+    id.chars().take(255).collect()
 }
 
 fn one_line(s: &str) -> String {
@@ -358,8 +376,28 @@ mod tests {
         assert_eq!(s.copy.request_size, 1 << 20);
         assert_eq!(s.admin.socket, PathBuf::from("/run/blockrepl/admin.sock"));
         assert_eq!(s.log.target, LogTarget::Auto);
+        assert_eq!((s.database.timeout, s.database.connect_timeout), (Duration::from_secs(10), Duration::from_secs(5)));
         assert!(!s.node_id().is_empty());
         assert_eq!(s.tuning(), Tuning { ..s.tuning() });
+    }
+
+    #[test]
+    fn the_default_node_id_is_the_host_and_the_machine() {
+        let check = |host, machine, expected: &str| assert_eq!(default_node_id(host, machine), expected);
+        check(Some("appliance"), Some("4f1c2e9a8b7d6c5e4f3a2b1c0d9e8f7a\n"), "appliance-4f1c2e9a8b7d");
+        check(Some("appliance"), Some("4F1C2E9A8B7D6C5E\n"), "appliance-4f1c2e9a8b7d");
+        check(Some("appliance"), None, "appliance");
+        check(None, Some("0123456789abcdef"), "localhost-0123456789ab");
+        check(Some(" "), Some(""), "localhost");
+        // Two clones with one host name but their own machine ids differ.
+        assert_ne!(
+            default_node_id(Some("a"), Some("11112222333344445555")),
+            default_node_id(Some("a"), Some("99990000"))
+        );
+        let s = load(None, &[]).unwrap();
+        if let Ok(m) = std::fs::read_to_string("/etc/machine-id") {
+            assert!(s.node_id().ends_with(&m.trim()[..12]), "{} has this machine's id", s.node_id());
+        }
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! The shutdown owner: waits for signals, reloads the configuration on SIGHUP,
 //! and on SIGTERM/SIGINT stops the daemon's components in order, logging each:
 //! discovery and the running jobs first (their copiers checkpoint and the jobs
-//! stay resumable), then the DbWriter, which flushes what is pending.
+//! stay resumable), then the DbWriter, which flushes what is pending. The
+//! database threads are joined after the actor system has stopped (`daemon`).
+//!
+//! From the first instruction of `serve` until the handlers are installed, the
+//! three signals are blocked ([`hold_signals`]), so that one arriving early is
+//! handled, not fatal: every stop exits with status 0.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,6 +47,25 @@ pub struct Reload {
     pub log: LogControl,
 }
 
+/// The signals the daemon handles.
+fn handled() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP on this thread, and so on every thread it
+/// starts, until [`Signals::install`] unblocks them on this one: a signal that
+/// arrives meanwhile waits instead of killing the daemon.
+pub fn hold_signals() {
+    if let Err(e) = handled().thread_block() {
+        tracing::warn!(error = %e, "cannot block signals during start-up");
+    }
+}
+
 /// The daemon's signal handlers, installed once at start-up so that no signal
 /// takes its default action (SIGHUP would kill) while the daemon starts.
 pub struct Signals {
@@ -51,12 +75,16 @@ pub struct Signals {
 }
 
 impl Signals {
+    /// Installs the handlers and unblocks the signals on this thread (the
+    /// actors' thread), which then receives them, pending ones included.
     pub fn install() -> std::io::Result<Self> {
-        Ok(Self {
+        let signals = Self {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
-        })
+        };
+        handled().thread_unblock().map_err(std::io::Error::from)?;
+        Ok(signals)
     }
 
     /// Resolves on the next SIGTERM or SIGINT, naming it. A SIGHUP meanwhile
@@ -89,8 +117,14 @@ fn reload_settings(c: &Components, r: &mut Reload) {
         Err(e) => tracing::error!(error = %e, "SIGHUP: configuration not reloaded"),
         Ok(s) => {
             let old = &r.current;
-            if s.database.url != old.database.url || s.node.id != old.node.id || s.admin != old.admin {
-                tracing::warn!("SIGHUP: database.url, node.id and [admin] take effect at the next restart");
+            let database = (&s.database.url, s.database.timeout, s.database.connect_timeout);
+            if database != (&old.database.url, old.database.timeout, old.database.connect_timeout)
+                || s.node.id != old.node.id
+                || s.admin != old.admin
+            {
+                tracing::warn!(
+                    "SIGHUP: database.url, database.timeout, database.connect_timeout, node.id and [admin] take effect at the next restart"
+                );
             }
             if let Err(e) = r.log.set_level(&s.log.level) {
                 tracing::error!(error = %e, "SIGHUP: log.level not changed");

@@ -2,12 +2,14 @@
 //!
 //! Two halves. [`DbWriter`] is an async actor that never blocks: it receives
 //! progress, throttles it per job and per disk with [`Throttle`], coalesces it to
-//! the latest state, and every tick hands one batch to [`DbExec`], a sync actor on
-//! its own thread that owns the connection and does the blocking diesel calls. At
-//! most one batch is in flight, so while the database is slow or away, updates
-//! pile up as one latest state per row rather than as a queue; when a batch fails
-//! it goes back into the pending state and is retried after `retry_interval`.
-//! Queries (claiming jobs, leases, the admin's reads) go straight to `DbExec`.
+//! the latest state, and every tick hands one batch to the executor (`db_exec`),
+//! the one thread that owns the connection and does the blocking diesel calls,
+//! each under a deadline. At most one batch is in flight, so while the database
+//! is slow or away, updates pile up as one latest state per row rather than as a
+//! queue; when a batch fails it goes back into the pending state and is retried
+//! after `retry_interval`. Queries (claiming jobs, leases, the admin's reads) go
+//! straight to the executor. Every write carries the owner (node and run) of its
+//! job, and the database applies it only while that owner holds the job.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
@@ -15,9 +17,10 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::time::Instant;
 
+use super::db_exec::{Batch, BatchDone, Exec, ExecReply, Write};
 use super::messages::*;
 use crate::config::Settings;
-use crate::db::{self, DbError, DiskUpdate, JobUpdate};
+use crate::db::{DbError, DiskUpdate, JobUpdate};
 
 /// How often the writer looks for due writes.
 const TICK: Duration = Duration::from_millis(200);
@@ -129,7 +132,7 @@ fn disk_mark(u: &DiskUpdate) -> Mark {
 fn merge_job(older: JobUpdate, newer: JobUpdate) -> JobUpdate {
     JobUpdate {
         id: newer.id,
-        node: newer.node.or(older.node),
+        owner: newer.owner.or(older.owner),
         status: newer.status.or(older.status),
         current_operation: newer.current_operation.or(older.current_operation),
         progress_percent: newer.progress_percent.or(older.progress_percent),
@@ -144,8 +147,9 @@ fn merge_job(older: JobUpdate, newer: JobUpdate) -> JobUpdate {
     }
 }
 
-fn merge_disk(older: DiskUpdate, newer: DiskUpdate) -> DiskUpdate {
-    DiskUpdate {
+fn merge_disk(older: PersistDisk, newer: PersistDisk) -> PersistDisk {
+    let (older, owner, newer) = (older.update, newer.owner, newer.update);
+    let update = DiskUpdate {
         job_id: newer.job_id,
         disk_id: newer.disk_id,
         sync_status: newer.sync_status.or(older.sync_status),
@@ -158,164 +162,8 @@ fn merge_disk(older: DiskUpdate, newer: DiskUpdate) -> DiskUpdate {
         error_message: newer.error_message.or(older.error_message),
         disk_change_id: newer.disk_change_id.or(older.disk_change_id),
         resume_offset: newer.resume_offset.max(older.resume_offset),
-    }
-}
-
-// --------------------------------------------------------------- DbExec ----
-
-/// One write of a batch.
-#[derive(Debug, Clone)]
-enum Write {
-    Disk(DiskUpdate),
-    Record(Record),
-    Job(JobUpdate),
-    Release(ReleaseLease),
-}
-
-/// DbWriter → DbExec: write these in order. The reply says how far it got.
-#[derive(Message)]
-#[rtype(result = "BatchDone")]
-struct Batch(Vec<Write>);
-
-struct BatchDone {
-    jobs: u64,
-    disks: u64,
-    records: u64,
-    /// Writes not done because the database is unavailable, from the first failed one.
-    unwritten: Vec<Write>,
-    error: Option<DbError>,
-}
-
-/// DbWriter → DbExec: run a read or a command.
-#[derive(Message)]
-#[rtype(result = "Result<ExecReply, DbError>")]
-enum Exec {
-    Migrate,
-    Query(Query),
-    Claim(ClaimJobs),
-    Renew(RenewLease),
-}
-
-// One reply at a time crosses back from the executor: boxing the larger
-// variants would buy nothing.
-#[allow(clippy::large_enum_variant)]
-enum ExecReply {
-    Migrated(Vec<String>),
-    Query(QueryResult),
-    Claimed(Vec<(db::Job, Vec<db::Disk>)>),
-    Renewed(bool),
-}
-
-/// Owns the database connection, on a thread of its own; reconnects on demand.
-pub struct DbExec {
-    url: String,
-    conn: Option<diesel::MysqlConnection>,
-}
-
-impl Actor for DbExec {
-    type Context = SyncContext<Self>;
-}
-
-impl DbExec {
-    fn with_conn<T>(
-        &mut self,
-        f: impl FnOnce(&mut diesel::MysqlConnection) -> Result<T, DbError>,
-    ) -> Result<T, DbError> {
-        if self.conn.is_none() {
-            self.conn = Some(db::connect(&self.url)?);
-        }
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(DbError::InvalidUrl { reason: "no connection".into() });
-        };
-        let r = guarded(|| f(conn));
-        if let Err(e) = &r
-            && (e.is_unavailable() || matches!(e, DbError::Internal { .. }))
-        {
-            self.conn = None;
-        }
-        r
-    }
-
-    fn write(&mut self, w: &Write) -> Result<(), DbError> {
-        self.with_conn(|c| match w {
-            Write::Disk(u) => db::update_disk(c, u),
-            Write::Record(Record::Event(e)) => db::insert_events(c, std::slice::from_ref(e)).map(drop),
-            Write::Record(Record::Cbt(r)) => db::record_cbt(c, r),
-            Write::Job(u) => db::update_job(c, u),
-            Write::Release(r) => db::release_lease(c, &r.job_id, &r.node).map(drop),
-        })
-    }
-}
-
-/// Runs one database call, turning a panic into an error: a panic would end the
-/// executor's thread, and with it every later write.
-fn guarded<T>(f: impl FnOnce() -> Result<T, DbError>) -> Result<T, DbError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let what = super::panic_message(&*panic);
-        tracing::error!(panic = %what, "database call panicked");
-        Err(DbError::Internal { error: format!("database call panicked: {what}") })
-    })
-}
-
-impl Handler<Batch> for DbExec {
-    type Result = MessageResult<Batch>;
-
-    fn handle(&mut self, Batch(writes): Batch, _: &mut SyncContext<Self>) -> Self::Result {
-        let mut done = BatchDone { jobs: 0, disks: 0, records: 0, unwritten: Vec::new(), error: None };
-        let mut it = writes.into_iter();
-        while let Some(w) = it.next() {
-            match self.write(&w) {
-                Ok(()) => match w {
-                    Write::Job(_) => done.jobs += 1,
-                    Write::Disk(_) => done.disks += 1,
-                    Write::Record(_) => done.records += 1,
-                    Write::Release(_) => {}
-                },
-                Err(e) if e.is_unavailable() => {
-                    done.unwritten.push(w);
-                    done.unwritten.extend(it);
-                    done.error = Some(e);
-                    break;
-                }
-                // Refused, not unavailable (e.g. an illegal transition because the
-                // operator cancelled the job meanwhile): retrying cannot help.
-                Err(e) => tracing::warn!(error = %e, "database refused a write; dropped"),
-            }
-        }
-        MessageResult(done)
-    }
-}
-
-impl Handler<Exec> for DbExec {
-    type Result = Result<ExecReply, DbError>;
-
-    fn handle(&mut self, msg: Exec, _: &mut SyncContext<Self>) -> Self::Result {
-        match msg {
-            Exec::Migrate => self.with_conn(db::migrate).map(ExecReply::Migrated),
-            Exec::Claim(m) => self
-                .with_conn(|c| {
-                    let ids = db::claim_jobs(c, &m.node, m.lease, m.limit, &m.exclude)?;
-                    ids.iter().map(|id| db::load_job(c, id)).collect::<Result<Vec<_>, _>>()
-                })
-                .map(ExecReply::Claimed),
-            Exec::Renew(m) => {
-                self.with_conn(|c| db::renew_lease(c, &m.job_id, &m.node, m.lease)).map(ExecReply::Renewed)
-            }
-            Exec::Query(q) => self
-                .with_conn(|c| {
-                    Ok(match q {
-                        Query::Ping => db::ping(c).map(|()| QueryResult::Done)?,
-                        Query::ListJobs { status, limit } => QueryResult::Jobs(db::list_jobs(c, status, limit)?),
-                        Query::FindJob { key } => QueryResult::Job(db::find_job(c, &key)?),
-                        Query::CountJobs => QueryResult::Counts(db::count_jobs_by_status(c)?),
-                        Query::Submit { job, disks } => db::insert_job(c, &job, &disks).map(|()| QueryResult::Done)?,
-                        Query::Cancel { job_id } => QueryResult::Status(db::cancel_job(c, &job_id)?),
-                        Query::Events { job_id, limit } => QueryResult::Events(db::recent_events(c, &job_id, limit)?),
-                    })
-                })
-                .map(ExecReply::Query),
-        }
-    }
+    };
+    PersistDisk { owner, update }
 }
 
 // ------------------------------------------------------------- DbWriter ----
@@ -328,7 +176,7 @@ pub struct DbWriter {
     throttle: Throttle,
     retry_interval: Duration,
     jobs: BTreeMap<String, JobUpdate>,
-    disks: BTreeMap<(String, String), DiskUpdate>,
+    disks: BTreeMap<(String, String), PersistDisk>,
     records: VecDeque<Record>,
     releases: Vec<ReleaseLease>,
     in_flight: bool,
@@ -339,14 +187,12 @@ pub struct DbWriter {
 }
 
 impl DbWriter {
-    /// Starts the executor thread and returns the writer (not yet started).
-    pub fn new(settings: &Settings) -> Self {
-        let url = settings.database.url.clone();
-        let exec = SyncArbiter::start(1, move || DbExec { url: url.clone(), conn: None });
-        Self::with_executor(settings, exec.clone().recipient(), exec.recipient())
+    /// The writer (not yet started), calling the executor through `exec`.
+    pub fn new(settings: &Settings, exec: &Addr<super::db_exec::ExecClient>) -> Self {
+        Self::with_executor(settings, exec.clone().recipient(), exec.clone().recipient())
     }
 
-    fn with_executor(settings: &Settings, batches: Recipient<Batch>, exec: Recipient<Exec>) -> Self {
+    pub fn with_executor(settings: &Settings, batches: Recipient<Batch>, exec: Recipient<Exec>) -> Self {
         Self {
             batches,
             exec,
@@ -388,7 +234,7 @@ impl DbWriter {
         for k in due_disks {
             if let Some(u) = self.disks.remove(&k) {
                 let key = Key::Disk(k.0, k.1);
-                self.throttle.wrote(&key, disk_mark(&u), now);
+                self.throttle.wrote(&key, disk_mark(&u.update), now);
                 batch.push(Write::Disk(u));
             }
         }
@@ -421,16 +267,9 @@ impl DbWriter {
             .into_actor(self)
             .map(|res, act, ctx| {
                 act.in_flight = false;
-                let done = match res {
-                    Ok(d) => d,
-                    Err(e) => BatchDone {
-                        jobs: 0,
-                        disks: 0,
-                        records: 0,
-                        unwritten: Vec::new(),
-                        error: Some(DbError::Internal { error: format!("database thread gone: {e}") }),
-                    },
-                };
+                let done = res.unwrap_or_else(|e| {
+                    BatchDone::failed(Vec::new(), DbError::Internal { error: format!("database thread gone: {e}") })
+                });
                 act.batch_done(done, ctx);
             })
             .spawn(ctx);
@@ -482,7 +321,7 @@ impl DbWriter {
                     self.jobs.insert(merged.id.clone(), merged);
                 }
                 Write::Disk(u) => {
-                    let k = (u.job_id.clone(), u.disk_id.clone());
+                    let k = (u.update.job_id.clone(), u.update.disk_id.clone());
                     let merged = match self.disks.remove(&k) {
                         Some(newer) => merge_disk(u, newer),
                         None => u,
@@ -562,13 +401,13 @@ impl Handler<PersistJob> for DbWriter {
 
 impl Handler<PersistDisk> for DbWriter {
     type Result = ();
-    fn handle(&mut self, PersistDisk(u): PersistDisk, _: &mut Context<Self>) {
-        let k = (u.job_id.clone(), u.disk_id.clone());
+    fn handle(&mut self, u: PersistDisk, _: &mut Context<Self>) {
+        let k = (u.update.job_id.clone(), u.update.disk_id.clone());
         let merged = match self.disks.remove(&k) {
             Some(older) => merge_disk(older, u),
             None => u,
         };
-        self.throttle.offer(&Key::Disk(k.0.clone(), k.1.clone()), &disk_mark(&merged));
+        self.throttle.offer(&Key::Disk(k.0.clone(), k.1.clone()), &disk_mark(&merged.update));
         self.disks.insert(k, merged);
     }
 }
@@ -600,7 +439,7 @@ impl Handler<Flush> for DbWriter {
 }
 
 impl Handler<ClaimJobs> for DbWriter {
-    type Result = ResponseFuture<Result<Vec<(db::Job, Vec<db::Disk>)>, DbError>>;
+    type Result = ResponseFuture<Result<Vec<Claimed>, DbError>>;
 
     /// Claims only after everything queued before the claim is written: a job
     /// that just ended here has its final status and lease release pending, and
@@ -659,6 +498,11 @@ impl Handler<Migrate> for DbWriter {
     }
 }
 
+impl Handler<Ping> for DbWriter {
+    type Result = ();
+    fn handle(&mut self, _: Ping, _: &mut Context<Self>) {}
+}
+
 impl Handler<GetDbStats> for DbWriter {
     type Result = MessageResult<GetDbStats>;
     fn handle(&mut self, _: GetDbStats, _: &mut Context<Self>) -> Self::Result {
@@ -679,6 +523,7 @@ impl Handler<Reconfigure> for DbWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::Owner;
     use crate::state::{JobStatus, Operation};
 
     fn mark(percent: f64, state: &str) -> Mark {
@@ -774,7 +619,7 @@ mod tests {
             for w in &writes {
                 self.0.push(match w {
                     Write::Job(u) => format!("job {}", u.status.map(|s| s.as_db()).unwrap_or("-")),
-                    Write::Disk(u) => format!("disk {}", u.disk_id),
+                    Write::Disk(u) => format!("disk {}", u.update.disk_id),
                     Write::Record(_) => "record".into(),
                     Write::Release(r) => format!("release {}", r.job_id),
                 });
@@ -847,11 +692,12 @@ mod tests {
         tokio::time::pause();
         let fake = FakeDb::default().start();
         let w = writer(&fake);
-        w.do_send(PersistDisk(DiskUpdate { job_id: "j".into(), disk_id: "d".into(), ..DiskUpdate::default() }));
+        let disk = DiskUpdate { job_id: "j".into(), disk_id: "d".into(), ..DiskUpdate::default() };
+        w.do_send(PersistDisk { owner: Owner::default(), update: disk });
         // A job ends: its terminal state goes out at once (a batch in flight), its
         // lease release must wait for that batch, and discovery claims at once.
         w.do_send(PersistJob(update(100.0, JobStatus::Completed)));
-        w.do_send(ReleaseLease { job_id: "j".into(), node: "n".into() });
+        w.do_send(ReleaseLease { job_id: "j".into(), owner: Owner::default() });
         let claimed = w.send(ClaimJobs { node: "n".into(), lease: Duration::from_secs(60), limit: 1, exclude: vec![] });
         assert!(claimed.await.unwrap().unwrap().is_empty());
         assert_eq!(
@@ -889,14 +735,6 @@ mod tests {
         w.send(PersistJob(update(100.0, JobStatus::Completed))).await.expect("restarted");
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(fake.send(Take).await.unwrap(), vec!["job completed"]);
-    }
-
-    #[test]
-    fn a_panicking_database_call_is_an_error() {
-        assert!(
-            matches!(guarded(|| -> Result<(), DbError> { panic!("boom") }), Err(DbError::Internal { error }) if error.contains("boom"))
-        );
-        assert!(matches!(guarded(|| Ok(7)), Ok(7)));
     }
 
     #[test]

@@ -1,16 +1,25 @@
 //! The DiscoveryActor: every `discovery.interval` (and at once when asked) it
 //! claims ready jobs through the DbWriter and starts a JobAggregator for each. It
 //! keeps the registry of the jobs this node runs, for the admin API and for
-//! shutdown. On start it claims at once, which resumes the jobs this node owned
-//! before a restart without waiting for their leases to expire.
+//! shutdown. On start it claims at once: jobs released by a graceful stop are
+//! resumed at once, those of a crashed run once their leases have expired.
+//!
+//! A claimed row that cannot be run (see `JobTracker::new`) fails alone, with a
+//! message, written as its owner; the other claims go on. A claim has a
+//! deadline, so that a database that hangs never leaves discovery "claiming".
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix::prelude::*;
+use chrono::Utc;
 
-use super::job_aggregator::{JobAggregator, JobDeps};
+use super::job_aggregator::{JobAggregator, JobDeps, JobTracker, fence_deadline};
 use super::messages::*;
+use crate::db::{JobUpdate, NewJobEvent};
+use crate::engine::Fence;
+use crate::state::JobStatus;
 
 pub struct DiscoveryActor {
     deps: JobDeps,
@@ -66,44 +75,106 @@ impl DiscoveryActor {
             return;
         }
         self.claiming = true;
+        let lease = self.deps.settings.discovery.lease;
         let msg = ClaimJobs {
             node: self.deps.node.clone(),
-            lease: self.deps.settings.discovery.lease,
+            lease,
             limit: room as i64,
             exclude: self.active.keys().cloned().collect(),
         };
-        self.claims
-            .send(msg)
+        // The lease runs from when the database executed the claim, which is
+        // after this: the write fence counts from here, on the safe side.
+        let sent = Instant::now();
+        let limit = claim_deadline(&self.deps.settings);
+        tokio::time::timeout(limit, self.claims.send(msg))
             .into_actor(self)
-            .map(|res, act, ctx| {
+            .map(move |res, act, ctx| {
                 act.claiming = false;
                 match res {
-                    Ok(Ok(jobs)) => {
+                    Ok(Ok(Ok(jobs))) => {
                         act.failing = false;
-                        for (job, disks) in jobs {
+                        for claimed in jobs {
                             if act.stopping {
                                 break;
                             }
-                            let id = job.id.clone();
-                            tracing::info!(job_id = %id, disks = disks.len(), "claimed job");
-                            let agg =
-                                JobAggregator::new(job, disks, act.deps.clone(), ctx.address().recipient()).start();
-                            act.active.insert(id, agg);
+                            // A row that could not be run took a place in this
+                            // claim: look again for one that can.
+                            if !act.start(claimed, sent, ctx) {
+                                act.again = true;
+                            }
                         }
                     }
-                    Ok(Err(e)) => {
+                    Ok(Ok(Err(e))) => {
                         if !act.failing {
                             tracing::warn!(error = %e, "cannot look for jobs; will try again");
                         }
                         act.failing = true;
                     }
-                    Err(e) => tracing::error!(error = %e, "db writer unreachable"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "db writer unreachable"),
+                    Err(_) => {
+                        tracing::warn!(
+                            "no answer to a claim within {}; waiting for the database, will try again",
+                            humantime::format_duration(limit)
+                        );
+                        act.failing = true;
+                    }
                 }
                 if std::mem::take(&mut act.again) {
                     act.discover(ctx);
                 }
             })
             .spawn(ctx);
+    }
+}
+
+/// How long a claim may take: it waits for the writes queued before it (one
+/// batch) and then claims, each with its own database deadline.
+fn claim_deadline(s: &crate::config::Settings) -> std::time::Duration {
+    (s.database.timeout + s.database.connect_timeout) * 2
+}
+
+impl DiscoveryActor {
+    /// Starts the aggregator of a claimed job, or fails the job alone when its
+    /// row cannot be run (and returns false).
+    fn start(&mut self, c: Claimed, sent: Instant, ctx: &mut Context<Self>) -> bool {
+        let id = c.job.id.clone();
+        let lease = self.deps.settings.discovery.lease;
+        match JobTracker::new(&c.job, &c.disks, c.owner.run.clone()) {
+            Ok(t) => {
+                tracing::info!(job_id = %id, correlation_id = %c.owner.run, disks = c.disks.len(), "claimed job");
+                let fence = Fence::until(fence_deadline(sent, lease));
+                let agg = JobAggregator::new(t, c.disks, c.owner, fence, self.deps.clone(), ctx.address().recipient());
+                self.active.insert(id, agg.start());
+                true
+            }
+            Err(why) => {
+                tracing::error!(job_id = %id, correlation_id = %c.owner.run, "claimed a job that cannot be run: {why}");
+                let db = &self.deps.db;
+                let now = Utc::now().naive_utc();
+                db.do_send(Record {
+                    owner: c.owner.clone(),
+                    entry: Entry::Event(NewJobEvent {
+                        job_id: id.clone(),
+                        disk_id: None,
+                        correlation_id: c.owner.run.clone(),
+                        level: "error".into(),
+                        stage: c.job.current_operation.clone().unwrap_or_default(),
+                        message: format!("cannot run this job: {why}"),
+                        created_at: Some(now),
+                    }),
+                });
+                db.do_send(PersistJob(JobUpdate {
+                    id: id.clone(),
+                    owner: Some(c.owner.clone()),
+                    status: Some(JobStatus::Failed),
+                    error_message: Some(why),
+                    completed_at: Some(now),
+                    ..JobUpdate::default()
+                }));
+                db.do_send(ReleaseLease { job_id: id, owner: c.owner });
+                false
+            }
+        }
     }
 }
 
@@ -122,6 +193,11 @@ impl Supervised for DiscoveryActor {
         self.claiming = false;
         self.ticker = None;
     }
+}
+
+impl Handler<Ping> for DiscoveryActor {
+    type Result = ();
+    fn handle(&mut self, _: Ping, _: &mut Context<Self>) {}
 }
 
 impl Handler<DiscoverNow> for DiscoveryActor {
@@ -193,7 +269,7 @@ mod tests {
     use crate::actors::disk_copier::DiskSlots;
     use crate::actors::timeout_watchdog::TimeoutWatchdog;
     use crate::config::Settings;
-    use crate::db::{DbError, Disk, Job};
+    use crate::db::DbError;
 
     /// Answers every claim with no jobs, and counts them.
     #[derive(Default)]
@@ -202,7 +278,7 @@ mod tests {
         type Context = Context<Self>;
     }
     impl Handler<ClaimJobs> for Claims {
-        type Result = Result<Vec<(Job, Vec<Disk>)>, DbError>;
+        type Result = Result<Vec<Claimed>, DbError>;
         fn handle(&mut self, _: ClaimJobs, _: &mut Context<Self>) -> Self::Result {
             self.0 += 1;
             Ok(Vec::new())
@@ -223,8 +299,10 @@ mod tests {
         tokio::time::pause();
         let settings = Arc::new(Settings::defaults());
         assert_eq!(settings.discovery.interval, Duration::from_secs(30));
+        // Never called here: the claims go to the collector.
+        let exec = crate::actors::db_exec::ExecThreads::spawn(&settings, "n").unwrap();
         let deps = JobDeps {
-            db: DbWriter::new(&settings).start(),
+            db: DbWriter::new(&settings, &exec.client()).start(),
             watchdog: TimeoutWatchdog::new(settings.watchdog.stall_timeout).start(),
             slots: DiskSlots::new(2),
             settings: settings.clone(),
@@ -247,5 +325,6 @@ mod tests {
         discovery.send(StopDiscovery).await.unwrap();
         tokio::time::sleep(Duration::from_secs(120)).await;
         assert_eq!(count().await.unwrap(), 4, "nothing after stopping");
+        exec.stop();
     }
 }

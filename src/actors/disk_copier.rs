@@ -114,9 +114,13 @@ fn copy_thread(
     let send = |kind| report.do_send(DiskReport { disk_id: disk_id.clone(), kind });
     let on_event = |e| send(DiskReportKind::Engine(e));
     let cancel = copier.cancel_token();
-    let cancelled = || CopyFailure { message: "cancelled".into(), cancelled: true };
+    let cancelled = || CopyFailure { message: "cancelled".into(), cancelled: true, fenced: false };
     let body = || -> Result<_, CopyFailure> {
-        let failure = |e: crate::engine::CopyError| CopyFailure { cancelled: e.is_cancelled(), message: e.to_string() };
+        let failure = |e: crate::engine::CopyError| CopyFailure {
+            cancelled: e.is_cancelled(),
+            fenced: e.is_fenced(),
+            message: e.to_string(),
+        };
         let info = copier.prepare(&on_event).map_err(failure)?;
         send(DiskReportKind::Planned(info));
         loop {
@@ -151,7 +155,11 @@ fn caught<T>(disk_id: &str, body: impl FnOnce() -> Result<T, CopyFailure>) -> Re
         Err(panic) => {
             let what = super::panic_message(&*panic);
             tracing::error!(disk_id = %disk_id, panic = %what, "copy engine panicked");
-            Err(CopyFailure { message: format!("internal error: copy engine panicked: {what}"), cancelled: false })
+            Err(CopyFailure {
+                message: format!("internal error: copy engine panicked: {what}"),
+                cancelled: false,
+                fenced: false,
+            })
         }
     }
 }
@@ -175,6 +183,7 @@ impl Actor for DiskCopier {
                     kind: DiskReportKind::Finished(Err(CopyFailure {
                         message: format!("cannot start a copy thread: {e}"),
                         cancelled: false,
+                        fenced: false,
                     })),
                 });
                 ctx.stop();

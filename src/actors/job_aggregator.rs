@@ -5,7 +5,15 @@
 //! The arithmetic and the state are [`JobTracker`], a plain struct that unit tests
 //! drive; the actor is the plumbing around it. Figures are sums of bytes over the
 //! disks, never averages of percentages, and the percentage only counts once every
-//! disk is planned, so it never goes down when a late disk adds to the total.
+//! disk is planned, so it never goes down when a late disk adds to the total. A
+//! resumed run starts from the figures its rows show (see [`DiskTrack::floor`]),
+//! so the percentage does not drop when a run restarts from a checkpoint below them.
+//!
+//! The aggregator writes as its job's owner (node and run) and only while its
+//! lease holds: the engine's write fence of every disk is the lease's deadline on
+//! this machine's monotonic clock, extended only by a renewal the database
+//! confirmed. When it expires, the copies stop sending to their targets at once,
+//! and the aggregator stops without writing another row of the job.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,8 +27,8 @@ use super::disk_copier::{DiskCopier, DiskSlots, Dismiss};
 use super::messages::*;
 use super::timeout_watchdog::TimeoutWatchdog;
 use crate::config::Settings;
-use crate::db::{CbtRecord, Disk, DiskUpdate, Job, JobUpdate, NewJobEvent};
-use crate::engine::{Changes, Copier, CopySpec, Event, Snapshot, Stage, Summary, plan};
+use crate::db::{CbtRecord, Disk, DiskUpdate, Job, JobUpdate, NewJobEvent, Owner};
+use crate::engine::{Changes, Copier, CopySpec, Event, Fence, Snapshot, Stage, Summary, plan};
 use crate::state::{DiskStatus, JobStatus, Operation, ReplicationType};
 
 /// What a job needs from the rest of the daemon.
@@ -43,9 +51,17 @@ pub struct DiskTrack {
     pub status: DiskStatus,
     pub capacity: u64,
     pub planned: u64,
+    /// `planned` may be used for the percentage: this run planned the disk, or
+    /// an earlier run did (its figures in the row), until this run's plan arrives.
     pub planned_known: bool,
+    /// This run's plan arrived (the transfer waits for every disk's).
+    pub planned_now: bool,
     pub blocks: u64,
+    /// Planned bytes done in this run's count (below its checkpoint included).
     pub done: u64,
+    /// What the row showed as done when the job was claimed: the shown figures
+    /// never go below it while the plan is the same.
+    pub floor: u64,
     pub skipped: u64,
     pub zeroed: u64,
     pub verified: u64,
@@ -62,8 +78,10 @@ pub struct DiskTrack {
 }
 
 impl DiskTrack {
-    fn from_row(d: &Disk) -> Self {
-        let completed = d.sync_status == DiskStatus::Completed;
+    /// The disk as its row shows it; `status` is the row's, checked known.
+    fn from_row(d: &Disk, status: DiskStatus) -> Self {
+        let completed = status == DiskStatus::Completed;
+        let planned = d.planned_bytes.max(0) as u64;
         Self {
             disk_id: d.disk_id.clone(),
             label: d.label.clone(),
@@ -72,10 +90,12 @@ impl DiskTrack {
             // A disk that did not complete starts over (from its checkpoint).
             status: if completed { DiskStatus::Completed } else { DiskStatus::Pending },
             capacity: d.capacity_bytes.max(0) as u64,
-            planned: d.planned_bytes.max(0) as u64,
-            planned_known: completed,
+            planned,
+            planned_known: completed || planned > 0,
+            planned_now: completed,
             blocks: 0,
-            done: if completed { d.planned_bytes.max(0) as u64 } else { 0 },
+            done: if completed { planned } else { 0 },
+            floor: if completed { planned } else { (d.bytes_synced.max(0) as u64).min(planned) },
             skipped: d.skipped_bytes.max(0) as u64,
             zeroed: 0,
             verified: 0,
@@ -89,8 +109,31 @@ impl DiskTrack {
         }
     }
 
+    /// The planned bytes shown as done: this run's count, or what the row showed
+    /// if that is more, never more than planned.
+    pub fn shown_done(&self) -> u64 {
+        self.done.max(self.floor).min(self.planned)
+    }
+
     pub fn percent(&self) -> f64 {
-        if self.planned_known { crate::engine::progress::percent(self.done, self.planned) } else { 0.0 }
+        if self.planned_known { crate::engine::progress::percent(self.shown_done(), self.planned) } else { 0.0 }
+    }
+
+    /// This run's plan: the figures of an earlier run stand only if it planned
+    /// the same bytes.
+    fn set_plan(&mut self, planned: u64, done: u64) {
+        if planned != self.planned {
+            self.floor = 0;
+        }
+        self.planned = planned;
+        self.done = done;
+        self.planned_known = true;
+        self.planned_now = true;
+    }
+
+    /// Past copying: verifying, done, or finished.
+    fn copied(&self) -> bool {
+        self.status.is_terminal() || matches!(self.stage, Some(Stage::Verifying | Stage::Done))
     }
 
     fn apply(&mut self, s: &Snapshot) {
@@ -107,6 +150,9 @@ impl DiskTrack {
         self.waiting_on = s.waiting_on.clone();
         self.stage = Some(s.stage);
         if s.planned_bytes > 0 || s.disk_size > 0 {
+            if s.planned_bytes != self.planned {
+                self.floor = 0;
+            }
             self.planned = s.planned_bytes;
             self.capacity = s.disk_size;
         }
@@ -131,30 +177,74 @@ pub struct JobTracker {
 }
 
 impl JobTracker {
-    pub fn new(job: &Job, disks: &[Disk], correlation_id: String) -> Self {
-        let operation = match job.replication_type {
+    /// The tracker of a claimed job, or why the job cannot be run: a status or a
+    /// replication type the daemon does not know, no disks, a disk in a status
+    /// it does not know or without a source or a target. Such a job fails alone,
+    /// with this message; the others are not held up by it.
+    pub fn new(job: &Job, disks: &[Disk], correlation_id: String) -> Result<Self, String> {
+        let status = job
+            .status
+            .known()
+            .filter(|s| !s.is_terminal())
+            .ok_or_else(|| format!("cannot run a job in status '{}'", job.status.shown(JobStatus::as_db)))?;
+        let replication_type = job.replication_type.known().ok_or_else(|| {
+            format!(
+                "unknown replication type '{}' (expected full or incremental)",
+                job.replication_type.shown(ReplicationType::as_str)
+            )
+        })?;
+        if disks.is_empty() {
+            return Err("the job has no disks".into());
+        }
+        let mut tracks = Vec::with_capacity(disks.len());
+        for d in disks {
+            let Some(st) = d.sync_status.known() else {
+                let word = d.sync_status.shown(DiskStatus::as_db);
+                return Err(format!("disk '{}' has an unknown sync_status '{word}'", d.disk_id));
+            };
+            if st != DiskStatus::Completed {
+                if d.source_uri.trim().is_empty() {
+                    return Err(format!("disk '{}' has no source URI", d.disk_id));
+                }
+                if d.target_uri.trim().is_empty() {
+                    return Err(format!("disk '{}' has no target URI", d.disk_id));
+                }
+            }
+            tracks.push(DiskTrack::from_row(d, st));
+        }
+        let operation = match replication_type {
             ReplicationType::Full => Operation::Discover,
             ReplicationType::Incremental => Operation::QueryCbt,
         };
-        let disks: Vec<DiskTrack> = disks.iter().map(DiskTrack::from_row).collect();
         let mut t = Self {
             job_id: job.id.clone(),
             correlation_id,
-            replication_type: job.replication_type,
-            status: job.status,
+            replication_type,
+            status,
             operation,
-            disks,
+            disks: tracks,
             started_at: job.started_at,
             last_progress_at: job.last_progress_at,
             milestone: 0,
             waiting: 0,
         };
         t.milestone = (t.percent() / 10.0).floor() as u32;
-        t
+        Ok(t)
     }
 
     pub fn all_planned(&self) -> bool {
         self.disks.iter().all(|d| d.planned_known || d.status.is_terminal())
+    }
+
+    /// Every disk still to copy has this run's plan: the transfer may start.
+    pub fn planned_now(&self) -> bool {
+        self.disks.iter().all(|d| d.planned_now || d.status.is_terminal())
+    }
+
+    /// Every disk is past copying (verifying or finished): the job may move to
+    /// `finalizing`, which no disk may leave again.
+    pub fn all_copied(&self) -> bool {
+        self.disks.iter().all(DiskTrack::copied)
     }
 
     pub fn planned(&self) -> u64 {
@@ -162,7 +252,7 @@ impl JobTracker {
     }
 
     pub fn done(&self) -> u64 {
-        self.disks.iter().map(|d| d.done.min(d.planned)).sum()
+        self.disks.iter().map(DiskTrack::shown_done).sum()
     }
 
     pub fn throughput(&self) -> u64 {
@@ -223,11 +313,11 @@ impl JobTracker {
     }
 
     /// The full row state of the job (the DbWriter compares it with what it
-    /// wrote last).
-    pub fn job_update(&self, node: &str) -> JobUpdate {
+    /// wrote last), written as `owner`.
+    pub fn job_update(&self, owner: &Owner) -> JobUpdate {
         JobUpdate {
             id: self.job_id.clone(),
-            node: Some(node.to_string()),
+            owner: Some(owner.clone()),
             status: Some(self.status),
             current_operation: Some(self.operation),
             progress_percent: Some(self.percent()),
@@ -249,7 +339,7 @@ impl JobTracker {
             sync_status: Some(d.status),
             capacity_bytes: Some(d.capacity as i64),
             planned_bytes: Some(d.planned as i64),
-            bytes_synced: Some(d.done.min(d.planned) as i64),
+            bytes_synced: Some(d.shown_done() as i64),
             skipped_bytes: Some(d.skipped as i64),
             sync_progress_percent: Some(d.percent()),
             throughput_bps: Some(d.throughput as i64),
@@ -267,14 +357,46 @@ enum Ending {
     Cancelled(String),
     /// Shutdown: leave it resumable.
     Suspended,
-    /// Another node owns it now, or it finished elsewhere: touch nothing.
+    /// Another node or run owns it now, or it finished elsewhere: touch nothing.
     Lost,
+    /// The lease was not renewed by its deadline on this machine's clock: the
+    /// copies stopped writing; touch nothing (another node may own it already).
+    Expired,
 }
+
+impl Ending {
+    /// The job is no longer ours: not one more write of its rows.
+    fn gone(&self) -> bool {
+        matches!(self, Ending::Lost | Ending::Expired)
+    }
+}
+
+/// How long after a renewal (or the claim) was sent the job's write fence stays
+/// open: the lease minus a quarter of it. The database's lease runs from when it
+/// executed the statement, later than it was sent, so this deadline always comes
+/// first; the quarter covers clock-rate differences and requests still on their
+/// way to a target when the fence closes.
+pub fn fence_deadline(sent: Instant, lease: std::time::Duration) -> Instant {
+    sent + lease - lease / 4
+}
+
+/// `d` to the second, for messages.
+fn round_s(d: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_secs(d.as_secs())
+}
+
+/// How often the aggregator looks at its fence (the copies check it themselves
+/// before every request; this stops the job's actors and rows).
+const FENCE_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub struct JobAggregator {
     deps: JobDeps,
     discovery: Recipient<JobEnded>,
     t: JobTracker,
+    /// Who writes the job's rows: this node, this run.
+    owner: Owner,
+    /// The engine's write fence for every disk of this run (see the module doc).
+    fence: Fence,
     rows: Vec<Disk>,
     copiers: HashMap<String, Addr<DiskCopier>>,
     ending: Option<Ending>,
@@ -287,14 +409,24 @@ pub struct JobAggregator {
 }
 
 impl JobAggregator {
-    pub fn new(job: Job, disks: Vec<Disk>, deps: JobDeps, discovery: Recipient<JobEnded>) -> Self {
-        let correlation_id = uuid::Uuid::new_v4().simple().to_string();
-        let t = JobTracker::new(&job, &disks, correlation_id);
+    /// The aggregator of a claimed job: `t` its tracker (whose correlation id is
+    /// the run of `owner`), `rows` its disks, `fence` open until the claim's lease
+    /// deadline.
+    pub fn new(
+        t: JobTracker,
+        rows: Vec<Disk>,
+        owner: Owner,
+        fence: Fence,
+        deps: JobDeps,
+        discovery: Recipient<JobEnded>,
+    ) -> Self {
         Self {
             deps,
             discovery,
             t,
-            rows: disks,
+            owner,
+            fence,
+            rows,
             copiers: HashMap::new(),
             ending: None,
             transfer_started: false,
@@ -305,6 +437,12 @@ impl JobAggregator {
         }
     }
 
+    /// Whether the job's rows are still ours to write: the fence is open and the
+    /// job was not lost. Every write goes through here.
+    fn may_write(&self) -> bool {
+        !self.fence.expired() && !self.ending.as_ref().is_some_and(Ending::gone)
+    }
+
     fn event(&self, disk: Option<&str>, level: &str, message: impl Into<String>) {
         let message = message.into();
         let (job_id, cid) = (&self.t.job_id, &self.t.correlation_id);
@@ -313,7 +451,7 @@ impl JobAggregator {
             "warn" => tracing::warn!(job_id = %job_id, disk_id = disk, correlation_id = %cid, "{message}"),
             _ => tracing::info!(job_id = %job_id, disk_id = disk, correlation_id = %cid, "{message}"),
         }
-        self.deps.db.do_send(Record::Event(NewJobEvent {
+        self.record(Entry::Event(NewJobEvent {
             job_id: job_id.clone(),
             disk_id: disk.map(str::to_string),
             correlation_id: cid.clone(),
@@ -324,13 +462,31 @@ impl JobAggregator {
         }));
     }
 
+    fn record(&self, entry: Entry) {
+        if self.may_write() {
+            self.deps.db.do_send(Record { owner: self.owner.clone(), entry });
+        }
+    }
+
+    fn write_job(&self, u: JobUpdate) {
+        if self.may_write() {
+            self.deps.db.do_send(PersistJob(u));
+        }
+    }
+
+    fn write_disk(&self, update: DiskUpdate) {
+        if self.may_write() {
+            self.deps.db.do_send(PersistDisk { owner: self.owner.clone(), update });
+        }
+    }
+
     fn persist_job(&self) {
-        self.deps.db.do_send(PersistJob(self.t.job_update(&self.deps.node)));
+        self.write_job(self.t.job_update(&self.owner));
     }
 
     fn persist_disk(&self, disk_id: &str) {
         if let Some(d) = self.t.disks.iter().find(|d| d.disk_id == disk_id) {
-            self.deps.db.do_send(PersistDisk(self.t.disk_update(d)));
+            self.write_disk(self.t.disk_update(d));
         }
     }
 
@@ -377,7 +533,8 @@ impl JobAggregator {
 
     /// Ends the job early for `why`: cancels the copiers, finishing once they stopped.
     fn end(&mut self, why: Ending, ctx: &mut Context<Self>) {
-        if self.ending.is_none() {
+        // A job that is no longer ours stays so, whatever ended it first.
+        if self.ending.is_none() || why.gone() {
             self.ending = Some(why);
         }
         for c in self.copiers.values() {
@@ -401,7 +558,7 @@ impl JobAggregator {
                 self.advance(JobStatus::Finalizing, Operation::Finalize);
                 self.advance(JobStatus::Finalizing, Operation::PersistChangeIds);
                 self.t.status = JobStatus::Completed;
-                let mut u = self.t.job_update(&self.deps.node);
+                let mut u = self.t.job_update(&self.owner);
                 u.completed_at = now;
                 u.eta_seconds = Some(0);
                 u.transfer_speed_bps = Some(0);
@@ -425,7 +582,7 @@ impl JobAggregator {
                     self.persist_disk(&id);
                 }
                 self.t.status = js;
-                let mut u = self.t.job_update(&self.deps.node);
+                let mut u = self.t.job_update(&self.owner);
                 u.error_message = Some(msg.clone());
                 u.completed_at = now;
                 u.transfer_speed_bps = Some(0);
@@ -447,13 +604,21 @@ impl JobAggregator {
             Some(Ending::Lost) => {
                 self.event(None, "warn", "job no longer ours (lease lost or finished elsewhere); stopped");
             }
+            Some(Ending::Expired) => {
+                self.event(
+                    None,
+                    "warn",
+                    "lease not renewed in time; stopped writing to the targets and to the job's rows \
+                     (resumable from its checkpoints once the lease has expired)",
+                );
+            }
         }
         if let Some(u) = final_update {
-            self.deps.db.do_send(PersistJob(u));
+            self.write_job(u);
         }
         self.deps.watchdog.do_send(Unwatch { job_id: self.t.job_id.clone() });
-        if self.ending != Some(Ending::Lost) {
-            self.deps.db.do_send(ReleaseLease { job_id: self.t.job_id.clone(), node: self.deps.node.clone() });
+        if self.may_write() {
+            self.deps.db.do_send(ReleaseLease { job_id: self.t.job_id.clone(), owner: self.owner.clone() });
         }
         self.discovery.do_send(JobEnded { job_id: self.t.job_id.clone() });
         for w in self.suspend_waiters.drain(..) {
@@ -486,8 +651,8 @@ impl JobAggregator {
                     let mut u = self.t.disk_update(d);
                     u.disk_change_id = change_id.clone();
                     u.error_message = Some(None);
-                    self.deps.db.do_send(PersistDisk(u));
-                    self.deps.db.do_send(Record::Cbt(CbtRecord {
+                    self.write_disk(u);
+                    self.record(Entry::Cbt(CbtRecord {
                         job_id: self.t.job_id.clone(),
                         disk_id: disk_id.to_string(),
                         change_id,
@@ -515,6 +680,14 @@ impl JobAggregator {
                     d.throughput = 0;
                 }
             }
+            // Not the disk's fault: the job is no longer ours.
+            Err(f) if f.fenced => {
+                if let Some(d) = self.t.disk_mut(disk_id) {
+                    d.copying = false;
+                    d.throughput = 0;
+                }
+                self.end(Ending::Expired, ctx);
+            }
             Err(f) => {
                 let msg = format!("disk {disk_id}: {}", f.message);
                 if let Some(d) = self.t.disk_mut(disk_id) {
@@ -535,8 +708,53 @@ impl JobAggregator {
         } else if self.t.unfinished().next().is_none() {
             self.finish(ctx);
         } else {
+            self.finalizing_if_copied();
             self.on_progress();
         }
+    }
+
+    /// Moves the job to `finalizing` once no disk is copying any more (the rest
+    /// verify): never while one still streams, because the job cannot move back.
+    fn finalizing_if_copied(&mut self) {
+        if self.ending.is_none() && self.t.all_copied() {
+            self.advance(JobStatus::Finalizing, Operation::Finalize);
+        }
+    }
+
+    /// Sends a lease renewal; a confirmed one moves the write fence forward,
+    /// counting from when it was sent.
+    fn renew(&mut self, ctx: &mut Context<Self>) {
+        let lease = self.deps.settings.discovery.lease;
+        let sent = Instant::now();
+        let msg = RenewLease { job_id: self.t.job_id.clone(), owner: self.owner.clone(), lease };
+        // No answer by the next renewal counts as no renewal.
+        let wait = lease / 3;
+        let reply = tokio::time::timeout(wait, self.deps.db.send(msg));
+        reply
+            .into_actor(self)
+            .map(move |res, act, ctx| match res {
+                Ok(Ok(Ok(true))) => {
+                    act.fence.extend(fence_deadline(sent, lease));
+                }
+                Ok(Ok(Ok(false))) => {
+                    act.fence.revoke();
+                    act.end(Ending::Lost, ctx);
+                }
+                Ok(Ok(Err(e))) => tracing::warn!(
+                    job_id = %act.t.job_id,
+                    error = %e,
+                    "cannot renew the lease; the copies stop in {} unless a renewal succeeds",
+                    humantime::format_duration(round_s(act.fence.remaining().unwrap_or_default()))
+                ),
+                Ok(Err(_)) => {}
+                Err(_) => tracing::warn!(
+                    job_id = %act.t.job_id,
+                    "no answer to a lease renewal within {}; the copies stop in {} unless a renewal succeeds",
+                    humantime::format_duration(wait),
+                    humantime::format_duration(round_s(act.fence.remaining().unwrap_or_default()))
+                ),
+            })
+            .spawn(ctx);
     }
 
     /// After any change of figures: persist (throttled), heartbeat, milestones.
@@ -563,30 +781,23 @@ impl Actor for JobAggregator {
         if self.t.started_at.is_none() {
             self.t.started_at = Some(Utc::now().naive_utc());
         }
-        self.event(None, "info", format!("claimed by {}; run {}", self.deps.node, self.t.correlation_id));
+        self.event(None, "info", format!("claimed by {}; run {}", self.owner.node, self.owner.run));
         let first_op = self.t.operation;
         self.advance(JobStatus::Preparing, first_op);
         self.persist_job();
 
-        // Lease renewal; losing it stops the job without touching its row.
+        // Lease renewal; losing the job stops it without touching its rows, and so
+        // does a fence that expires because no renewal got through in time.
         let lease = self.deps.settings.discovery.lease;
-        ctx.run_interval(lease / 3, move |act, ctx| {
-            let msg = RenewLease { job_id: act.t.job_id.clone(), node: act.deps.node.clone(), lease };
-            act.deps
-                .db
-                .send(msg)
-                .into_actor(act)
-                .map(|res, act, ctx| match res {
-                    Ok(Ok(true)) => {}
-                    Ok(Ok(false)) => act.end(Ending::Lost, ctx),
-                    Ok(Err(e)) => tracing::warn!(job_id = %act.t.job_id, error = %e, "cannot renew the lease"),
-                    Err(_) => {}
-                })
-                .spawn(ctx);
+        ctx.run_interval(lease / 3, |act, ctx| act.renew(ctx));
+        ctx.run_interval(FENCE_CHECK, |act, ctx| {
+            if act.fence.expired() && !act.ending.as_ref().is_some_and(Ending::gone) {
+                act.end(Ending::Expired, ctx);
+            }
         });
 
         let rows = std::mem::take(&mut self.rows);
-        for row in rows.iter().filter(|r| r.sync_status != DiskStatus::Completed) {
+        for row in rows.iter().filter(|r| r.sync_status.known() != Some(DiskStatus::Completed)) {
             let spec = match self.spec_for(row) {
                 Ok(s) => s,
                 Err(e) => {
@@ -605,7 +816,7 @@ impl Actor for JobAggregator {
             }
             let copier = DiskCopier::new(
                 row.disk_id.clone(),
-                Copier::new(spec),
+                Copier::new(spec).with_fence(self.fence.clone()),
                 addr.clone().recipient(),
                 self.deps.slots.clone(),
             );
@@ -625,12 +836,11 @@ impl Handler<DiskReport> for JobAggregator {
         match r.kind {
             DiskReportKind::Planned(info) => {
                 if let Some(d) = self.t.disk_mut(&r.disk_id) {
-                    d.planned = info.planned_bytes;
+                    // Bytes below the checkpoint count as done from here on.
+                    d.set_plan(info.planned_bytes, info.done_bytes);
                     d.capacity = info.disk_size;
                     d.blocks = info.blocks;
-                    d.done = info.done_bytes;
                     d.skipped = info.skipped_bytes;
-                    d.planned_known = true;
                 }
                 self.event(
                     Some(&r.disk_id),
@@ -641,7 +851,7 @@ impl Handler<DiskReport> for JobAggregator {
                     ),
                 );
                 self.persist_disk(&r.disk_id);
-                if self.t.all_planned() && !self.transfer_started && self.ending.is_none() {
+                if self.t.planned_now() && !self.transfer_started && self.ending.is_none() {
                     self.transfer_started = true;
                     self.advance(JobStatus::Streaming, Operation::StartExports);
                     for c in self.copiers.values() {
@@ -671,8 +881,8 @@ impl Handler<DiskReport> for JobAggregator {
                 if let Some(d) = self.t.disk_mut(&r.disk_id) {
                     d.apply(&s);
                 }
-                if s.stage == Stage::Verifying && self.ending.is_none() {
-                    self.advance(JobStatus::Finalizing, Operation::Finalize);
+                if s.stage == Stage::Verifying {
+                    self.finalizing_if_copied();
                 }
                 self.persist_disk(&r.disk_id);
                 self.on_progress();
@@ -786,8 +996,8 @@ mod tests {
             id: "job-1".into(),
             vm_name: "vm1".into(),
             vm_path: None,
-            replication_type: kind,
-            status: JobStatus::Pending,
+            replication_type: kind.into(),
+            status: JobStatus::Pending.into(),
             current_operation: None,
             progress_percent: 0.0,
             setup_progress_percent: 0.0,
@@ -799,6 +1009,7 @@ mod tests {
             error_message: None,
             owner_node: None,
             lease_expires_at: None,
+            owner_run: None,
             last_progress_at: None,
             created_at: now,
             updated_at: now,
@@ -820,7 +1031,7 @@ mod tests {
             planned_bytes: planned,
             bytes_synced: 0,
             skipped_bytes: 0,
-            sync_status: status,
+            sync_status: status.into(),
             sync_progress_percent: 0.0,
             throughput_bps: 0,
             dirty_bitmap: None,
@@ -867,7 +1078,8 @@ mod tests {
             &job(ReplicationType::Full),
             &[disk("a", DiskStatus::Pending, 0), disk("b", DiskStatus::Pending, 0)],
             "c".into(),
-        );
+        )
+        .unwrap();
         plan_all(&mut t, &[100, 900]);
         t.disk_mut("a").unwrap().apply(&snap(100, 100, 10));
         t.disk_mut("b").unwrap().apply(&snap(0, 900, 30));
@@ -884,7 +1096,8 @@ mod tests {
             &job(ReplicationType::Full),
             &[disk("a", DiskStatus::Pending, 0), disk("b", DiskStatus::Pending, 0)],
             "c".into(),
-        );
+        )
+        .unwrap();
         t.disks[0].planned = 100;
         t.disks[0].planned_known = true;
         t.disks[0].done = 100;
@@ -901,7 +1114,8 @@ mod tests {
             &job(ReplicationType::Full),
             &[disk("a", DiskStatus::Completed, 400), disk("b", DiskStatus::Streaming, 600)],
             "c".into(),
-        );
+        )
+        .unwrap();
         assert_eq!(t.disks[0].done, 400);
         assert_eq!(t.disks[1].status, DiskStatus::Pending, "an interrupted disk starts over from its checkpoint");
         assert_eq!(t.unfinished().count(), 1);
@@ -909,7 +1123,8 @@ mod tests {
 
     #[test]
     fn milestones_are_announced_once_each() {
-        let mut t = JobTracker::new(&job(ReplicationType::Full), &[disk("a", DiskStatus::Pending, 0)], "c".into());
+        let mut t =
+            JobTracker::new(&job(ReplicationType::Full), &[disk("a", DiskStatus::Pending, 0)], "c".into()).unwrap();
         plan_all(&mut t, &[1000]);
         let mut seen = Vec::new();
         for done in [50, 99, 100, 250, 260, 999, 1000] {
@@ -923,7 +1138,8 @@ mod tests {
 
     #[test]
     fn a_job_that_planned_nothing_is_complete_only_when_its_disks_are() {
-        let mut t = JobTracker::new(&job(ReplicationType::Full), &[disk("a", DiskStatus::Pending, 0)], "c".into());
+        let mut t =
+            JobTracker::new(&job(ReplicationType::Full), &[disk("a", DiskStatus::Pending, 0)], "c".into()).unwrap();
         t.disks[0].status = DiskStatus::Failed;
         assert_eq!(t.percent(), 0.0, "failed at connect: nothing was done");
         t.disks[0].status = DiskStatus::Completed;
@@ -932,7 +1148,8 @@ mod tests {
 
     #[test]
     fn work_grows_with_any_kind_of_progress() {
-        let mut t = JobTracker::new(&job(ReplicationType::Full), &[disk("a", DiskStatus::Pending, 0)], "c".into());
+        let mut t =
+            JobTracker::new(&job(ReplicationType::Full), &[disk("a", DiskStatus::Pending, 0)], "c".into()).unwrap();
         let w0 = t.work();
         t.disks[0].planned_known = true;
         let w1 = t.work();
@@ -946,14 +1163,89 @@ mod tests {
     #[test]
     fn job_update_carries_the_full_state() {
         let mut t =
-            JobTracker::new(&job(ReplicationType::Incremental), &[disk("a", DiskStatus::Pending, 0)], "c".into());
+            JobTracker::new(&job(ReplicationType::Incremental), &[disk("a", DiskStatus::Pending, 0)], "c".into())
+                .unwrap();
         assert_eq!(t.operation, Operation::QueryCbt);
         plan_all(&mut t, &[200]);
         t.disk_mut("a").unwrap().apply(&snap(50, 200, 5));
-        let u = t.job_update("n1");
+        let owner = Owner { node: "n1".into(), run: "r1".into() };
+        let u = t.job_update(&owner);
         assert_eq!(u.status, Some(JobStatus::Pending));
         assert_eq!(u.progress_percent, Some(25.0));
         assert_eq!((u.bytes_transferred, u.total_bytes), (Some(50), Some(200)));
-        assert_eq!(u.node.as_deref(), Some("n1"));
+        assert_eq!(u.owner, Some(owner));
+    }
+
+    fn reason(job: &Job, disks: &[Disk]) -> String {
+        JobTracker::new(job, disks, "c".into()).err().unwrap_or_default()
+    }
+
+    #[test]
+    fn a_row_that_cannot_be_run_says_why() {
+        let full = job(ReplicationType::Full);
+        let ok = disk("a", DiskStatus::Pending, 0);
+        assert!(JobTracker::new(&full, std::slice::from_ref(&ok), "c".into()).is_ok());
+        let odd = Job { replication_type: crate::db::Word::Unknown("differential".into()), ..full.clone() };
+        assert_eq!(
+            reason(&odd, std::slice::from_ref(&ok)),
+            "unknown replication type 'differential' (expected full or incremental)"
+        );
+        assert_eq!(reason(&full, &[]), "the job has no disks");
+        let weird = Disk { sync_status: crate::db::Word::Unknown("weird".into()), ..ok.clone() };
+        assert_eq!(reason(&full, &[ok.clone(), weird]), "disk 'a' has an unknown sync_status 'weird'");
+        let no_source = Disk { source_uri: " ".into(), ..disk("b", DiskStatus::Pending, 0) };
+        assert_eq!(reason(&full, &[ok.clone(), no_source]), "disk 'b' has no source URI");
+        let no_target = Disk { target_uri: String::new(), ..ok.clone() };
+        assert_eq!(reason(&full, &[no_target]), "disk 'a' has no target URI");
+        let done_elsewhere = Job { status: JobStatus::Completed.into(), ..full.clone() };
+        assert_eq!(reason(&done_elsewhere, std::slice::from_ref(&ok)), "cannot run a job in status 'completed'");
+        // A completed disk needs no URIs any more.
+        let completed = Disk { source_uri: String::new(), ..disk("c", DiskStatus::Completed, 5) };
+        assert!(JobTracker::new(&full, &[ok, completed], "c".into()).is_ok());
+    }
+
+    #[test]
+    fn a_resumed_run_starts_from_what_its_rows_showed() {
+        // The rows of a killed run: 700 of 1000 bytes shown, a checkpoint at 580.
+        let row = Disk { bytes_synced: 700, resume_offset: 580, ..disk("a", DiskStatus::Streaming, 1000) };
+        let mut t = JobTracker::new(&job(ReplicationType::Full), &[row], "c".into()).unwrap();
+        assert_eq!(t.percent(), 70.0, "from the first report, before planning");
+        assert!(!t.planned_now(), "the transfer still waits for this run's plan");
+        assert_eq!(t.take_milestone(), None, "milestones already announced are not repeated");
+        // This run's plan: 580 bytes below the checkpoint are done.
+        t.disk_mut("a").unwrap().set_plan(1000, 580);
+        assert!(t.planned_now());
+        assert_eq!((t.percent(), t.done()), (70.0, 700), "not below what was shown");
+        t.disk_mut("a").unwrap().apply(&snap(750, 1000, 1));
+        assert_eq!(t.percent(), 75.0);
+        // Another plan (the source changed): the earlier figures mean nothing.
+        t.disk_mut("a").unwrap().set_plan(2000, 0);
+        assert_eq!(t.percent(), 0.0);
+    }
+
+    #[test]
+    fn the_job_is_copied_only_when_every_disk_is() {
+        let mut t = JobTracker::new(
+            &job(ReplicationType::Full),
+            &[disk("a", DiskStatus::Pending, 0), disk("b", DiskStatus::Pending, 0)],
+            "c".into(),
+        )
+        .unwrap();
+        plan_all(&mut t, &[100, 900]);
+        let verifying = Snapshot { stage: Stage::Verifying, ..snap(100, 100, 0) };
+        t.disk_mut("a").unwrap().apply(&verifying);
+        t.disk_mut("b").unwrap().apply(&snap(300, 900, 5));
+        assert!(!t.all_copied(), "b still streams: the job must not be finalizing");
+        t.disk_mut("b").unwrap().status = DiskStatus::Completed;
+        assert!(t.all_copied());
+    }
+
+    #[test]
+    fn the_fence_closes_before_the_databases_lease_runs_out() {
+        let sent = Instant::now();
+        let lease = std::time::Duration::from_secs(120);
+        let deadline = fence_deadline(sent, lease);
+        assert_eq!(deadline - sent, std::time::Duration::from_secs(90));
+        assert!(deadline < sent + lease);
     }
 }

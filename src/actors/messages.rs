@@ -8,33 +8,52 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::db::{CbtRecord, DbError, Disk, DiskUpdate, Job, JobEvent, JobUpdate, NewDisk, NewJob, NewJobEvent};
+use crate::db::{CbtRecord, DbError, Disk, DiskUpdate, Job, JobEvent, JobUpdate, NewDisk, NewJob, NewJobEvent, Owner};
 use crate::engine::{Event, Snapshot, Summary, copy::PlanInfo};
 use crate::state::JobStatus;
 
 // ---------------------------------------------------------------- DbWriter --
 
-/// JobAggregator → DbWriter: the job's latest figures. Throttled and coalesced:
-/// written when the percentage moved enough, when enough time passed, or at once
-/// when the status or the operation changed.
+/// JobAggregator → DbWriter: the job's latest figures, as its owner (node and
+/// run; the update names them). Throttled and coalesced: written when the
+/// percentage moved enough, when enough time passed, or at once when the status
+/// or the operation changed.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub struct PersistJob(pub JobUpdate);
 
 /// JobAggregator → DbWriter: one disk's latest figures, its durable watermark
-/// (`resume_offset`, never lowered) included. Throttled and coalesced like
-/// [`PersistJob`].
+/// (`resume_offset`, never lowered) included, written only while `owner` holds
+/// the job. Throttled and coalesced like [`PersistJob`].
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
-pub struct PersistDisk(pub DiskUpdate);
+pub struct PersistDisk {
+    pub owner: Owner,
+    pub update: DiskUpdate,
+}
 
 /// JobAggregator → DbWriter: an append-only record (a job event or the CBT row),
-/// written in order with the next batch.
+/// written in order with the next batch, only while `owner` holds the job.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
-pub enum Record {
+pub struct Record {
+    pub owner: Owner,
+    pub entry: Entry,
+}
+
+#[derive(Debug, Clone)]
+pub enum Entry {
     Event(NewJobEvent),
     Cbt(CbtRecord),
+}
+
+impl Record {
+    pub fn job_id(&self) -> &str {
+        match &self.entry {
+            Entry::Event(e) => &e.job_id,
+            Entry::Cbt(c) => &c.job_id,
+        }
+    }
 }
 
 /// Shutdown → DbWriter: write everything pending now, ignoring the throttle.
@@ -44,8 +63,9 @@ pub enum Record {
 pub struct Flush;
 
 /// DiscoveryActor → DbWriter: claim up to `limit` ready jobs and load them.
+/// Each claim is a new run of its job, with an owner of its own.
 #[derive(Message, Debug)]
-#[rtype(result = "Result<Vec<(Job, Vec<Disk>)>, DbError>")]
+#[rtype(result = "Result<Vec<Claimed>, DbError>")]
 pub struct ClaimJobs {
     pub node: String,
     pub lease: Duration,
@@ -53,13 +73,21 @@ pub struct ClaimJobs {
     pub exclude: Vec<String>,
 }
 
+/// A claimed job, its disks, and the owner (node and run) that claimed it.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub job: Job,
+    pub disks: Vec<Disk>,
+    pub owner: Owner,
+}
+
 /// JobAggregator → DbWriter: extend our lease. `Ok(false)`: stop, the job is
-/// no longer ours (another node owns it, or it finished elsewhere).
+/// no longer ours (another node or run owns it, or it finished elsewhere).
 #[derive(Message, Debug)]
 #[rtype(result = "Result<bool, DbError>")]
 pub struct RenewLease {
     pub job_id: String,
-    pub node: String,
+    pub owner: Owner,
     pub lease: Duration,
 }
 
@@ -69,8 +97,14 @@ pub struct RenewLease {
 #[rtype(result = "()")]
 pub struct ReleaseLease {
     pub job_id: String,
-    pub node: String,
+    pub owner: Owner,
 }
+
+/// The keepalive (systemd's watchdog) → DiscoveryActor, DbWriter: answer, to
+/// show that the actor still handles its messages.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Ping;
 
 /// Admin → DbWriter: reads and commands answered straight from the database.
 #[derive(Message, Debug)]
@@ -108,7 +142,8 @@ pub enum QueryResult {
     Done,
     Jobs(Vec<Job>),
     Job(Option<(Job, Vec<Disk>)>),
-    Counts(Vec<(JobStatus, i64)>),
+    /// Database status words (see `db::count_jobs_by_status`).
+    Counts(Vec<(String, i64)>),
     Status(JobStatus),
     Events(Vec<JobEvent>),
 }
@@ -158,6 +193,9 @@ pub enum DiskReportKind {
 pub struct CopyFailure {
     pub message: String,
     pub cancelled: bool,
+    /// The engine stopped because the job's write fence expired (its lease was
+    /// not renewed in time): the job is no longer ours to touch.
+    pub fenced: bool,
 }
 
 /// JobAggregator → DiskCopier: every disk is planned; copy when a slot is free.

@@ -5,12 +5,14 @@
 //! - `job_aggregator`: one per job; sums its disks, moves its state, renews its lease
 //! - `disk_copier`: one per disk; runs the engine on its own thread
 //! - `db_writer`: the only place that touches the database; throttles and coalesces
+//! - `db_exec`: the DbWriter's executor thread (the connection) and its deadline guard
 //! - `timeout_watchdog`: fails jobs that stopped making progress
 //!
 //! The logic of each is a plain struct (`JobTracker`, `Throttle`, `StallTracker`,
 //! `DiskSlots`) that unit tests drive; the actors are thin shells around them.
 //! Nothing here knows about sockets or the command line.
 
+pub mod db_exec;
 pub mod db_writer;
 pub mod discovery;
 pub mod disk_copier;

@@ -21,7 +21,6 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::actors::messages::{DbStats, LiveDisk, LiveJob};
-use crate::state::JobStatus;
 
 /// The content type of what [`render`] returns.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -32,8 +31,9 @@ pub struct Figures {
     pub version: String,
     pub node: String,
     pub uptime_seconds: f64,
-    /// Jobs per status, when the database answered.
-    pub job_counts: Option<Vec<(JobStatus, i64)>>,
+    /// Jobs per status (the database's words, unknown ones as they are), when
+    /// the database answered.
+    pub job_counts: Option<Vec<(String, i64)>>,
     pub db: DbStats,
     /// The jobs this node runs.
     pub live: Vec<LiveJob>,
@@ -93,8 +93,7 @@ pub fn render(f: &Figures) -> String {
     let up = f.job_counts.is_some() && f.db.available;
     r.register("blockrepl_database_up", "Whether the database answered (1) or not (0)", gauge(u64::from(up)));
     if let Some(counts) = &f.job_counts {
-        let series =
-            counts.iter().map(|(s, n)| (vec![("status", s.as_db().to_string())], gauge(n.max(&0).unsigned_abs())));
+        let series = counts.iter().map(|(s, n)| (vec![("status", s.clone())], gauge(n.max(&0).unsigned_abs())));
         family(&mut r, "blockrepl_jobs", "Jobs in the database by status (all appliances)", series, set_gauge);
     }
     r.register("blockrepl_active_jobs", "Jobs this node is running", gauge(f.live.len() as u64));
@@ -162,14 +161,16 @@ pub fn render(f: &Figures) -> String {
 mod tests {
     use super::*;
     use crate::actors::messages::LiveDisk;
-    use crate::state::{DiskStatus, ReplicationType};
+    use crate::state::{DiskStatus, JobStatus, ReplicationType};
 
     fn figures(live: Vec<LiveJob>, counts: bool) -> Figures {
         Figures {
             version: "0.1.0".into(),
             node: "node \"a\"".into(),
             uptime_seconds: 12.5,
-            job_counts: counts.then(|| JobStatus::ALL.iter().map(|s| (*s, 2)).collect()),
+            job_counts: counts.then(|| {
+                JobStatus::ALL.iter().map(|s| (s.as_db().to_string(), 2)).chain([("PENDING".into(), 1)]).collect()
+            }),
             db: DbStats { job_updates: 3, disk_updates: 4, records: 5, failures: 0, pending: 1, available: true },
             live,
             slots_in_use: 1,
@@ -214,6 +215,7 @@ mod tests {
             "blockrepl_build_info{version=\"0.1.0\",node=\"node \\\"a\\\"\"} 1",
             "blockrepl_database_up 1",
             "blockrepl_jobs{status=\"completed\"} 2",
+            "blockrepl_jobs{status=\"PENDING\"} 1",
             "blockrepl_active_jobs 1",
             "blockrepl_db_writes_total{kind=\"disk\"} 4",
             "blockrepl_job_transferred_bytes{job_id=\"job-1\"} 536870912",

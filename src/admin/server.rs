@@ -43,8 +43,10 @@ use crate::state::JobStatus;
 
 /// How long a database query may take before the API answers 503.
 const DB_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the health check waits for the database's ping.
-const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the health check (and /metrics) waits for the database's ping: a
+/// database that does not answer within it counts as unreachable, so that
+/// `blockrepl health` answers within 2 s whatever the database does.
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long an actor in this process may take to answer.
 const ACTOR_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events shown with one job.

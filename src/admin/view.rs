@@ -12,6 +12,7 @@ use chrono::{NaiveDateTime, SecondsFormat};
 use super::wire::*;
 use crate::actors::messages::{LiveDisk, LiveJob};
 use crate::db::{Disk, Job, JobEvent};
+use crate::state::{DiskStatus, JobStatus, ReplicationType};
 
 /// A UTC time as RFC 3339 with a `Z`, to the second.
 pub fn time(t: NaiveDateTime) -> String {
@@ -31,8 +32,8 @@ pub fn job_summary(j: &Job) -> JobSummary {
     JobSummary {
         id: j.id.clone(),
         vm_name: j.vm_name.clone(),
-        replication_type: j.replication_type.as_str().to_string(),
-        status: j.status.as_api().to_string(),
+        replication_type: j.replication_type.shown(ReplicationType::as_str),
+        status: j.status.shown(JobStatus::as_api),
         stage: j.current_operation.clone(),
         percent: pct(j.progress_percent),
         bytes_transferred: bytes(j.bytes_transferred),
@@ -61,7 +62,7 @@ pub fn job_detail(j: &Job, disks: &[Disk], events: &[JobEvent]) -> JobDetail {
                 source: d.source_uri.clone(),
                 target: d.target_uri.clone(),
                 destination_is_zero: d.destination_is_zero,
-                status: d.sync_status.as_api().to_string(),
+                status: d.sync_status.shown(DiskStatus::as_api),
                 capacity_bytes: bytes(d.capacity_bytes),
                 planned_bytes: bytes(d.planned_bytes),
                 bytes_transferred: bytes(d.bytes_synced),
@@ -115,7 +116,7 @@ pub fn progress(job: &Job, disks: &[Disk], live: Option<&LiveJob>, now: NaiveDat
     Progress {
         job_id: job.id.clone(),
         stage: live.map(|l| l.operation.clone()).or_else(|| job.current_operation.clone()),
-        status: live.map_or(job.status, |l| l.status).as_api().to_string(),
+        status: live.map_or_else(|| job.status.shown(JobStatus::as_api), |l| l.status.as_api().to_string()),
         started_at: live.and_then(|l| l.started_at).or(job.started_at).map(time),
         updated_at: time(if live.is_some() { now } else { job.updated_at }),
         aggregate: match live {
@@ -133,7 +134,7 @@ pub fn progress(job: &Job, disks: &[Disk], live: Option<&LiveJob>, now: NaiveDat
             },
         },
         cbt: Cbt {
-            kind: job.replication_type.as_str().to_string(),
+            kind: job.replication_type.shown(ReplicationType::as_str),
             previous_change_id: change_ids.and_then(|d| d.previous_change_id.clone()),
             change_id: change_ids.and_then(|d| d.change_id.clone()),
         },
@@ -163,7 +164,7 @@ pub fn progress(job: &Job, disks: &[Disk], live: Option<&LiveJob>, now: NaiveDat
                     bytes_transferred: bytes(d.bytes_synced),
                     throughput_bps: bytes(d.throughput_bps),
                     percent: pct(d.sync_progress_percent),
-                    status: d.sync_status.as_api().to_string(),
+                    status: d.sync_status.shown(DiskStatus::as_api),
                     error: d.error_message.clone(),
                 },
             })
@@ -223,7 +224,6 @@ pub fn live_progress(l: &LiveJob, now: NaiveDateTime) -> Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{DiskStatus, JobStatus, ReplicationType};
     use chrono::NaiveDate;
 
     fn at(h: u32, m: u32, s: u32) -> NaiveDateTime {
@@ -235,8 +235,8 @@ mod tests {
             id: "job-123".into(),
             vm_name: "vm1".into(),
             vm_path: None,
-            replication_type: ReplicationType::Incremental,
-            status: JobStatus::Streaming,
+            replication_type: ReplicationType::Incremental.into(),
+            status: JobStatus::Streaming.into(),
             current_operation: Some("Transfer".into()),
             progress_percent: 37.0,
             setup_progress_percent: 0.0,
@@ -248,6 +248,7 @@ mod tests {
             error_message: None,
             owner_node: Some("a1".into()),
             lease_expires_at: None,
+            owner_run: None,
             last_progress_at: None,
             created_at: at(11, 59, 0),
             updated_at: at(12, 0, 10),
@@ -269,7 +270,7 @@ mod tests {
             planned_bytes: 987_654_321,
             bytes_synced: 345_678_901,
             skipped_bytes: 0,
-            sync_status: DiskStatus::Streaming,
+            sync_status: DiskStatus::Streaming.into(),
             sync_progress_percent: 35.0,
             throughput_bps: 54_321_098,
             dirty_bitmap: None,
@@ -362,7 +363,7 @@ mod tests {
     #[test]
     fn job_details_show_rows_in_api_words() {
         let mut j = job();
-        j.status = JobStatus::Pending;
+        j.status = JobStatus::Pending.into();
         j.current_operation = None;
         let d = job_detail(&j, &[disk("disk-0", "nbd://h/x")], &[]);
         let v = serde_json::to_value(&d).unwrap();
@@ -371,5 +372,22 @@ mod tests {
         assert_eq!(v["disks"][0]["status"], "Streaming");
         assert_eq!(v["disks"][0]["has_changed_areas"], true);
         assert_eq!(v["created_at"], "2025-09-04T11:59:00Z");
+    }
+
+    #[test]
+    fn words_the_daemon_does_not_know_are_shown_as_they_are() {
+        let mut j = job();
+        j.status = crate::db::Word::Unknown("initializing".into());
+        j.replication_type = crate::db::Word::Unknown("differential".into());
+        let mut d = disk("disk-0", "nbd://h/x");
+        d.sync_status = crate::db::Word::Unknown("syncing".into());
+        let v = serde_json::to_value(job_detail(&j, std::slice::from_ref(&d), &[])).unwrap();
+        assert_eq!(
+            (v["status"].as_str(), v["replication_type"].as_str()),
+            (Some("initializing"), Some("differential"))
+        );
+        assert_eq!(v["disks"][0]["status"], "syncing");
+        let p = progress(&j, &[d], None, at(12, 0, 0));
+        assert_eq!((p.status.as_str(), p.disks[0].status.as_str()), ("initializing", "syncing"));
     }
 }

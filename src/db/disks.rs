@@ -1,80 +1,95 @@
 //! Disks of a job: their progress and status, their durable checkpoints, and
 //! the CBT history that records what each copy made the target consistent with.
 //!
-//! Checkpoints only move forward (`GREATEST`), so a late or repeated write from a
-//! slower path can never send a resumed copy back over data it has not re-read,
-//! nor forward past data that is not durable: the engine reports only flushed
-//! watermarks. Disk status transitions are the JobAggregator's business and are
-//! not guarded here; job status transitions are (see `jobs`).
+//! Every write here names the job's [`Owner`] (node and run): a disk row or a
+//! history row changes only while that owner holds the job (see `jobs`).
+//! Checkpoints and progress figures only move forward (`GREATEST`), so a late or
+//! repeated write from a slower path, or the first figures of a resumed run, can
+//! never send a resumed copy back over data it has not re-read, nor forward past
+//! data that is not durable (the engine reports only flushed watermarks), nor a
+//! percentage down. Disk status transitions are the JobAggregator's business and
+//! are not guarded here; job status transitions are (see `jobs`).
 
-use diesel::dsl::DuplicatedKeys;
 use diesel::dsl::sql;
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Datetime};
+use diesel::sql_types::{BigInt, Bool, Datetime, Double, Nullable, Text};
 
 use super::DbError;
-use super::models::{CbtRecord, DiskUpdate, percent_to_decimal};
+use super::jobs::{greatest, greatest_percent, refusal};
+use super::models::{CbtRecord, DiskUpdate, Owner};
 use super::schema::cbt_history as c;
+use super::schema::replication_jobs as j;
 use super::schema::vm_disks as d;
 
-/// Applies `update` to one disk.
-pub fn update_disk(conn: &mut MysqlConnection, update: &DiskUpdate) -> Result<(), DbError> {
+/// Applies `update` to one disk, if `owner` holds its job.
+pub fn update_disk(conn: &mut MysqlConnection, owner: &Owner, update: &DiskUpdate) -> Result<(), DbError> {
     let changes = (
         update.sync_status.map(|s| d::sync_status.eq(s.as_db())),
         update.capacity_bytes.map(|v| d::capacity_bytes.eq(v)),
         update.planned_bytes.map(|v| d::planned_bytes.eq(v)),
-        update.bytes_synced.map(|v| d::bytes_synced.eq(v)),
+        update.bytes_synced.map(|v| d::bytes_synced.eq(greatest("bytes_synced", v))),
         update.skipped_bytes.map(|v| d::skipped_bytes.eq(v)),
-        update.sync_progress_percent.map(|p| d::sync_progress_percent.eq(percent_to_decimal(p))),
+        update.sync_progress_percent.map(|p| d::sync_progress_percent.eq(greatest_percent("sync_progress_percent", p))),
         update.throughput_bps.map(|v| d::throughput_bps.eq(v)),
         update.error_message.as_ref().map(|m| d::error_message.eq(m.as_deref())),
         update.disk_change_id.as_deref().map(|id| d::disk_change_id.eq(id)),
-        update.resume_offset.map(|o| d::resume_offset.eq(greatest_offset(o))),
+        update.resume_offset.map(|o| d::resume_offset.eq(greatest("resume_offset", o))),
         // Always set, so an update is never empty and always marks the row touched.
         d::updated_at.eq(sql::<Datetime>("UTC_TIMESTAMP(6)")),
     );
+    let held = j::table
+        .select(j::id)
+        .filter(j::id.eq(&update.job_id))
+        .filter(j::owner_node.eq(&owner.node))
+        .filter(j::owner_run.eq(&owner.run));
     let updated = diesel::update(d::table)
-        .filter(d::job_id.eq(&update.job_id))
+        .filter(d::job_id.eq_any(held))
         .filter(d::disk_id.eq(&update.disk_id))
         .set(changes)
         .execute(conn)
         .map_err(DbError::query(format!("updating disk '{}' of job '{}'", update.disk_id, update.job_id)))?;
-    found(updated, &update.job_id, &update.disk_id)
+    if updated == 1 {
+        return Ok(());
+    }
+    Err(match refusal(conn, &update.job_id, Some(owner), None)? {
+        e @ (DbError::NotOwner { .. } | DbError::NotFound { .. }) => e,
+        _ => DbError::DiskNotFound { job: update.job_id.clone(), disk: update.disk_id.clone() },
+    })
 }
 
-/// `GREATEST(resume_offset, offset)`: the comparison and the write are one
-/// atomic step, so a checkpoint never moves back. (An integer, so formatting it
-/// into the statement is safe.)
-fn greatest_offset(offset: i64) -> diesel::expression::SqlLiteral<BigInt> {
-    sql::<BigInt>(&format!("GREATEST(resume_offset, {offset})"))
-}
-
-/// Writes the CBT history row of one disk of one job, replacing the row a
-/// previous run of the same job wrote: a resumed job never adds a second row.
-pub fn record_cbt(conn: &mut MysqlConnection, record: &CbtRecord) -> Result<(), DbError> {
-    let values = || {
-        (
-            c::change_id.eq(&record.change_id),
-            c::previous_change_id.eq(&record.previous_change_id),
-            c::sync_type.eq(record.sync_type.as_str()),
-            c::blocks_changed.eq(record.blocks_changed),
-            c::bytes_transferred.eq(record.bytes_transferred),
-            c::sync_duration_seconds.eq(record.sync_duration_seconds),
-            c::sync_success.eq(record.sync_success),
-        )
-    };
-    diesel::insert_into(c::table)
-        .values((c::job_id.eq(&record.job_id), c::disk_id.eq(&record.disk_id), values()))
-        .on_conflict(DuplicatedKeys)
-        .do_update()
-        .set(values())
-        .execute(conn)
-        .map_err(DbError::query(format!(
-            "recording CBT history of disk '{}' of job '{}'",
-            record.disk_id, record.job_id
-        )))?;
-    Ok(())
+/// Writes the CBT history row of one disk of one job, if `owner` holds the job,
+/// replacing the row a previous run of the same job wrote: a resumed job never
+/// adds a second row. Returns whether `owner` held the job.
+pub fn record_cbt(conn: &mut MysqlConnection, owner: &Owner, record: &CbtRecord) -> Result<bool, DbError> {
+    // INSERT ... SELECT from the job's row: nothing is inserted unless the owner
+    // holds it, in the same statement.
+    let written = diesel::sql_query(
+        "INSERT INTO cbt_history (job_id, disk_id, change_id, previous_change_id, sync_type, blocks_changed, \
+           bytes_transferred, sync_duration_seconds, sync_success) \
+         SELECT id, ?, ?, ?, ?, ?, ?, ?, ? FROM replication_jobs WHERE id = ? AND owner_node = ? AND owner_run = ? \
+         ON DUPLICATE KEY UPDATE change_id = VALUES(change_id), previous_change_id = VALUES(previous_change_id), \
+           sync_type = VALUES(sync_type), blocks_changed = VALUES(blocks_changed), \
+           bytes_transferred = VALUES(bytes_transferred), sync_duration_seconds = VALUES(sync_duration_seconds), \
+           sync_success = VALUES(sync_success)",
+    )
+    .bind::<Text, _>(&record.disk_id)
+    .bind::<Nullable<Text>, _>(&record.change_id)
+    .bind::<Nullable<Text>, _>(&record.previous_change_id)
+    .bind::<Text, _>(record.sync_type.as_str())
+    .bind::<BigInt, _>(record.blocks_changed)
+    .bind::<BigInt, _>(record.bytes_transferred)
+    .bind::<Double, _>(record.sync_duration_seconds)
+    .bind::<Bool, _>(record.sync_success)
+    .bind::<Text, _>(&record.job_id)
+    .bind::<Text, _>(&owner.node)
+    .bind::<Text, _>(&owner.run)
+    .execute(conn)
+    .map_err(DbError::query(format!(
+        "recording CBT history of disk '{}' of job '{}'",
+        record.disk_id, record.job_id
+    )))?;
+    Ok(written > 0)
 }
 
 /// The CBT history of a job, one record per disk, in disk id order.
@@ -89,10 +104,6 @@ pub fn load_cbt(conn: &mut MysqlConnection, job: &str) -> Result<Vec<CbtRecord>,
         .map_err(DbError::query(format!("loading CBT history of job '{job}'")))
 }
 
-fn found(updated: usize, job: &str, disk: &str) -> Result<(), DbError> {
-    if updated == 0 { Err(DbError::DiskNotFound { job: job.to_string(), disk: disk.to_string() }) } else { Ok(()) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::testing::fresh;
@@ -100,7 +111,11 @@ mod tests {
     use super::*;
     use crate::state::{DiskStatus, ReplicationType};
 
-    /// A database with job `j` and its disks `disk-1` and `disk-2`.
+    fn owner() -> Owner {
+        Owner { node: "n".into(), run: "r1".into() }
+    }
+
+    /// A database with job `j` (owned by [`owner`]) and its disks `disk-1` and `disk-2`.
     fn setup(prefix: &str) -> (super::super::testing::mariadb::TestDb, MysqlConnection) {
         let (db, mut conn) = fresh(prefix);
         let job = NewJob {
@@ -117,6 +132,7 @@ mod tests {
             ..NewDisk::default()
         };
         insert_job(&mut conn, &job, &[disk("disk-1"), disk("disk-2")]).unwrap();
+        db.execute("UPDATE replication_jobs SET owner_node = 'n', owner_run = 'r1'");
         (db, conn)
     }
 
@@ -136,7 +152,7 @@ mod tests {
                 resume_offset: Some(offset),
                 ..DiskUpdate::default()
             };
-            update_disk(&mut conn, &u).unwrap();
+            update_disk(&mut conn, &owner(), &u).unwrap();
             assert_eq!(resume_offset(&mut conn, "disk-1"), expected, "after {offset}");
         }
         assert_eq!(resume_offset(&mut conn, "disk-2"), 0, "the other disk moved");
@@ -146,7 +162,7 @@ mod tests {
             resume_offset: Some(1),
             ..DiskUpdate::default()
         };
-        let err = update_disk(&mut conn, &u).unwrap_err();
+        let err = update_disk(&mut conn, &owner(), &u).unwrap_err();
         assert_eq!(err.to_string(), "disk 'disk-9' of job 'j' not found");
     }
 
@@ -156,6 +172,7 @@ mod tests {
         let base = DiskUpdate { job_id: "j".into(), disk_id: "disk-2".into(), ..DiskUpdate::default() };
         update_disk(
             &mut conn,
+            &owner(),
             &DiskUpdate {
                 sync_status: Some(DiskStatus::Failed),
                 capacity_bytes: Some(10 << 30),
@@ -171,29 +188,29 @@ mod tests {
         .unwrap();
         let disks = load_job(&mut conn, "j").unwrap().1;
         let (untouched, d) = (&disks[0], &disks[1]);
-        assert_eq!(d.sync_status, DiskStatus::Failed);
+        assert_eq!(d.sync_status, DiskStatus::Failed.into());
         assert_eq!(
             (d.capacity_bytes, d.planned_bytes, d.bytes_synced, d.skipped_bytes),
             (10 << 30, 4 << 30, 1 << 30, 6 << 30)
         );
         assert_eq!((d.sync_progress_percent, d.throughput_bps), (25.0, 123_456_789));
         assert_eq!(d.error_message.as_deref(), Some("EIO at offset 1073741824"));
-        assert_eq!((untouched.sync_status, untouched.bytes_synced), (DiskStatus::Pending, 0));
+        assert_eq!((untouched.sync_status.clone(), untouched.bytes_synced), (DiskStatus::Pending.into(), 0));
 
         // A retry: clear the error, leave the figures.
         let retry = DiskUpdate { sync_status: Some(DiskStatus::Streaming), error_message: Some(None), ..base.clone() };
-        update_disk(&mut conn, &retry).unwrap();
+        update_disk(&mut conn, &owner(), &retry).unwrap();
         let done = DiskUpdate {
             sync_status: Some(DiskStatus::Completed),
             disk_change_id: Some("52 aa-1/7".into()),
             ..base.clone()
         };
-        update_disk(&mut conn, &done).unwrap();
+        update_disk(&mut conn, &owner(), &done).unwrap();
         let d = load_job(&mut conn, "j").unwrap().1.remove(1);
-        assert_eq!((d.sync_status, d.error_message, d.bytes_synced), (DiskStatus::Completed, None, 1 << 30));
+        assert_eq!((d.sync_status, d.error_message, d.bytes_synced), (DiskStatus::Completed.into(), None, 1 << 30));
         assert_eq!(d.disk_change_id.as_deref(), Some("52 aa-1/7"));
 
-        let err = update_disk(&mut conn, &DiskUpdate { disk_id: "nope".into(), ..base }).unwrap_err();
+        let err = update_disk(&mut conn, &owner(), &DiskUpdate { disk_id: "nope".into(), ..base }).unwrap_err();
         assert!(matches!(err, DbError::DiskNotFound { .. }), "{err}");
     }
 
@@ -211,15 +228,54 @@ mod tests {
             sync_duration_seconds: 1.5,
             sync_success: false,
         };
-        record_cbt(&mut conn, &first).unwrap();
+        record_cbt(&mut conn, &owner(), &first).unwrap();
         // The job was resumed and this time the disk finished.
         let second =
             CbtRecord { bytes_transferred: 3 << 20, sync_duration_seconds: 4.25, sync_success: true, ..first.clone() };
-        record_cbt(&mut conn, &second).unwrap();
+        record_cbt(&mut conn, &owner(), &second).unwrap();
         let other = CbtRecord { disk_id: "disk-2".into(), sync_type: ReplicationType::Full, ..first.clone() };
-        record_cbt(&mut conn, &other).unwrap();
+        record_cbt(&mut conn, &owner(), &other).unwrap();
 
-        assert_eq!(load_cbt(&mut conn, "j").unwrap(), [second, other]);
+        assert_eq!(load_cbt(&mut conn, "j").unwrap(), [second.clone(), other.clone()]);
         assert_eq!(db.column("SELECT CAST(COUNT(*) AS CHAR) AS v FROM cbt_history"), [Some("2".to_string())]);
+
+        // An earlier run, or another node, writes nothing.
+        let stale = CbtRecord { sync_success: false, bytes_transferred: 1, ..second.clone() };
+        for who in [Owner { run: "r0".into(), ..owner() }, Owner { node: "m".into(), ..owner() }] {
+            assert!(!record_cbt(&mut conn, &who, &stale).unwrap());
+        }
+        assert_eq!(load_cbt(&mut conn, "j").unwrap(), [second, other]);
+    }
+
+    #[test]
+    fn only_the_owner_writes_and_progress_never_goes_down() {
+        let (_db, mut conn) = setup("disk_owner");
+        let base = DiskUpdate { job_id: "j".into(), disk_id: "disk-1".into(), ..DiskUpdate::default() };
+        let figures = |done: i64, pct: f64| DiskUpdate {
+            bytes_synced: Some(done),
+            sync_progress_percent: Some(pct),
+            sync_status: Some(DiskStatus::Streaming),
+            ..base.clone()
+        };
+        update_disk(&mut conn, &owner(), &figures(700, 70.0)).unwrap();
+        // A restarted run starts from its checkpoint, below what was shown.
+        update_disk(&mut conn, &owner(), &figures(580, 58.0)).unwrap();
+        let d = load_job(&mut conn, "j").unwrap().1.remove(0);
+        assert_eq!((d.bytes_synced, d.sync_progress_percent), (700, 70.0), "never lowered");
+
+        for who in [Owner { run: "r0".into(), ..owner() }, Owner { node: "m".into(), ..owner() }] {
+            let stale =
+                DiskUpdate { sync_status: Some(DiskStatus::Pending), resume_offset: Some(1 << 40), ..base.clone() };
+            let err = update_disk(&mut conn, &who, &stale).unwrap_err();
+            assert!(matches!(err, DbError::NotOwner { .. }), "{err}");
+        }
+        let d = load_job(&mut conn, "j").unwrap().1.remove(0);
+        assert_eq!(
+            (d.sync_status, d.resume_offset),
+            (DiskStatus::Streaming.into(), 0),
+            "the stale writes changed nothing"
+        );
+        let ghost = DiskUpdate { job_id: "ghost".into(), ..base };
+        assert!(matches!(update_disk(&mut conn, &owner(), &ghost), Err(DbError::NotFound { .. })));
     }
 }

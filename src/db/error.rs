@@ -52,6 +52,18 @@ pub enum DbError {
     #[error("job '{job}' is not owned by node '{node}'")]
     NotOwner { job: String, node: String },
 
+    /// Another live daemon holds this node id's database lock.
+    #[error(
+        "node id '{node}' is in use by another running blockrepl daemon (it holds the database lock '{lock}'); \
+         give each appliance its own node.id"
+    )]
+    NodeInUse { node: String, lock: String },
+
+    /// The database did not answer a call within its deadline; the daemon cut
+    /// the connection.
+    #[error("the database did not answer within {seconds} s while {what}")]
+    Timeout { what: String, seconds: u64 },
+
     #[error("job '{job}' has an unknown status '{status}'")]
     UnknownStatus { job: String, status: String },
 
@@ -72,7 +84,11 @@ impl DbError {
     /// that reconnecting later may help (as opposed to a refused statement).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            DbError::Connect { .. } | DbError::LockTimeout { .. } => true,
+            // A node lock held by another daemon may be our own earlier session
+            // that the server has not let go of yet: worth trying again later (at
+            // start-up the daemon refuses to run instead).
+            DbError::Connect { .. } | DbError::LockTimeout { .. } | DbError::NodeInUse { .. } => true,
+            DbError::Timeout { .. } => true,
             DbError::Query { error: DieselError::BrokenTransactionManager, .. } => true,
             // Diesel classifies a lost MySQL connection as `Unknown`, and the client
             // library's error number is not passed on: only the message tells.

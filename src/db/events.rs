@@ -1,25 +1,38 @@
 //! The job log (`job_events`): stage changes, progress milestones, retries and
-//! errors, written in batches and read back newest first. Choosing which events to
-//! write, and how often, is the caller's business.
+//! errors, written as the job's owner and read back newest first. Choosing which
+//! events to write, and how often, is the caller's business.
 
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
+use diesel::sql_types::{Datetime, Nullable, Text};
 
 use super::DbError;
-use super::models::{JobEvent, NewJobEvent, to_micros};
+use super::models::{JobEvent, NewJobEvent, Owner, to_micros};
 use super::schema::job_events as e;
 
-/// Inserts `events` with one multi-row INSERT and returns how many it wrote.
-pub fn insert_events(conn: &mut MysqlConnection, events: &[NewJobEvent]) -> Result<usize, DbError> {
-    if events.is_empty() {
-        return Ok(0);
-    }
-    let rows: Vec<NewJobEvent> =
-        events.iter().map(|ev| NewJobEvent { created_at: ev.created_at.map(to_micros), ..ev.clone() }).collect();
-    diesel::insert_into(e::table)
-        .values(&rows)
+/// Inserts `events` of jobs `owner` holds, one INSERT ... SELECT each, so that an
+/// event of a job `owner` no longer holds is not written; returns how many were.
+pub fn insert_events(conn: &mut MysqlConnection, owner: &Owner, events: &[NewJobEvent]) -> Result<usize, DbError> {
+    let mut written = 0;
+    for ev in events {
+        written += diesel::sql_query(
+            "INSERT INTO job_events (job_id, disk_id, correlation_id, level, stage, message, created_at) \
+             SELECT id, ?, ?, ?, ?, ?, COALESCE(?, UTC_TIMESTAMP(6)) FROM replication_jobs \
+             WHERE id = ? AND owner_node = ? AND owner_run = ?",
+        )
+        .bind::<Nullable<Text>, _>(&ev.disk_id)
+        .bind::<Text, _>(&ev.correlation_id)
+        .bind::<Text, _>(&ev.level)
+        .bind::<Text, _>(&ev.stage)
+        .bind::<Text, _>(&ev.message)
+        .bind::<Nullable<Datetime>, _>(ev.created_at.map(to_micros))
+        .bind::<Text, _>(&ev.job_id)
+        .bind::<Text, _>(&owner.node)
+        .bind::<Text, _>(&owner.run)
         .execute(conn)
-        .map_err(DbError::query(format!("inserting {} job events", rows.len())))
+        .map_err(DbError::query(format!("inserting an event of job '{}'", ev.job_id)))?;
+    }
+    Ok(written)
 }
 
 /// Up to `limit` events of a job, newest first.
@@ -53,10 +66,13 @@ mod tests {
     }
 
     #[test]
-    fn events_are_written_in_one_batch_and_read_newest_first() {
+    fn events_are_written_only_as_the_owner_and_read_newest_first() {
         let (db, mut conn) = fresh("events");
-        db.execute("INSERT INTO replication_jobs (id, vm_name) VALUES ('job-1', 'vm1')");
-        assert_eq!(insert_events(&mut conn, &[]).unwrap(), 0);
+        db.execute(
+            "INSERT INTO replication_jobs (id, vm_name, owner_node, owner_run) VALUES ('job-1', 'vm1', 'n', 'run-1')",
+        );
+        let owner = Owner { node: "n".into(), run: "run-1".into() };
+        assert_eq!(insert_events(&mut conn, &owner, &[]).unwrap(), 0);
 
         let an_hour_ago = Utc::now().naive_utc() - TimeDelta::hours(1);
         let batch = [
@@ -64,7 +80,7 @@ mod tests {
             NewJobEvent { disk_id: Some("disk-2000".into()), level: "warn".into(), ..event("retrying at offset 0") },
             event("10% done"),
         ];
-        assert_eq!(insert_events(&mut conn, &batch).unwrap(), 3);
+        assert_eq!(insert_events(&mut conn, &owner, &batch).unwrap(), 3);
 
         let events = recent_events(&mut conn, "job-1", 10).unwrap();
         let messages: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
@@ -76,8 +92,13 @@ mod tests {
         assert_eq!(recent_events(&mut conn, "job-1", 1).unwrap().len(), 1);
         assert!(recent_events(&mut conn, "job-2", 10).unwrap().is_empty());
 
-        // The foreign key holds: no events for jobs that do not exist.
-        let orphan = NewJobEvent { job_id: "ghost".into(), ..event("lost") };
-        assert!(insert_events(&mut conn, &[orphan]).is_err());
+        // Another run of the same node, another node, a job that does not exist:
+        // nothing is written.
+        for (node, run, job) in [("n", "run-0", "job-1"), ("m", "run-1", "job-1"), ("n", "run-1", "ghost")] {
+            let who = Owner { node: node.into(), run: run.into() };
+            let ev = NewJobEvent { job_id: job.into(), ..event("stale") };
+            assert_eq!(insert_events(&mut conn, &who, &[ev]).unwrap(), 0, "{node} {run} {job}");
+        }
+        assert_eq!(recent_events(&mut conn, "job-1", 10).unwrap().len(), 3);
     }
 }

@@ -3,6 +3,13 @@
 //! machine of `crate::state` in SQL (`WHERE status IN (predecessors)`), so that
 //! two writers racing can never move a terminal job or skip the rules.
 //!
+//! Ownership: a claim sets `owner_node` and a fresh `owner_run` (one per claim),
+//! and every write the daemon makes to a job's rows afterwards names both in its
+//! `WHERE` ([`Owner`]), so a node that lost the job, or an older run of the same
+//! node, changes nothing. Status words are compared case-sensitively (`BINARY`):
+//! MariaDB's default collation would let `PENDING` pass for `pending`, and a word
+//! the daemon does not know is never claimed.
+//!
 //! Lease times are the server's `UTC_TIMESTAMP(6)`, never this machine's clock:
 //! appliances sharing a database may disagree about the time, the database does not.
 //! Disks, checkpoints and CBT history are in `disks`.
@@ -10,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use diesel::dsl::{count_star, sql};
+use diesel::dsl::sql;
 use diesel::expression::SqlLiteral;
 use diesel::mysql::{Mysql, MysqlConnection};
 use diesel::prelude::*;
@@ -20,11 +27,17 @@ use diesel::sql_types::{BigInt, Bool, Datetime, Nullable};
 
 use super::DbError;
 use super::models::{
-    Disk, Job, JobUpdate, NewDisk, NewJob, live_statuses, percent_to_decimal, status_values, to_micros,
+    Disk, Job, JobUpdate, NewDisk, NewJob, Owner, Word, live_statuses, percent_to_decimal, status_values, to_micros,
 };
 use super::schema::replication_jobs as j;
 use super::schema::vm_disks as d;
 use crate::state::JobStatus;
+
+/// A pending job whose disks are still missing or incomplete this long after it
+/// was created is claimed anyway, and fails with a message saying what is
+/// missing, instead of waiting forever. Before that, an orchestrator that inserts
+/// the job row and its disks in separate statements is given time to finish.
+pub const INCOMPLETE_GRACE: Duration = Duration::from_secs(120);
 
 /// `UTC_TIMESTAMP(6)`, the server's current time in UTC.
 fn utc_now() -> SqlLiteral<Datetime> {
@@ -39,19 +52,51 @@ fn lease_expiry(lease: Duration) -> SqlLiteral<Nullable<Datetime>, impl QueryFra
     sql::<Nullable<Datetime>>("UTC_TIMESTAMP(6) + INTERVAL ").bind::<BigInt, _>(micros).sql(" MICROSECOND")
 }
 
-type Predicate<'a> = Box<dyn BoxableExpression<j::table, Mysql, SqlType = Nullable<Bool>> + 'a>;
+/// `replication_jobs.status` is exactly one of `statuses` (`pending` also
+/// matching `replicating`), compared case-sensitively. The plain `IN` lets the
+/// status indexes serve; `BINARY` makes the comparison exact.
+fn status_is(statuses: &[JobStatus]) -> SqlLiteral<Bool> {
+    // The values are the daemon's own status words (lower-case ASCII letters),
+    // never input, so writing them into the statement is safe.
+    let list = status_values(statuses).iter().map(|v| format!("'{v}'")).collect::<Vec<_>>().join(", ");
+    sql(&format!("(replication_jobs.status IN ({list}) AND BINARY replication_jobs.status IN ({list}))"))
+}
 
-/// The job may be claimed by `node`: nobody owns it, `node` already does (a
-/// restarted daemon), or its owner's lease ran out. An owner without a lease has
-/// nothing to honour and counts as gone.
-fn claimable_by(node: &str) -> Predicate<'_> {
-    Box::new(
-        j::owner_node
-            .is_null()
-            .or(j::owner_node.eq(node))
-            .or(j::lease_expires_at.is_null())
-            .or(j::lease_expires_at.lt(utc_now().nullable())),
-    )
+/// The job's rows belong to `owner` (node and run).
+pub(super) fn owned_by(owner: &Owner) -> Box<dyn BoxableExpression<j::table, Mysql, SqlType = Nullable<Bool>> + '_> {
+    Box::new(j::owner_node.eq(&owner.node).and(j::owner_run.eq(&owner.run)))
+}
+
+/// The job may be claimed: nobody holds a lease on it (no owner, or an owner
+/// without a lease, which has nothing to honour), or its owner's lease ran out.
+/// A node's own name buys nothing: an earlier run of this node may still be
+/// writing (a paused process), so its jobs wait for their leases like anyone's.
+/// Only `pending` jobs are new work; a job in a later live status is taken over
+/// only if a daemon ran it before (`owner_run` is set): one that an orchestrator
+/// marked `preparing` or `snapshotting` itself is not ready for us.
+fn claimable() -> SqlLiteral<Bool> {
+    sql("(replication_jobs.owner_node IS NULL OR replication_jobs.lease_expires_at IS NULL \
+         OR replication_jobs.lease_expires_at < UTC_TIMESTAMP(6))")
+}
+
+/// New work, or a job a daemon ran before (see [`claimable`]).
+fn pending_or_run_before() -> SqlLiteral<Bool> {
+    let list = status_values(&[JobStatus::Pending]).iter().map(|v| format!("'{v}'")).collect::<Vec<_>>().join(", ");
+    sql(&format!("(BINARY replication_jobs.status IN ({list}) OR replication_jobs.owner_run IS NOT NULL)"))
+}
+
+/// Ready to run: at least one disk, each with a source and a target; or
+/// incomplete for longer than [`INCOMPLETE_GRACE`] (claimed so that it fails
+/// with a message, see the aggregator's validation).
+fn ready_or_overdue() -> SqlLiteral<Bool> {
+    sql(&format!(
+        "((EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id) \
+           AND NOT EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id \
+             AND (vm_disks.source_uri IS NULL OR vm_disks.source_uri = '' \
+                  OR vm_disks.target_uri IS NULL OR vm_disks.target_uri = ''))) \
+          OR replication_jobs.created_at < UTC_TIMESTAMP(6) - INTERVAL {} SECOND)",
+        INCOMPLETE_GRACE.as_secs()
+    ))
 }
 
 /// Inserts a job and its disks in one transaction; a job id that exists already
@@ -101,30 +146,34 @@ pub fn insert_job(conn: &mut MysqlConnection, job: &NewJob, disks: &[NewDisk]) -
     })
 }
 
-/// Claims up to `limit` ready jobs for `node` for `lease`, oldest first, skipping
-/// `exclude` (the jobs `node` is running already), and returns the ids it claimed.
+/// Claims up to `limit` jobs for `node` for `lease`, oldest first, skipping
+/// `exclude` (the jobs `node` is running already), and returns each claimed id
+/// with its new [`Owner`] (a fresh run id).
 ///
-/// Ready: a live status (`replicating` counts as `pending` and is left as it is:
-/// the daemon moves it forward itself), at least one disk, and every disk with a
-/// source and a target. Each claim is a guarded UPDATE that re-checks ownership,
-/// and only rows it actually changed count, so two daemons racing for the same
-/// job cannot both get it.
+/// Claimable: a live status, matched exactly (`replicating` counts as `pending`
+/// and is left as it is: the daemon moves it forward itself; `initializing` and
+/// any word the daemon does not know are never claimed); no live lease (see
+/// [`claimable`]); and ready, or incomplete for too long (see
+/// [`ready_or_overdue`]). Whether a claimed row can actually be run (a known
+/// replication type, disks in a known state, ...) is decided by its caller, which
+/// fails it alone when it cannot. Each claim is a guarded UPDATE that re-checks
+/// everything, and only rows it actually changed count, so two daemons racing for
+/// the same job cannot both get it.
 pub fn claim_jobs(
     conn: &mut MysqlConnection,
     node: &str,
     lease: Duration,
     limit: i64,
     exclude: &[String],
-) -> Result<Vec<String>, DbError> {
-    let ready = status_values(&live_statuses());
-    let incomplete_disks = d::table.select(d::job_id).filter(d::source_uri.eq("").or(d::target_uri.eq("")));
+) -> Result<Vec<(String, Owner)>, DbError> {
+    let live = live_statuses();
     let candidates: Vec<String> = j::table
         .select(j::id)
-        .filter(j::status.eq_any(&ready))
-        .filter(claimable_by(node))
+        .filter(status_is(&live))
+        .filter(claimable())
+        .filter(pending_or_run_before())
+        .filter(ready_or_overdue())
         .filter(j::id.ne_all(exclude))
-        .filter(j::id.eq_any(d::table.select(d::job_id)))
-        .filter(j::id.ne_all(incomplete_disks))
         .order((j::created_at.asc(), j::id.asc()))
         .limit(limit)
         .load(conn)
@@ -132,40 +181,47 @@ pub fn claim_jobs(
 
     let mut claimed = Vec::with_capacity(candidates.len());
     for id in candidates {
+        let owner = Owner { node: node.to_string(), run: uuid::Uuid::new_v4().simple().to_string() };
         let updated = diesel::update(j::table)
             .filter(j::id.eq(&id))
-            .filter(j::status.eq_any(&ready))
-            .filter(claimable_by(node))
-            .set((j::owner_node.eq(node), j::lease_expires_at.eq(lease_expiry(lease))))
+            .filter(status_is(&live))
+            .filter(claimable())
+            .filter(pending_or_run_before())
+            .set((
+                j::owner_node.eq(&owner.node),
+                j::owner_run.eq(&owner.run),
+                j::lease_expires_at.eq(lease_expiry(lease)),
+            ))
             .execute(conn)
             .map_err(DbError::query(format!("claiming job '{id}'")))?;
         if updated == 1 {
-            claimed.push(id);
+            claimed.push((id, owner));
         }
     }
     Ok(claimed)
 }
 
-/// Extends `node`'s lease on a live job. `false` means stop working on it:
-/// another node owns it now, or it has finished (e.g. an operator cancelled it
-/// through another appliance).
-pub fn renew_lease(conn: &mut MysqlConnection, id: &str, node: &str, lease: Duration) -> Result<bool, DbError> {
+/// Extends `owner`'s lease on a live job. `false` means stop working on it:
+/// another node or run owns it now, or it has finished (e.g. an operator
+/// cancelled it through another appliance).
+pub fn renew_lease(conn: &mut MysqlConnection, id: &str, owner: &Owner, lease: Duration) -> Result<bool, DbError> {
     let updated = diesel::update(j::table)
         .filter(j::id.eq(id))
-        .filter(j::owner_node.eq(node))
-        .filter(j::status.eq_any(status_values(&live_statuses())))
+        .filter(owned_by(owner))
+        .filter(status_is(&live_statuses()))
         .set(j::lease_expires_at.eq(lease_expiry(lease)))
         .execute(conn)
         .map_err(DbError::query(format!("renewing the lease on job '{id}'")))?;
     Ok(updated == 1)
 }
 
-/// Gives up `node`'s ownership so that any appliance may claim the job at once
-/// (a graceful stop). Returns whether `node` owned it.
-pub fn release_lease(conn: &mut MysqlConnection, id: &str, node: &str) -> Result<bool, DbError> {
+/// Gives up `owner`'s lease so that any appliance may claim the job at once (a
+/// graceful stop). `owner_run` stays, as the mark that a daemon ran the job.
+/// Returns whether `owner` held it.
+pub fn release_lease(conn: &mut MysqlConnection, id: &str, owner: &Owner) -> Result<bool, DbError> {
     let updated = diesel::update(j::table)
         .filter(j::id.eq(id))
-        .filter(j::owner_node.eq(node))
+        .filter(owned_by(owner))
         .set((j::owner_node.eq(None::<String>), j::lease_expires_at.eq(None::<chrono::NaiveDateTime>)))
         .execute(conn)
         .map_err(DbError::query(format!("releasing the lease on job '{id}'")))?;
@@ -215,35 +271,51 @@ pub fn find_job(conn: &mut MysqlConnection, key: &str) -> Result<Option<(Job, Ve
     }
 }
 
-/// Up to `limit` jobs, newest first, optionally of one status.
+/// Up to `limit` jobs, newest first, optionally of one status (matched exactly).
+/// Rows whose status or type the daemon does not know are listed as they are.
 pub fn list_jobs(conn: &mut MysqlConnection, status: Option<JobStatus>, limit: i64) -> Result<Vec<Job>, DbError> {
     let mut query =
         j::table.select(Job::as_select()).order((j::created_at.desc(), j::id.desc())).limit(limit).into_boxed();
     if let Some(status) = status {
-        query = query.filter(j::status.eq_any(status_values(&[status])));
+        query = query.filter(status_is(&[status]));
     }
     query.load(conn).map_err(DbError::query("listing jobs"))
 }
 
-/// The number of jobs in each status, every status present (zero when none), in
-/// the order of `JobStatus::ALL`.
-pub fn count_jobs_by_status(conn: &mut MysqlConnection) -> Result<Vec<(JobStatus, i64)>, DbError> {
-    let rows: Vec<(JobStatus, i64)> = j::table
-        .group_by(j::status)
-        .select((j::status, count_star()))
-        .load(conn)
-        .map_err(DbError::query("counting jobs by status"))?;
-    // `pending` and `replicating` are two rows of the same status.
-    let mut counts: BTreeMap<JobStatus, i64> = JobStatus::ALL.into_iter().map(|s| (s, 0)).collect();
-    for (status, n) in rows {
-        *counts.entry(status).or_default() += n;
+/// The number of jobs in each status, as database words: every status the
+/// daemon knows is present (zero when none), in the order of `JobStatus::ALL`
+/// (`replicating` counted as `pending`), then any other word as it is stored.
+pub fn count_jobs_by_status(conn: &mut MysqlConnection) -> Result<Vec<(String, i64)>, DbError> {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        status: String,
+        #[diesel(sql_type = BigInt)]
+        n: i64,
     }
-    Ok(counts.into_iter().collect())
+    // Grouped on the exact bytes, so that `PENDING` is not counted as `pending`
+    // (MIN of equal values: the word itself, in a form every SQL mode accepts).
+    let rows: Vec<Count> =
+        diesel::sql_query("SELECT MIN(status) AS status, COUNT(*) AS n FROM replication_jobs GROUP BY BINARY status")
+            .load(conn)
+            .map_err(DbError::query("counting jobs by status"))?;
+    let mut known: BTreeMap<JobStatus, i64> = JobStatus::ALL.into_iter().map(|s| (s, 0)).collect();
+    let mut other: BTreeMap<String, i64> = BTreeMap::new();
+    for Count { status, n } in rows {
+        let status = JobStatus::from_db(&status).map_or(Word::Unknown(status), Word::Known);
+        match status {
+            Word::Known(s) => *known.entry(s).or_default() += n,
+            Word::Unknown(w) => *other.entry(w).or_default() += n,
+        }
+    }
+    Ok(known.into_iter().map(|(s, n)| (s.as_db().to_string(), n)).chain(other).collect())
 }
 
 /// Applies `update`. A status change happens only if the current status may
 /// become the new one; without a status change, the job must still be live.
-/// When refused, nothing changes and the error says why.
+/// With an owner, only while that owner (node and run) holds the job. The
+/// percentage and the bytes transferred never go down. When refused, nothing
+/// changes and the error says why.
 pub fn update_job(conn: &mut MysqlConnection, update: &JobUpdate) -> Result<(), DbError> {
     let allowed = match update.status {
         Some(to) => JobStatus::predecessors(to),
@@ -252,8 +324,8 @@ pub fn update_job(conn: &mut MysqlConnection, update: &JobUpdate) -> Result<(), 
     let changes = (
         update.status.map(|s| j::status.eq(s.as_db())),
         update.current_operation.map(|o| j::current_operation.eq(o.as_str())),
-        update.progress_percent.map(|p| j::progress_percent.eq(percent_to_decimal(p))),
-        update.bytes_transferred.map(|v| j::bytes_transferred.eq(v)),
+        update.progress_percent.map(|p| j::progress_percent.eq(greatest_percent("progress_percent", p))),
+        update.bytes_transferred.map(|v| j::bytes_transferred.eq(greatest("bytes_transferred", v))),
         update.total_bytes.map(|v| j::total_bytes.eq(v)),
         update.transfer_speed_bps.map(|v| j::transfer_speed_bps.eq(v)),
         update.eta_seconds.map(|v| j::eta_seconds.eq(v)),
@@ -264,13 +336,25 @@ pub fn update_job(conn: &mut MysqlConnection, update: &JobUpdate) -> Result<(), 
         // Always set, so an update is never empty and always marks the row touched.
         j::updated_at.eq(utc_now()),
     );
-    let target = j::table.filter(j::id.eq(&update.id)).filter(j::status.eq_any(status_values(&allowed)));
-    let updated = match &update.node {
-        Some(node) => diesel::update(target.filter(j::owner_node.eq(node))).set(changes).execute(conn),
+    let target = j::table.filter(j::id.eq(&update.id)).filter(status_is(&allowed));
+    let updated = match &update.owner {
+        Some(owner) => diesel::update(target.filter(owned_by(owner))).set(changes).execute(conn),
         None => diesel::update(target).set(changes).execute(conn),
     }
     .map_err(DbError::query(format!("updating job '{}'", update.id)))?;
-    if updated == 1 { Ok(()) } else { Err(refusal(conn, &update.id, update.node.as_deref(), update.status)?) }
+    if updated == 1 { Ok(()) } else { Err(refusal(conn, &update.id, update.owner.as_ref(), update.status)?) }
+}
+
+/// `GREATEST(column, value)`: the comparison and the write are one atomic step,
+/// so a figure never goes down, whoever writes it. (An integer, so formatting
+/// it into the statement is safe.)
+pub(super) fn greatest(column: &'static str, value: i64) -> SqlLiteral<BigInt> {
+    sql::<BigInt>(&format!("GREATEST({column}, {value})"))
+}
+
+/// [`greatest`] for a DECIMAL(5,2) percentage.
+pub(super) fn greatest_percent(column: &'static str, value: f64) -> SqlLiteral<diesel::sql_types::Numeric> {
+    sql(&format!("GREATEST({column}, {})", percent_to_decimal(value)))
 }
 
 /// Cancels a job on an operator's request and returns its new status. An
@@ -279,7 +363,7 @@ pub fn cancel_job(conn: &mut MysqlConnection, id: &str) -> Result<JobStatus, DbE
     let to = JobStatus::Cancelled;
     let updated = diesel::update(j::table)
         .filter(j::id.eq(id))
-        .filter(j::status.eq_any(status_values(&JobStatus::predecessors(to))))
+        .filter(status_is(&JobStatus::predecessors(to)))
         .set((
             j::status.eq(to.as_db()),
             j::completed_at.eq(utc_now().nullable()),
@@ -297,27 +381,27 @@ pub fn cancel_job(conn: &mut MysqlConnection, id: &str) -> Result<JobStatus, DbE
 }
 
 /// Why a guarded update of job `id` matched no row, as the error to return.
-fn refusal(
+pub(super) fn refusal(
     conn: &mut MysqlConnection,
     id: &str,
-    node: Option<&str>,
+    owner: Option<&Owner>,
     to: Option<JobStatus>,
 ) -> Result<DbError, DbError> {
-    type Row = (String, Option<String>);
+    type Row = (String, Option<String>, Option<String>);
     let row: Option<Row> = j::table
         .find(id)
-        .select((j::status, j::owner_node))
+        .select((j::status, j::owner_node, j::owner_run))
         .first(conn)
         .optional()
         .map_err(DbError::query(format!("reading job '{id}'")))?;
-    let Some((status, owner)) = row else {
+    let Some((status, node, run)) = row else {
         return Ok(DbError::NotFound { job: id.to_string() });
     };
     let job = id.to_string();
-    if let Some(node) = node
-        && owner.as_deref() != Some(node)
+    if let Some(owner) = owner
+        && (node.as_deref() != Some(&owner.node) || run.as_deref() != Some(&owner.run))
     {
-        return Ok(DbError::NotOwner { job, node: node.to_string() });
+        return Ok(DbError::NotOwner { job, node: owner.node.clone() });
     }
     let Some(current) = JobStatus::from_db(&status) else {
         return Ok(DbError::UnknownStatus { job, status });
@@ -384,39 +468,61 @@ mod tests {
         JobUpdate { id: id.into(), ..JobUpdate::default() }
     }
 
+    /// The ids `node` claims.
+    fn claim(conn: &mut MysqlConnection, node: &str, limit: i64, exclude: &[String]) -> Vec<String> {
+        claim_jobs(conn, node, MINUTE, limit, exclude).unwrap().into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// `node` claims exactly job `id`; its owner.
+    fn claim_one(conn: &mut MysqlConnection, node: &str, id: &str) -> Owner {
+        let mut got = claim_jobs(conn, node, MINUTE, 10, &[]).unwrap();
+        assert_eq!(got.iter().map(|(j, _)| j.as_str()).collect::<Vec<_>>(), [id]);
+        let (_, owner) = got.remove(0);
+        assert_eq!(owner.node, node);
+        owner
+    }
+
     #[test]
     fn the_orchestrators_insert_is_claimed_by_one_node_at_a_time() {
         let (db, mut conn) = fresh("orchestrator_claim");
         db.execute(ORCHESTRATOR_INSERT);
 
-        assert_eq!(claim_jobs(&mut conn, "node-a", MINUTE, 10, &[]).unwrap(), ["job-1"]);
+        let a = claim_one(&mut conn, "node-a", "job-1");
         let (job, disks) = load_job(&mut conn, "job-1").unwrap();
-        assert_eq!(job.status, JobStatus::Pending);
-        assert_eq!(job.replication_type, ReplicationType::Full);
-        assert_eq!(job.owner_node.as_deref(), Some("node-a"));
+        assert_eq!(job.status, JobStatus::Pending.into());
+        assert_eq!(job.replication_type, ReplicationType::Full.into());
+        assert_eq!((job.owner_node.as_deref(), job.owner_run.as_deref()), (Some("node-a"), Some(a.run.as_str())));
         assert_near(job.lease_expires_at.unwrap(), now() + TimeDelta::seconds(60));
         assert_eq!((job.progress_percent, job.bytes_transferred, job.eta_seconds), (0.0, 0, None));
         assert_eq!(disks.len(), 1);
         assert_eq!(disks[0].disk_id, "disk-2000");
-        assert_eq!(disks[0].sync_status, crate::state::DiskStatus::Pending);
+        assert_eq!(disks[0].sync_status, crate::state::DiskStatus::Pending.into());
         assert_eq!((disks[0].resume_offset, disks[0].destination_is_zero), (0, false));
         // Claiming leaves the orchestrator's word alone; the daemon moves it on.
         assert_eq!(db.column("SELECT status AS v FROM replication_jobs"), [Some("replicating".to_string())]);
 
-        assert!(claim_jobs(&mut conn, "node-b", MINUTE, 10, &[]).unwrap().is_empty(), "stolen while leased");
-        // node-a restarted: it gets its own job back, unless it is already running it.
-        assert_eq!(claim_jobs(&mut conn, "node-a", MINUTE, 10, &[]).unwrap(), ["job-1"]);
-        assert!(claim_jobs(&mut conn, "node-a", MINUTE, 10, &["job-1".into()]).unwrap().is_empty());
+        assert!(claim(&mut conn, "node-b", 10, &[]).is_empty(), "stolen while leased");
+        // node-a restarted: its own name buys nothing while the lease of its
+        // earlier run lasts (that run may be a paused process, still writing).
+        assert!(claim(&mut conn, "node-a", 10, &[]).is_empty(), "reclaimed while its earlier run holds it");
 
         // node-a dies; once its lease has run out, node-b takes over.
         db.execute("UPDATE replication_jobs SET lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND");
-        assert_eq!(claim_jobs(&mut conn, "node-b", MINUTE, 10, &[]).unwrap(), ["job-1"]);
-        assert!(!renew_lease(&mut conn, "job-1", "node-a", MINUTE).unwrap());
-        let late = JobUpdate { node: Some("node-a".into()), progress_percent: Some(50.0), ..update("job-1") };
+        let b = claim_one(&mut conn, "node-b", "job-1");
+        assert_ne!(a.run, b.run);
+        assert!(!renew_lease(&mut conn, "job-1", &a, MINUTE).unwrap());
+        let late = JobUpdate { owner: Some(a.clone()), progress_percent: Some(50.0), ..update("job-1") };
         assert!(matches!(update_job(&mut conn, &late), Err(DbError::NotOwner { .. })));
-        assert!(renew_lease(&mut conn, "job-1", "node-b", MINUTE).unwrap());
+        assert!(!release_lease(&mut conn, "job-1", &a).unwrap());
+        assert!(renew_lease(&mut conn, "job-1", &b, MINUTE).unwrap());
         let (job, _) = load_job(&mut conn, "job-1").unwrap();
         assert_eq!((job.owner_node.as_deref(), job.progress_percent), (Some("node-b"), 0.0));
+
+        // The same node under a new run is a different owner, too.
+        db.execute("UPDATE replication_jobs SET lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND");
+        let b2 = claim_one(&mut conn, "node-b", "job-1");
+        assert!(!renew_lease(&mut conn, "job-1", &b, MINUTE).unwrap(), "an earlier run of node-b");
+        assert!(renew_lease(&mut conn, "job-1", &b2, MINUTE).unwrap());
     }
 
     #[test]
@@ -426,25 +532,65 @@ mod tests {
         insert_job(&mut conn, &new_job("no-target"), &[disk(1), NewDisk { target_uri: String::new(), ..disk(2) }])
             .unwrap();
         insert_job(&mut conn, &new_job("no-source"), &[NewDisk { source_uri: String::new(), ..disk(1) }]).unwrap();
-        for id in ["done", "ready-new", "ready-old", "ready-mid", "streaming"] {
+        for id in ["done", "ready-new", "ready-old", "ready-mid", "streaming", "run-before"] {
             insert_job(&mut conn, &new_job(id), &[disk(1), disk(2)]).unwrap();
         }
         db.execute(
             "UPDATE replication_jobs SET status = 'completed' WHERE id = 'done';
              UPDATE replication_jobs SET status = 'streaming' WHERE id = 'streaming';
+             UPDATE replication_jobs SET status = 'streaming', owner_run = 'r0' WHERE id = 'run-before';
              UPDATE replication_jobs SET created_at = created_at - INTERVAL 3 HOUR WHERE id = 'ready-old';
              UPDATE replication_jobs SET created_at = created_at - INTERVAL 2 HOUR WHERE id = 'ready-mid';
-             UPDATE replication_jobs SET created_at = created_at - INTERVAL 1 HOUR WHERE id = 'streaming';",
+             UPDATE replication_jobs SET created_at = created_at - INTERVAL 1 HOUR WHERE id IN ('streaming', 'run-before');",
         );
-        assert_eq!(claim_jobs(&mut conn, "n", MINUTE, 2, &[]).unwrap(), ["ready-old", "ready-mid"]);
-        assert_eq!(
-            claim_jobs(&mut conn, "n", MINUTE, 10, &["ready-old".into()]).unwrap(),
-            ["ready-mid", "streaming", "ready-new"]
-        );
+        assert_eq!(claim(&mut conn, "n", 2, &[]), ["ready-old", "ready-mid"]);
+        // A streaming job nobody ran (an orchestrator's own word) is not ready for
+        // us; one a daemon ran and released is taken over.
+        assert_eq!(claim(&mut conn, "n", 10, &["ready-old".into()]), ["run-before", "ready-new"]);
         assert_eq!(
             db.column("SELECT id AS v FROM replication_jobs WHERE owner_node IS NULL ORDER BY id"),
-            ["done", "no-disks", "no-source", "no-target"].map(|s| Some(s.to_string()))
+            ["done", "no-disks", "no-source", "no-target", "streaming"].map(|s| Some(s.to_string()))
         );
+        // Incomplete for longer than the grace: claimed, so that it fails with a
+        // message instead of waiting forever.
+        db.execute(&format!(
+            "UPDATE replication_jobs SET created_at = created_at - INTERVAL {} SECOND WHERE id LIKE 'no-%'",
+            INCOMPLETE_GRACE.as_secs() + 1
+        ));
+        let mut overdue = claim(&mut conn, "n", 10, &[]);
+        overdue.sort();
+        assert_eq!(overdue, ["no-disks", "no-source", "no-target"]);
+    }
+
+    #[test]
+    fn only_exact_live_statuses_are_claimed() {
+        let (db, mut conn) = fresh("claim_words");
+        for (id, status) in [
+            ("upper", "PENDING"),
+            ("mixed", "Replicating"),
+            ("init", "initializing"),
+            ("syncing", "syncing"),
+            ("empty", ""),
+            ("preparing", "preparing"),
+            ("snapshotting", "snapshotting"),
+            ("good", "pending"),
+            ("older", "replicating"),
+        ] {
+            insert_job(&mut conn, &new_job(id), &[disk(1)]).unwrap();
+            db.execute(&format!("UPDATE replication_jobs SET status = '{status}' WHERE id = '{id}'"));
+        }
+        let mut got = claim(&mut conn, "n", 20, &[]);
+        got.sort();
+        assert_eq!(got, ["good", "older"], "neither other words, other cases, nor an orchestrator's own stages");
+        // Everything else is untouched and still lists, as it is.
+        let listed = list_jobs(&mut conn, None, 20).unwrap();
+        assert_eq!(listed.len(), 9);
+        let upper = listed.iter().find(|j| j.id == "upper").unwrap();
+        assert_eq!(upper.status, Word::Unknown("PENDING".into()));
+        assert_eq!(upper.owner_node, None);
+        let pending: Vec<String> =
+            list_jobs(&mut conn, Some(JobStatus::Pending), 20).unwrap().into_iter().map(|j| j.id).collect();
+        assert_eq!(pending.len(), 2, "a status filter is exact too: {pending:?}");
     }
 
     #[test]
@@ -464,7 +610,7 @@ mod tests {
                         // Small batches, so that the nodes interleave over the same candidates.
                         let mut mine = Vec::new();
                         loop {
-                            let got = claim_jobs(&mut conn, node, MINUTE, 3, &mine).unwrap();
+                            let got = claim(&mut conn, node, 3, &mine);
                             if got.is_empty() {
                                 break mine;
                             }
@@ -491,13 +637,15 @@ mod tests {
     fn released_jobs_can_be_claimed_at_once() {
         let (_db, mut conn) = fresh("release");
         insert_job(&mut conn, &new_job("j"), &[disk(1)]).unwrap();
-        assert_eq!(claim_jobs(&mut conn, "a", MINUTE, 1, &[]).unwrap(), ["j"]);
-        assert!(!release_lease(&mut conn, "j", "b").unwrap(), "b does not own it");
-        assert!(claim_jobs(&mut conn, "b", MINUTE, 1, &[]).unwrap().is_empty());
-        assert!(release_lease(&mut conn, "j", "a").unwrap());
+        let a = claim_one(&mut conn, "a", "j");
+        let b = Owner { node: "b".into(), run: a.run.clone() };
+        assert!(!release_lease(&mut conn, "j", &b).unwrap(), "b does not own it");
+        assert!(claim(&mut conn, "b", 1, &[]).is_empty());
+        assert!(release_lease(&mut conn, "j", &a).unwrap());
         let (job, _) = load_job(&mut conn, "j").unwrap();
         assert_eq!((job.owner_node, job.lease_expires_at), (None, None));
-        assert_eq!(claim_jobs(&mut conn, "b", MINUTE, 1, &[]).unwrap(), ["j"]);
+        assert_eq!(job.owner_run, Some(a.run), "the mark that a daemon ran it stays");
+        assert_eq!(claim(&mut conn, "b", 1, &[]), ["j"]);
     }
 
     #[test]
@@ -515,7 +663,7 @@ mod tests {
         insert_job(&mut conn, &job, &[disk(1), with_inputs.clone()]).unwrap();
 
         let (row, disks) = load_job(&mut conn, &job.id).unwrap();
-        assert_eq!((row.status, row.vm_path.as_deref()), (JobStatus::Pending, Some("/dc/vm/vm1")));
+        assert_eq!((row.status, row.vm_path.as_deref()), (JobStatus::Pending.into(), Some("/dc/vm/vm1")));
         assert_eq!(row.nbd_export_name, job.nbd_export_name);
         assert_eq!((row.owner_node, row.started_at, row.completed_at), (None, None, None));
         assert_near(row.created_at, now());
@@ -563,7 +711,7 @@ mod tests {
         )
         .unwrap();
         let (job, _) = load_job(&mut conn, "j").unwrap();
-        assert_eq!(job.status, JobStatus::Streaming);
+        assert_eq!(job.status, JobStatus::Streaming.into());
         assert_eq!(job.current_operation.as_deref(), Some("Transfer"));
         assert_eq!(job.progress_percent, 37.46);
         assert_eq!(
@@ -622,8 +770,8 @@ mod tests {
             assert!(matches!(err, DbError::AlreadyFinished { status, .. } if status == end), "{err}");
             let err = cancel_job(&mut conn, id).unwrap_err();
             assert!(matches!(err, DbError::AlreadyFinished { status, .. } if status == end), "{err}");
-            assert!(!renew_lease(&mut conn, id, "n", MINUTE).unwrap());
-            assert!(claim_jobs(&mut conn, "n", MINUTE, 10, &[]).unwrap().is_empty());
+            assert!(!renew_lease(&mut conn, id, &Owner { node: "n".into(), run: "r".into() }, MINUTE).unwrap());
+            assert!(claim(&mut conn, "n", 10, &[]).is_empty());
             assert_eq!(load_job(&mut conn, id).unwrap(), before, "{end} changed");
         }
     }
@@ -635,13 +783,16 @@ mod tests {
         assert_eq!(err.to_string(), "job 'ghost' not found");
 
         insert_job(&mut conn, &new_job("j"), &[disk(1)]).unwrap();
-        assert_eq!(claim_jobs(&mut conn, "n", MINUTE, 1, &[]).unwrap(), ["j"]);
+        let n = claim_one(&mut conn, "n", "j");
         assert_eq!(cancel_job(&mut conn, "j").unwrap(), JobStatus::Cancelled);
         let (job, _) = load_job(&mut conn, "j").unwrap();
-        assert_eq!((job.status, job.error_message.as_deref()), (JobStatus::Cancelled, Some("cancelled by operator")));
+        assert_eq!(
+            (job.status, job.error_message.as_deref()),
+            (JobStatus::Cancelled.into(), Some("cancelled by operator"))
+        );
         assert_near(job.completed_at.unwrap(), now());
         // The owner learns of it when it next renews its lease.
-        assert!(!renew_lease(&mut conn, "j", "n", MINUTE).unwrap());
+        assert!(!renew_lease(&mut conn, "j", &n, MINUTE).unwrap());
         let err = cancel_job(&mut conn, "j").unwrap_err();
         assert_eq!(err.to_string(), "job 'j' has already finished as cancelled");
     }
@@ -681,20 +832,53 @@ mod tests {
 
         let counts = count_jobs_by_status(&mut conn).unwrap();
         assert_eq!(counts.len(), JobStatus::ALL.len());
-        assert!(counts.contains(&(JobStatus::Pending, 3)), "{counts:?}");
-        assert!(counts.contains(&(JobStatus::Failed, 1)), "{counts:?}");
+        assert!(counts.contains(&("pending".into(), 3)), "{counts:?}");
+        assert!(counts.contains(&("failed".into(), 1)), "{counts:?}");
         assert_eq!(counts.iter().map(|(_, n)| n).sum::<i64>(), 4);
     }
 
     #[test]
-    fn a_status_the_daemon_does_not_know_is_an_error_not_a_guess() {
+    fn words_the_daemon_does_not_know_are_kept_as_they_are_and_never_claimed() {
         let (db, mut conn) = fresh("unknown_status");
         db.execute(ORCHESTRATOR_INSERT);
-        db.execute("UPDATE replication_jobs SET status = 'paused'");
-        let err = load_job(&mut conn, "job-1").unwrap_err();
-        assert!(err.to_string().contains("unknown job status 'paused'"), "{err}");
+        db.execute(
+            "UPDATE replication_jobs SET status = 'paused', replication_type = 'differential';
+             UPDATE vm_disks SET sync_status = 'weird';",
+        );
+        let (job, disks) = load_job(&mut conn, "job-1").unwrap();
+        assert_eq!(job.status, Word::Unknown("paused".into()));
+        assert_eq!(job.replication_type, Word::Unknown("differential".into()));
+        assert_eq!(disks[0].sync_status, Word::Unknown("weird".into()));
+        assert_eq!(job.status.shown(JobStatus::as_api), "paused");
         let err = update_job(&mut conn, &JobUpdate { progress_percent: Some(1.0), ..update("job-1") }).unwrap_err();
         assert_eq!(err.to_string(), "job 'job-1' has an unknown status 'paused'");
-        assert!(claim_jobs(&mut conn, "n", MINUTE, 10, &[]).unwrap().is_empty());
+        assert!(claim(&mut conn, "n", 10, &[]).is_empty());
+        db.execute(
+            "INSERT INTO replication_jobs (id, vm_name, status) VALUES ('j2', 'vm', 'PENDING'), ('j3', 'vm', 'paused')",
+        );
+        let counts = count_jobs_by_status(&mut conn).unwrap();
+        assert!(counts.contains(&("paused".into(), 2)) && counts.contains(&("PENDING".into(), 1)), "{counts:?}");
+        assert!(counts.contains(&("pending".into(), 0)), "{counts:?}");
+    }
+
+    #[test]
+    fn progress_figures_never_go_down() {
+        let (db, mut conn) = fresh("monotone");
+        db.execute(ORCHESTRATOR_INSERT);
+        let n = claim_one(&mut conn, "n", "job-1");
+        let figures = |pct: f64, bytes: i64| JobUpdate {
+            owner: Some(n.clone()),
+            progress_percent: Some(pct),
+            bytes_transferred: Some(bytes),
+            ..update("job-1")
+        };
+        update_job(&mut conn, &figures(70.3, 703)).unwrap();
+        // A restarted run knows only its checkpoint at first.
+        update_job(&mut conn, &figures(58.2, 582)).unwrap();
+        let (job, _) = load_job(&mut conn, "job-1").unwrap();
+        assert_eq!((job.progress_percent, job.bytes_transferred), (70.3, 703));
+        update_job(&mut conn, &figures(71.0, 710)).unwrap();
+        let (job, _) = load_job(&mut conn, "job-1").unwrap();
+        assert_eq!((job.progress_percent, job.bytes_transferred), (71.0, 710));
     }
 }

@@ -5,8 +5,10 @@
 //!
 //! DECIMAL(5,2) percentages travel through `BigDecimal` (diesel's `numeric`
 //! feature) and are handed out as `f64`: callers compute with floats, and the
-//! database keeps two exact decimals. Status strings are parsed on read, so a row
-//! with a status the daemon does not know fails loudly instead of being guessed at.
+//! database keeps two exact decimals. Status and type words are read as a
+//! [`Word`]: one the daemon knows, or the exact text an orchestrator wrote, kept
+//! so that it can be shown as it is. A row with a word the daemon does not know
+//! still lists and loads; it is never guessed at, and never run (see `jobs`).
 //! What the functions do with these types lives in `jobs`, `disks` and `events`.
 
 use bigdecimal::num_bigint::BigInt;
@@ -27,9 +29,9 @@ pub struct Job {
     pub id: String,
     pub vm_name: String,
     pub vm_path: Option<String>,
-    pub replication_type: ReplicationType,
+    pub replication_type: Word<ReplicationType>,
     /// `replicating` in the row reads as `Pending`.
-    pub status: JobStatus,
+    pub status: Word<JobStatus>,
     /// Kept as text: the orchestrator writes its own stages here too (see
     /// `Operation` for the daemon's).
     pub current_operation: Option<String>,
@@ -48,6 +50,8 @@ pub struct Job {
     /// The appliance that runs the job, while its lease lasts.
     pub owner_node: Option<String>,
     pub lease_expires_at: Option<NaiveDateTime>,
+    /// The run (claim) that holds the lease, or last held it.
+    pub owner_run: Option<String>,
     pub last_progress_at: Option<NaiveDateTime>,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
@@ -72,7 +76,7 @@ pub struct Disk {
     pub planned_bytes: i64,
     pub bytes_synced: i64,
     pub skipped_bytes: i64,
-    pub sync_status: DiskStatus,
+    pub sync_status: Word<DiskStatus>,
     #[diesel(deserialize_as = Percent)]
     pub sync_progress_percent: f64,
     pub throughput_bps: i64,
@@ -115,16 +119,29 @@ pub struct NewDisk {
     pub change_id: Option<String>,
 }
 
+/// Who may write a job's rows: the node that holds its lease and the run (one
+/// claim of the job) it holds it for. Every write of job state the daemon makes
+/// names both in its `WHERE`, so a node that lost the job, or an older run of
+/// the same node, changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Owner {
+    pub node: String,
+    pub run: String,
+}
+
 /// What to change in a job; `None` leaves a column alone.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct JobUpdate {
     pub id: String,
-    /// When set, the update applies only while this node owns the job.
-    pub node: Option<String>,
+    /// When set, the update applies only while this owner holds the job. The
+    /// daemon always sets it; `None` is for tests and operators' tools.
+    pub owner: Option<Owner>,
     /// Refused (and nothing changed) unless the current status may become this.
     pub status: Option<JobStatus>,
     pub current_operation: Option<Operation>,
+    /// Never lowers the stored percentage (`GREATEST`).
     pub progress_percent: Option<f64>,
+    /// Never lowers the stored figure (`GREATEST`).
     pub bytes_transferred: Option<i64>,
     pub total_bytes: Option<i64>,
     pub transfer_speed_bps: Option<i64>,
@@ -143,8 +160,10 @@ pub struct DiskUpdate {
     pub sync_status: Option<DiskStatus>,
     pub capacity_bytes: Option<i64>,
     pub planned_bytes: Option<i64>,
+    /// Never lowers the stored figure (`GREATEST`).
     pub bytes_synced: Option<i64>,
     pub skipped_bytes: Option<i64>,
+    /// Never lowers the stored percentage (`GREATEST`).
     pub sync_progress_percent: Option<f64>,
     pub throughput_bps: Option<i64>,
     /// `Some(None)` clears the message (a retried disk), `Some(Some(m))` sets it.
@@ -200,6 +219,37 @@ pub struct NewJobEvent {
     pub created_at: Option<NaiveDateTime>,
 }
 
+/// A word read from a status or type column: one the daemon knows, or anything
+/// else, kept exactly as it was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Word<T> {
+    Known(T),
+    Unknown(String),
+}
+
+impl<T: Copy> Word<T> {
+    pub fn known(&self) -> Option<T> {
+        match self {
+            Word::Known(t) => Some(*t),
+            Word::Unknown(_) => None,
+        }
+    }
+
+    /// The word to show: `shown` of a known value, or the stored text as it is.
+    pub fn shown(&self, shown: impl FnOnce(T) -> &'static str) -> String {
+        match self {
+            Word::Known(t) => shown(*t).to_string(),
+            Word::Unknown(s) => s.clone(),
+        }
+    }
+}
+
+impl<T> From<T> for Word<T> {
+    fn from(t: T) -> Self {
+        Word::Known(t)
+    }
+}
+
 /// The database values a status filter must match: `pending` also matches the
 /// `replicating` that older orchestrators write.
 pub(super) fn status_values(statuses: &[JobStatus]) -> Vec<&'static str> {
@@ -246,24 +296,41 @@ impl Queryable<Decimal, Mysql> for Percent {
     }
 }
 
-impl Queryable<Text, Mysql> for JobStatus {
-    type Row = String;
-    fn build(s: String) -> deserialize::Result<Self> {
-        JobStatus::from_db(&s).ok_or_else(|| format!("unknown job status '{s}'").into())
+/// The types a [`Word`] can hold, with their exact (case-sensitive) parsers.
+pub trait Parse: Sized {
+    fn parse_word(s: &str) -> Option<Self>;
+}
+
+impl Parse for JobStatus {
+    fn parse_word(s: &str) -> Option<Self> {
+        JobStatus::from_db(s)
     }
 }
 
-impl Queryable<Text, Mysql> for DiskStatus {
-    type Row = String;
-    fn build(s: String) -> deserialize::Result<Self> {
-        DiskStatus::from_db(&s).ok_or_else(|| format!("unknown disk status '{s}'").into())
+impl Parse for DiskStatus {
+    fn parse_word(s: &str) -> Option<Self> {
+        DiskStatus::from_db(s)
     }
 }
 
+impl Parse for ReplicationType {
+    fn parse_word(s: &str) -> Option<Self> {
+        ReplicationType::parse(s)
+    }
+}
+
+/// The CBT history is the daemon's own table: its `sync_type` is always known.
 impl Queryable<Text, Mysql> for ReplicationType {
     type Row = String;
     fn build(s: String) -> deserialize::Result<Self> {
         ReplicationType::parse(&s).ok_or_else(|| format!("unknown replication type '{s}'").into())
+    }
+}
+
+impl<T: Parse> Queryable<Text, Mysql> for Word<T> {
+    type Row = String;
+    fn build(s: String) -> deserialize::Result<Self> {
+        Ok(T::parse_word(&s).map_or(Word::Unknown(s), Word::Known))
     }
 }
 

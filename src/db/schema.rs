@@ -65,6 +65,8 @@ diesel::table! {
         #[max_length = 255]
         owner_node -> Nullable<Varchar>,
         lease_expires_at -> Nullable<Datetime>,
+        #[max_length = 64]
+        owner_run -> Nullable<Varchar>,
         last_progress_at -> Nullable<Datetime>,
         created_at -> Datetime,
         updated_at -> Datetime,

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::error::{CopyError, Role};
+use super::fence::Fence;
 use super::nbd::{self, BlockSize, ConnectOptions, Handle, NbdError, Returned};
 use super::plan::{self, Action, Area, Extent, Plan};
 use super::progress::{Progress, Stage, Tally};
@@ -354,12 +355,27 @@ pub struct Copier {
     cancel: CancelToken,
     prepared: Mutex<Option<Prepared>>,
     retry_log: Mutex<RetryLog<RetryKey>>,
+    fence: Fence,
 }
 
 impl Copier {
     pub fn new(spec: CopySpec) -> Self {
         let retry_log = Mutex::new(RetryLog::new(spec.tuning.retry_report_interval));
-        Self { spec, progress: Progress::new(), cancel: CancelToken::default(), prepared: Mutex::new(None), retry_log }
+        Self {
+            spec,
+            progress: Progress::new(),
+            cancel: CancelToken::default(),
+            prepared: Mutex::new(None),
+            retry_log,
+            fence: Fence::default(),
+        }
+    }
+
+    /// Sends nothing more to the target once `fence` expires, and fails the copy
+    /// with [`CopyError::Fenced`] (see `fence`).
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
     }
 
     pub fn progress(&self) -> Progress {
@@ -512,6 +528,7 @@ impl Copier {
             spec,
             progress: &self.progress,
             cancel: &self.cancel,
+            fence: &self.fence,
             events,
             reporter: self.reporter(events),
             dispatcher: Mutex::new(Dispatcher::new(ranges, plan.disk_size, request_size as u64, zero_max)),
@@ -952,6 +969,8 @@ struct Ctx<'a> {
     spec: &'a CopySpec,
     progress: &'a Progress,
     cancel: &'a CancelToken,
+    /// No request may go to the target once it expires.
+    fence: &'a Fence,
     events: &'a (dyn Fn(Event) + Sync),
     reporter: Reporter<'a>,
     dispatcher: Mutex<Dispatcher>,
@@ -1447,7 +1466,8 @@ impl<'a> Worker<'a> {
     }
 
     /// Issues one write or zero request of `p` on the target connection, if it is
-    /// up. Every target request but the flush goes through here.
+    /// up and the write fence is open. Every target request but the flush goes
+    /// through here.
     fn write_with(
         &mut self,
         p: &mut Pending,
@@ -1455,6 +1475,11 @@ impl<'a> Worker<'a> {
         fast_zero: bool,
         op: impl FnOnce(&mut Handle) -> Result<u64, NbdError>,
     ) {
+        if self.fenced() {
+            let e = NbdError { message: "write fence expired".into(), errno: libc::ECANCELED };
+            p.error.get_or_insert((req, e));
+            return;
+        }
         if self.dst.busy() == 0 {
             self.dst.last_activity = Instant::now();
         }
@@ -1556,6 +1581,9 @@ impl<'a> Worker<'a> {
         if self.flushing.is_some() || (self.unflushed.is_empty() && !theirs) {
             return Ok(());
         }
+        if self.fenced() {
+            return Err(CopyError::Fenced { uri: self.ctx.spec.target.clone() });
+        }
         let Some(h) = self.dst.live() else { return Ok(()) };
         match h.aio_flush() {
             Ok(cookie) => {
@@ -1654,8 +1682,25 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Waits for socket activity, a due retry or the next tick.
+    /// Cuts the target connection and fails the copy once the write fence has
+    /// expired; true if it has. The cut is abrupt: a polite disconnect would let
+    /// libnbd finish sending whatever request it had begun.
+    fn fenced(&mut self) -> bool {
+        if !self.ctx.fence.expired() {
+            return false;
+        }
+        if let Some(h) = self.dst.handle.take() {
+            h.abort();
+        }
+        self.ctx.fail(CopyError::Fenced { uri: self.ctx.spec.target.clone() });
+        true
+    }
+
+    /// Waits for socket activity, a due retry or the next tick. Socket work on
+    /// the target (which may send the rest of a queued or partly sent request)
+    /// happens only while the write fence is open, checked again after the wait.
     fn wait(&mut self) {
+        self.fenced();
         let now = Instant::now();
         let mut timeout = TICK;
         for (t, _) in &self.retry {
@@ -1666,13 +1711,16 @@ impl<'a> Worker<'a> {
                 timeout = timeout.min(c.reconnect_at.saturating_duration_since(now));
             }
         }
+        let target = self.dst.live().is_some();
         let mut hs: Vec<&mut Handle> = [self.src.live(), self.dst.live()].into_iter().flatten().collect();
         if hs.is_empty() {
             std::thread::sleep(timeout);
             return;
         }
         // A failing poll(2) leaves nothing to do but look again at the next tick.
-        let _ = nbd::poll(&mut hs, timeout);
+        let fence = self.ctx.fence;
+        let _ = nbd::poll_unless(&mut hs, timeout, &|| target && fence.expired());
+        self.fenced();
     }
 
     /// Handles every finished command on both connections. A reply this worker

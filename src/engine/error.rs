@@ -73,6 +73,11 @@ pub enum CopyError {
     #[error("cancelled; the target is consistent up to offset {watermark}")]
     Cancelled { watermark: u64 },
 
+    /// The copy's write fence expired: nothing more was sent to the target, and
+    /// its connection was cut.
+    #[error("stopped writing to target {uri}: the write fence expired")]
+    Fenced { uri: String },
+
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -81,5 +86,10 @@ impl CopyError {
     /// The durable watermark a cancelled copy reached, if this is a cancellation.
     pub fn is_cancelled(&self) -> bool {
         matches!(self, CopyError::Cancelled { .. })
+    }
+
+    /// Whether the copy stopped because its write fence expired.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, CopyError::Fenced { .. })
     }
 }

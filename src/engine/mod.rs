@@ -10,12 +10,14 @@
 //! - `plan`: which ranges to read, zero or skip
 //! - `zero`: zero detection in 4 KiB blocks
 //! - `copy`: the executor (workers, dispatcher, durable watermark)
+//! - `fence`: the write fence, a deadline after which nothing is sent to the target
 //! - `progress`: counters and the rate estimate
 //! - `retry`: the backoff policy
 //! - `verify`: the post-copy comparison
 
 pub mod copy;
 pub mod error;
+pub mod fence;
 pub mod nbd;
 pub mod plan;
 pub mod progress;
@@ -25,5 +27,6 @@ pub mod zero;
 
 pub use copy::{CancelToken, Changes, Copier, CopySpec, Event, Summary, Tuning};
 pub use error::{CopyError, Role};
+pub use fence::Fence;
 pub use progress::{Progress, Snapshot, Stage};
 pub use retry::RetryPolicy;

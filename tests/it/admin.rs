@@ -298,7 +298,7 @@ fn a_submitted_job_starts_at_once_and_every_read_command_follows_it() {
 
     let h = daemon.cli(&["health", "--json"]).json();
     assert_eq!((h["status"].as_str(), h["database_reachable"].as_bool()), (Some("ok"), Some(true)), "{h}");
-    assert_eq!((h["node_id"].as_str(), h["active_jobs"].as_u64()), (Some("it-node"), Some(0)));
+    assert_eq!((h["node_id"].as_str(), h["active_jobs"].as_u64()), (Some(daemon.node.as_str()), Some(0)));
     assert_eq!(h["version"].as_str(), Some(env!("CARGO_PKG_VERSION")));
     let human = daemon.cli(&["health"]);
     assert!(human.assert_ok().stdout.contains("database:    reachable"), "{}", human.stdout);
@@ -642,6 +642,8 @@ fn a_second_daemon_on_the_same_socket_fails_with_one_line_and_the_first_keeps_se
         .args(["serve", "--config"])
         .arg(&daemon.config)
         .env("BLOCKREPL__LOG__LEVEL", "error")
+        // Another node id: the socket's lock, not the node's, is what this is about.
+        .env("BLOCKREPL__NODE__ID", format!("{}-second", daemon.node))
         .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

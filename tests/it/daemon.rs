@@ -249,7 +249,8 @@ fn after_kill_9_a_restart_resumes_from_the_last_checkpoint() {
         &["rate=800M".into(), format!("logfile={}", log.display()), "logappend=true".into()],
     );
     let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=768M"]);
-    let mut daemon = Daemon::start(d.path(), &db.url, &[]);
+    // The restarted daemon waits for the lease of the killed one: keep it short.
+    let mut daemon = Daemon::start(d.path(), &db.url, &[("BLOCKREPL__DISCOVERY__LEASE", "3s")]);
     queue(&db, "job-k", &[("disk-1", src.uri(), dst.uri())]);
     wait_until("a checkpoint past 192 MiB", JOB_DEADLINE, || {
         num(disk(&db, "job-k", "disk-1", "resume_offset")) >= (192 << 20) as f64
@@ -380,13 +381,14 @@ fn migrations_are_applied_once_over_restarts_and_concurrent_starts() {
     std::fs::create_dir_all(&d2).unwrap();
     // Two daemons starting together on one empty database.
     let (mut a, mut b) = std::thread::scope(|s| {
-        let a = s.spawn(|| Daemon::start(&d1, &db.url, &[("BLOCKREPL__NODE__ID", "node-a")]));
-        let b = s.spawn(|| Daemon::start(&d2, &db.url, &[("BLOCKREPL__NODE__ID", "node-b")]));
+        let a = s.spawn(|| Daemon::start(&d1, &db.url, &[]));
+        let b = s.spawn(|| Daemon::start(&d2, &db.url, &[]));
         (a.join().unwrap(), b.join().unwrap())
     });
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap().count();
     let applied = |d: &Daemon| d.log_text().matches("applied database migration").count();
-    assert_eq!(applied(&a) + applied(&b), 4, "each migration applied exactly once");
-    assert_eq!(count(), 4);
+    assert_eq!(applied(&a) + applied(&b), migrations, "each migration applied exactly once");
+    assert_eq!(count() as usize, migrations);
     b.terminate();
     for _ in 0..2 {
         a.terminate();
@@ -394,7 +396,7 @@ fn migrations_are_applied_once_over_restarts_and_concurrent_starts() {
         a.spawn();
         assert_eq!(applied(&a), before, "a restart applies nothing");
     }
-    assert_eq!(count(), 4);
+    assert_eq!(count() as usize, migrations);
     assert_eq!(db.tables().len(), 5, "four tables and diesel's bookkeeping");
 }
 
@@ -551,4 +553,621 @@ fn parse_journal(mut b: &[u8]) -> std::collections::HashMap<String, String> {
         }
     }
     m
+}
+
+// ------------------------------------------------------- trust (issue 9) --
+
+/// Every column of a job's rows, its disks, events and CBT history, as text:
+/// what a node that no longer owns the job must leave alone.
+fn rows_of(db: &TestDb, id: &str) -> Vec<String> {
+    let mut rows = Vec::new();
+    for (table, key) in
+        [("replication_jobs", "id"), ("vm_disks", "job_id"), ("cbt_history", "job_id"), ("job_events", "job_id")]
+    {
+        let columns: Vec<String> = db
+            .column(&format!(
+                "SELECT CAST(column_name AS CHAR) AS v FROM information_schema.columns
+                 WHERE table_schema = DATABASE() AND table_name = '{table}' ORDER BY ordinal_position"
+            ))
+            .into_iter()
+            .flatten()
+            .map(|c| format!("IFNULL(CAST(`{c}` AS CHAR), '-')"))
+            .collect();
+        rows.extend(
+            db.column(&format!(
+                "SELECT CONCAT_WS('|', {}) AS v FROM {table} WHERE {key} = '{id}' ORDER BY 1",
+                columns.join(", ")
+            ))
+            .into_iter()
+            .flatten(),
+        );
+    }
+    rows
+}
+
+/// Item 1: two appliances on one database. One is paused (SIGSTOP) mid-copy past
+/// its lease; the other takes the job over and finishes it; the volume gets a
+/// new write from its next user; the first is resumed. Not one more request
+/// reaches the target from it, and not one row of the job changes.
+#[test]
+fn a_paused_daemon_that_lost_its_lease_never_writes_again() {
+    let d = tempdir();
+    let db = server().fresh_database("fence");
+    let size: u64 = 96 << 20;
+    let plugin = sparse("96M", 61, 100);
+    // About 12 MB/s: the copy takes several seconds, so the pause lands mid-copy.
+    let src = nbdkit(d.path(), "src", &["--filter=rate"], &plugin, &["rate=96M".into()]);
+    let volume = d.path().join("volume.img");
+    std::fs::File::create(&volume).unwrap().set_len(size).unwrap();
+    let tlog = d.path().join("dst.log");
+    let dst = Server::nbdkit(
+        d.path(),
+        "dst",
+        &["--filter=log", "file", &format!("file={}", volume.display()), &format!("logfile={}", tlog.display())],
+    );
+    let (da, db_dir) = (d.path().join("a"), d.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db_dir).unwrap();
+    let mut a = Daemon::start(&da, &db.url, &[("BLOCKREPL__DISCOVERY__LEASE", "4s")]);
+    queue(&db, "job-f", &[("disk-1", src.uri(), dst.uri())]);
+    wait_until("a to copy past a checkpoint", JOB_DEADLINE, || {
+        job(&db, "job-f", "owner_node").as_deref() == Some(a.node.as_str())
+            && num(disk(&db, "job-f", "disk-1", "resume_offset")) >= (8 << 20) as f64
+    });
+    let b = Daemon::start(&db_dir, &db.url, &[]);
+
+    a.signal(Signal::SIGSTOP);
+    let resumed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until("b to take the job over", JOB_DEADLINE, || {
+            job(&db, "job-f", "owner_node").as_deref() == Some(b.node.as_str())
+        });
+        wait_status(&db, "job-f", "completed", &b);
+        wait_until("b to release the job", READY, || job(&db, "job-f", "owner_node").is_none());
+    }));
+    if let Err(panic) = resumed {
+        a.signal(Signal::SIGCONT);
+        std::panic::resume_unwind(panic);
+    }
+    let clean = Server::nbdkit(d.path(), "clean", &plugin.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(checksum(&clean.uri()), checksum(&dst.uri()), "b made the volume whole");
+    let rows = rows_of(&db, "job-f");
+    // The volume's next user writes to it (a marker in the middle of the disk,
+    // where a resumed copy of the first daemon would write next).
+    let marker = vec![0x5au8; 1 << 20];
+    let at = size / 2;
+    {
+        use std::io::{Seek, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&volume).unwrap();
+        f.seek(std::io::SeekFrom::Start(at)).unwrap();
+        f.write_all(&marker).unwrap();
+        f.sync_all().unwrap();
+    }
+    let requests = |op| logged(&tlog, op).len();
+    let before: Vec<usize> = ["Write", "Zero", "Trim", "Flush"].iter().map(|op| requests(*op)).collect();
+
+    a.signal(Signal::SIGCONT);
+    wait_until("a to notice that the job is no longer its own", JOB_DEADLINE, || {
+        let log = a.log_text();
+        log.contains("lease not renewed in time") || log.contains("no longer ours")
+    });
+    // Whatever a still had queued is tried now, at its shutdown.
+    let (status, _) = a.terminate();
+    assert_eq!(status.code(), Some(0), "{}", a.log_text());
+
+    let after: Vec<usize> = ["Write", "Zero", "Trim", "Flush"].iter().map(|op| requests(*op)).collect();
+    assert_eq!(after, before, "requests reached the target after the takeover:\n{}", a.log_text());
+    let mut got = vec![0u8; marker.len()];
+    {
+        use std::io::{Read, Seek};
+        let mut f = std::fs::File::open(&volume).unwrap();
+        f.seek(std::io::SeekFrom::Start(at)).unwrap();
+        f.read_exact(&mut got).unwrap();
+    }
+    assert!(got == marker, "the new user's data was overwritten");
+    assert_eq!(rows_of(&db, "job-f"), rows, "a changed the job's rows:\n{}", a.log_text());
+}
+
+/// Item 1: a second live daemon with the same node id is refused at start-up
+/// with one line, and the first goes on.
+#[test]
+fn a_second_daemon_with_the_same_node_id_is_refused() {
+    let d = tempdir();
+    let db = server().fresh_database("same_node");
+    let (d1, d2) = (d.path().join("a"), d.path().join("b"));
+    std::fs::create_dir_all(&d1).unwrap();
+    std::fs::create_dir_all(&d2).unwrap();
+    let node = format!("twin-{}", db.name);
+    let first = Daemon::start(&d1, &db.url, &[("BLOCKREPL__NODE__ID", &node)]);
+    let mut second =
+        Daemon::configure(&d2, &db.url, &[("BLOCKREPL__NODE__ID", &node), ("BLOCKREPL__LOG__LEVEL", "error")], &[]);
+    second.launch();
+    let mut status = None;
+    wait_until("the second daemon to give up", READY, || {
+        status = second.exited();
+        status.is_some()
+    });
+    let run = Run { status: status.unwrap(), stdout: String::new(), stderr: second.log_text() };
+    let line = run.error_line();
+    assert!(
+        line.starts_with(&format!("blockrepl: node id '{node}' is in use by another running blockrepl daemon")),
+        "{line}"
+    );
+    assert!(line.contains("node.id"), "{line}");
+    assert!(!second.admin_socket.exists(), "the second daemon bound nothing");
+    first.cli(&["health"]).assert_ok();
+    // Once the first is gone, the id is free again.
+    drop(first);
+    second.spawn();
+}
+
+/// Item 2: stops at random moments (right after the start, idle, mid-copy, after
+/// a job ended, with the database going away) all exit with status 0. Several
+/// daemons run side by side to keep it short; the seed replays a run
+/// (`BLOCKREPL_TEST_SEED=N`).
+#[test]
+fn two_hundred_stops_at_random_moments_all_exit_with_status_0() {
+    const WORKERS: u64 = 4;
+    const ROUNDS: u64 = 50;
+    let seed: u64 = std::env::var("BLOCKREPL_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    eprintln!("stops at random moments: BLOCKREPL_TEST_SEED={seed}");
+    let d = tempdir();
+    let plugin = sparse("32M", 71, 50);
+    let slow = nbdkit(d.path(), "slow", &["--filter=rate"], &plugin, &["rate=256M".into()]);
+    let fast = nbdkit(d.path(), "fast", &[], &sparse("4M", 72, 50), &[]);
+    let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=32M"]);
+    let started = Instant::now();
+    let failures: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..WORKERS)
+            .map(|w| {
+                let (slow, fast, dst, dir) = (&slow, &fast, &dst, d.path().join(format!("w{w}")));
+                s.spawn(move || {
+                    std::fs::create_dir_all(&dir).unwrap();
+                    let db = server().fresh_database(&format!("stops{w}"));
+                    let (_, query) = db.url.split_once("unix_socket=").unwrap();
+                    let real = query.split('&').next().unwrap();
+                    let proxy = Proxy::start(&dir.join("db-proxy.sock"), std::path::Path::new(real));
+                    let url = db.url.replace(real, &proxy.path.display().to_string());
+                    let env = [("BLOCKREPL__DISCOVERY__INTERVAL", "200ms"), ("BLOCKREPL__DISCOVERY__LEASE", "3s")];
+                    let mut daemon = Daemon::configure(&dir, &url, &env, &[]);
+                    // A first start migrates the database, so that every round can queue jobs.
+                    daemon.spawn();
+                    daemon.terminate();
+                    let mut rng = seed ^ (w + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    let mut next = move |n: u64| {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        rng % n
+                    };
+                    let mut failed = Vec::new();
+                    for round in 0..ROUNDS {
+                        let scenario = next(5);
+                        let pause = Duration::from_millis(next(400));
+                        let id = format!("job-{w}-{round}");
+                        daemon.launch();
+                        // Before `main` runs, no program can handle a signal: every
+                        // stop comes once the daemon has taken SIGTERM in hand.
+                        let pid = daemon.pid().as_raw();
+                        wait_until("the daemon to take SIGTERM", READY, || catches_sigterm(pid));
+                        match scenario {
+                            // Right after the start: a random moment after that.
+                            0 => std::thread::sleep(pause / 4),
+                            1 => {
+                                daemon.wait_ready();
+                                std::thread::sleep(pause);
+                            }
+                            2 => {
+                                daemon.wait_ready();
+                                queue(&db, &id, &[("disk-1", slow.uri(), dst.uri())]);
+                                std::thread::sleep(pause * 2);
+                            }
+                            3 => {
+                                daemon.wait_ready();
+                                queue(&db, &id, &[("disk-1", fast.uri(), dst.uri())]);
+                                wait_status(&db, &id, "completed", &daemon);
+                                std::thread::sleep(pause / 4);
+                            }
+                            _ => {
+                                if next(2) == 0 {
+                                    daemon.wait_ready();
+                                    queue(&db, &id, &[("disk-1", slow.uri(), dst.uri())]);
+                                }
+                                std::thread::sleep(pause);
+                                proxy.down();
+                                std::thread::sleep(pause / 2);
+                            }
+                        }
+                        let (status, took) = daemon.terminate();
+                        proxy.up();
+                        // The threads that used the database end before the process
+                        // does (the client library's exit handlers would race them).
+                        let log = daemon.log_text();
+                        let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+                        if status.code() != Some(0) || !last.contains("stopped: database threads (joined)") {
+                            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                            failed.push(format!(
+                                "worker {w} round {round} scenario {scenario}: {status} after {took:?}; log ends:\n{}",
+                                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                            ));
+                        }
+                        // A job left behind waits for its lease; the next round starts clean.
+                        db.execute("DELETE FROM replication_jobs");
+                        let _ = std::fs::remove_file(&daemon.log);
+                    }
+                    failed
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!("{} stops in {:.1} s", WORKERS * ROUNDS, started.elapsed().as_secs_f64());
+    assert!(
+        failures.is_empty(),
+        "{} of {} stops did not exit with 0 (seed {seed}):\n{}",
+        failures.len(),
+        WORKERS * ROUNDS,
+        failures.join("\n\n")
+    );
+}
+
+/// Whether process `pid` blocks or catches SIGTERM (so that one sent now is
+/// handled, not fatal), from /proc.
+fn catches_sigterm(pid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let mask = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let term = 1u64 << (libc_sigterm() - 1);
+    (mask("SigBlk:") | mask("SigCgt:")) & term != 0
+}
+
+fn libc_sigterm() -> u32 {
+    Signal::SIGTERM as i32 as u32
+}
+
+/// Sends SIGCONT to a paused process when dropped, so that a failing test never
+/// leaves a server stopped.
+struct Paused(i32);
+
+impl Paused {
+    fn new(pid: i32) -> Paused {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+        Paused(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), Signal::SIGCONT);
+    }
+}
+
+/// Item 3: with the database paused (SIGSTOP) for 30 s, the copy goes on,
+/// `blockrepl health` answers within 2 s that the database is unreachable, the
+/// daemon says what it waits for, and afterwards discovery claims new work and
+/// the rows catch up. A private server: pausing the shared one would stall
+/// every other test.
+#[test]
+fn a_database_paused_for_30_s_hangs_nothing() {
+    let d = tempdir();
+    let mariadb = crate::mariadb::private("paused");
+    let db = mariadb.fresh_database("paused");
+    let plugin = sparse("256M", 81, 100);
+    let dlog = d.path().join("dst.log");
+    // About 12 MB/s: the copy outlasts the first part of the pause.
+    let src = nbdkit(d.path(), "src", &["--filter=rate"], &plugin, &["rate=96M".into()]);
+    let dst = Server::nbdkit(
+        d.path(),
+        "dst",
+        &["--filter=log", "memory", "size=256M", &format!("logfile={}", dlog.display())],
+    );
+    let small = Server::nbdkit(d.path(), "small", &["pattern", "size=1M"]);
+    let small_dst = Server::nbdkit(d.path(), "small-dst", &["memory", "size=1M"]);
+    // The lease outlasts the pause; the fence closes after 3/4 of it.
+    let daemon = Daemon::start(d.path(), &db.url, &[("BLOCKREPL__DISCOVERY__LEASE", "60s")]);
+    queue(&db, "job-p", &[("disk-1", src.uri(), dst.uri())]);
+    wait_until("progress in the database", JOB_DEADLINE, || num(job(&db, "job-p", "progress_percent")) > 2.0);
+
+    let pid = mariadb.server_pid().expect("the private server's pid");
+    let paused_at = Instant::now();
+    let pause = Paused::new(pid);
+    let written = total(&logged(&dlog, "Write"));
+    let mut answers = Vec::new();
+    while paused_at.elapsed() < Duration::from_secs(30) {
+        let t = Instant::now();
+        let h = daemon.cli(&["health", "--json"]);
+        let took = t.elapsed();
+        let v: serde_json::Value =
+            serde_json::from_str(h.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {h:?}", h = h.stdout));
+        answers.push((took, v["database_reachable"].as_bool()));
+        // One health check every few seconds, as a monitoring system would.
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    drop(pause);
+    let copied = total(&logged(&dlog, "Write")) - written;
+    assert!(copied >= 32 << 20, "the copy went on while the database was paused: {copied} bytes");
+    for (took, reachable) in &answers {
+        assert!(*took < Duration::from_secs(2), "health took {took:?}: {answers:?}");
+        assert_eq!(*reachable, Some(false), "{answers:?}");
+    }
+    let log = daemon.log_text();
+    assert!(log.contains("the database did not answer within"), "the daemon says what it waits for:\n{log}");
+
+    // Discovery is not stuck: new work is claimed once the database answers.
+    queue(&db, "job-after", &[("disk-1", small.uri(), small_dst.uri())]);
+    wait_status(&db, "job-after", "completed", &daemon);
+    wait_status(&db, "job-p", "completed", &daemon);
+    assert_eq!(num(job(&db, "job-p", "bytes_transferred")) as u64, 256 << 20, "the rows caught up");
+    assert_eq!(disk(&db, "job-p", "disk-1", "sync_status").as_deref(), Some("completed"));
+    let h = daemon.cli(&["health", "--json"]).json();
+    assert_eq!(h["database_reachable"].as_bool(), Some(true));
+}
+
+/// Item 4: rows an orchestrator got wrong. Each fails alone with a message, or,
+/// for a status word the daemon does not know, is listed as it is and never
+/// claimed; the good jobs around them all run.
+#[test]
+fn rows_an_orchestrator_got_wrong_never_block_the_others() {
+    let d = tempdir();
+    let db = server().fresh_database("bad_rows");
+    let src = Server::nbdkit(d.path(), "src", &["pattern", "size=4M"]);
+    let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=4M"]);
+    let (s, t) = (src.uri(), dst.uri());
+    // A first start migrates the empty database; the rows go in while no daemon runs.
+    let mut daemon = Daemon::start(d.path(), &db.url, &[]);
+    daemon.terminate();
+    let mut sql = String::new();
+    // Older than the good jobs, so that a claim batch meets them first.
+    // (id, status, replication type, the disk's sync_status and URIs).
+    type Row<'a> = (&'a str, &'a str, &'a str, Option<(&'a str, &'a str)>);
+    let bad: [Row; 14] = [
+        ("bad-upper", "PENDING", "full", Some(("pending", "ok"))),
+        ("bad-mixed", "Replicating", "full", Some(("pending", "ok"))),
+        ("bad-init", "initializing", "full", Some(("pending", "ok"))),
+        ("bad-syncing", "syncing", "full", Some(("pending", "ok"))),
+        ("bad-active", "active", "full", Some(("pending", "ok"))),
+        ("bad-paused", "paused", "full", Some(("pending", "ok"))),
+        ("bad-empty", "", "full", Some(("pending", "ok"))),
+        ("bad-typo", "pendng", "full", Some(("pending", "ok"))),
+        ("bad-preparing", "preparing", "full", Some(("pending", "ok"))),
+        ("bad-differential", "pending", "differential", Some(("pending", "ok"))),
+        ("bad-disk", "pending", "full", Some(("weird", "ok"))),
+        ("bad-nodisks", "pending", "full", None),
+        ("bad-nosource", "replicating", "full", Some(("pending", "nosource"))),
+        ("bad-snapshotting", "snapshotting", "full", Some(("pending", "ok"))),
+    ];
+    for (id, status, kind, disk) in bad {
+        sql.push_str(&format!(
+            "INSERT INTO replication_jobs (id, vm_name, replication_type, status, created_at)
+             VALUES ('{id}', 'vm', '{kind}', '{status}', UTC_TIMESTAMP(6) - INTERVAL 1 HOUR);"
+        ));
+        if let Some((sync, uris)) = disk {
+            let source = if uris == "nosource" { "" } else { &s };
+            sql.push_str(&format!(
+                "INSERT INTO vm_disks (job_id, disk_id, source_uri, target_uri, sync_status)
+                 VALUES ('{id}', 'd1', '{source}', '{t}', '{sync}');"
+            ));
+        }
+    }
+    for i in 0..8 {
+        sql.push_str(&format!(
+            "INSERT INTO replication_jobs (id, vm_name, status) VALUES ('good-{i}', 'vm', 'pending');
+             INSERT INTO vm_disks (job_id, disk_id, source_uri, target_uri) VALUES ('good-{i}', 'd1', '{s}', '{t}');"
+        ));
+    }
+    db.execute(&sql);
+    daemon.spawn();
+    for i in 0..8 {
+        wait_status(&db, &format!("good-{i}"), "completed", &daemon);
+    }
+    for (id, why) in [
+        ("bad-differential", "unknown replication type 'differential' (expected full or incremental)"),
+        ("bad-disk", "disk 'd1' has an unknown sync_status 'weird'"),
+        ("bad-nodisks", "the job has no disks"),
+        ("bad-nosource", "disk 'd1' has no source URI"),
+    ] {
+        wait_status(&db, id, "failed", &daemon);
+        assert_eq!(job(&db, id, "error_message").as_deref(), Some(why), "{id}");
+        wait_until("the failed job's lease to be released", READY, || job(&db, id, "owner_node").is_none());
+    }
+    for (id, status, ..) in
+        bad.iter().filter(|(id, ..)| !["bad-differential", "bad-disk", "bad-nodisks", "bad-nosource"].contains(id))
+    {
+        assert_eq!(job(&db, id, "status").as_deref(), Some(*status), "{id} was changed");
+        assert_eq!(job(&db, id, "owner_node"), None, "{id} was claimed");
+    }
+    // Everything lists, as it is.
+    let list = daemon.cli(&["jobs", "--json", "--limit", "100"]).json();
+    let shown = |id: &str| {
+        list["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == id)
+            .map(|j| j["status"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(shown("bad-syncing").as_deref(), Some("syncing"));
+    assert_eq!(shown("bad-upper").as_deref(), Some("PENDING"));
+    assert_eq!(shown("bad-empty").as_deref(), Some(""));
+    assert_eq!(shown("good-0").as_deref(), Some("Succeeded"));
+    let show = daemon.cli(&["show", "bad-disk", "--json"]).json();
+    assert_eq!(show["disks"][0]["status"].as_str(), Some("weird"));
+    let metrics = std::process::Command::new("curl")
+        .args(["-sS", "--unix-socket"])
+        .arg(&daemon.admin_socket)
+        .arg("http://localhost/metrics")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    assert!(text.lines().any(|l| l == "blockrepl_database_up 1"), "{text}");
+    assert!(text.lines().any(|l| l == "blockrepl_jobs{status=\"syncing\"} 1"), "{text}");
+    assert!(text.lines().any(|l| l == "blockrepl_jobs{status=\"completed\"} 8"), "{text}");
+}
+
+/// Item 5: the stored percentage never goes down, over two crashes (kill -9),
+/// a restart on the same node, and a takeover by another node.
+#[test]
+fn the_stored_percentage_never_goes_down_across_restarts_and_takeovers() {
+    let d = tempdir();
+    let db = server().fresh_database("monotone");
+    let plugin = sparse("384M", 91, 100);
+    let mut src = nbdkit(d.path(), "src", &["--filter=rate"], &plugin, &["rate=320M".into()]);
+    let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=384M"]);
+    let (da, db_dir) = (d.path().join("a"), d.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db_dir).unwrap();
+    let env = [("BLOCKREPL__DISCOVERY__LEASE", "3s")];
+    let mut a = Daemon::start(&da, &db.url, &env);
+    queue(&db, "job-m", &[("disk-1", src.uri(), dst.uri())]);
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let seen = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut conn = db.connect();
+            let mut seen: Vec<(f64, f64)> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let row = sample(&mut conn, "job-m");
+                let mut f = row.split(' ').skip(1);
+                seen.push((num(f.next().map(str::to_string)), num(f.next().map(str::to_string))));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            seen
+        });
+        let percent = || num(job(&db, "job-m", "progress_percent"));
+        wait_until("25 % and a checkpoint", JOB_DEADLINE, || {
+            percent() >= 25.0 && num(disk(&db, "job-m", "disk-1", "resume_offset")) > 0.0
+        });
+        a.kill9();
+        // nbdkit 1.32 may abort a moment after its client vanished mid-request:
+        // restart the (stateless) source so that the test does not hang on that race.
+        src.stop();
+        src.start();
+        a.spawn();
+        wait_until("the restarted node to resume", JOB_DEADLINE, || {
+            let log = a.log_text();
+            log.matches("claimed job").count() >= 2
+        });
+        let resumed = percent();
+        wait_until("15 more points", JOB_DEADLINE, || percent() >= resumed + 15.0);
+        a.kill9();
+        src.stop();
+        src.start();
+        let b = Daemon::start(&db_dir, &db.url, &env);
+        wait_status(&db, "job-m", "completed", &b);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        sampler.join().unwrap()
+    });
+    assert!(seen.len() > 50, "{} samples", seen.len());
+    for w in seen.windows(2) {
+        assert!(w[1].0 >= w[0].0 && w[1].1 >= w[0].1, "the stored figures went down: {:?} -> {:?}", w[0], w[1]);
+    }
+    assert_eq!(seen.last().map(|s| s.0), Some(100.0));
+    let clean = Server::nbdkit(d.path(), "clean", &plugin.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(checksum(&clean.uri()), checksum(&dst.uri()));
+}
+
+/// Item 6: with verification on, a job moves to `finalizing` only once no disk
+/// is still copying, however early a small disk starts to verify.
+#[test]
+fn a_verified_multi_disk_job_finalizes_only_when_every_disk_is_copied() {
+    let d = tempdir();
+    let db = server().fresh_database("verify_two");
+    let (a, b) = (sparse("16M", 101, 50), sparse("128M", 102, 50));
+    // The small disk copies in about a second and verifies for about another (its
+    // source is read again), well within the big disk's copy of several seconds.
+    // No burst: the rate holds from the first byte.
+    let rate = |r: &str| vec![format!("rate={r}"), "burstiness=0.1".to_string()];
+    let sa = nbdkit(d.path(), "sa", &["--filter=rate"], &a, &rate("64M"));
+    let sb = nbdkit(d.path(), "sb", &["--filter=rate"], &b, &rate("96M"));
+    let ta = nbdkit(d.path(), "ta", &[], &a, &[]);
+    let tb = nbdkit(d.path(), "tb", &[], &b, &[]);
+    let daemon = Daemon::start(d.path(), &db.url, &[("BLOCKREPL__COPY__VERIFY", "true")]);
+    queue(&db, "job-v", &[("disk-a", sa.uri(), ta.uri()), ("disk-b", sb.uri(), tb.uri())]);
+    let mut conn = db.connect();
+    let rank = |st: &str| {
+        ["pending", "replicating", "preparing", "snapshotting", "streaming", "finalizing", "completed"]
+            .iter()
+            .position(|s| *s == st)
+            .map(|p| if p == 1 { 0 } else { p })
+    };
+    let mut last = 0;
+    let mut finalizing_at: Option<f64> = None;
+    let end = Instant::now() + JOB_DEADLINE;
+    loop {
+        let row = sample(&mut conn, "job-v");
+        let mut f = row.split(' ');
+        let st = f.next().unwrap_or_default().to_string();
+        let pct = num(f.next().map(str::to_string));
+        assert!(st != "failed", "{:?}\n{}", job(&db, "job-v", "error_message"), daemon.log_text());
+        let r = rank(&st).unwrap_or_else(|| panic!("unexpected status {st}"));
+        assert!(r >= last, "the job's status went back to {st}");
+        last = r;
+        if st == "finalizing" && finalizing_at.is_none() {
+            finalizing_at = Some(pct);
+        }
+        if st == "completed" {
+            break;
+        }
+        assert!(Instant::now() < end, "not done\n{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pct = finalizing_at.expect("the job was seen finalizing");
+    assert_eq!(pct, 100.0, "finalizing while a disk still streamed");
+    let log = daemon.log_text();
+    assert!(!log.contains("refused a write"), "{log}");
+    let verified = db.column(
+        "SELECT CAST(COUNT(*) AS CHAR) AS v FROM job_events
+         WHERE job_id = 'job-v' AND message LIKE 'disk copied%verified'",
+    );
+    assert_eq!(verified, [Some("2".to_string())], "both disks verified");
+}
+
+/// Item 7: `WATCHDOG=1` goes to systemd only while the actors answer. The
+/// actors' thread (the main thread) is stopped alone with ptrace, as a handler
+/// stuck in a blocking call would stop it, while every other thread (copies,
+/// database, admin) runs on: the notifications stop, and resume when it does.
+/// SIGSTOP would stop every thread and prove nothing.
+#[test]
+fn the_watchdog_is_fed_only_while_the_actors_answer() {
+    use nix::sys::ptrace;
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    let d = tempdir();
+    let db = server().fresh_database("watchdog");
+    let plugin = sparse("256M", 111, 100);
+    let dlog = d.path().join("dst.log");
+    let src = nbdkit(d.path(), "src", &["--filter=rate"], &plugin, &["rate=160M".into()]);
+    let dst = Server::nbdkit(
+        d.path(),
+        "dst",
+        &["--filter=log", "memory", "size=256M", &format!("logfile={}", dlog.display())],
+    );
+    // systemd's WatchdogSec=400ms, as the service manager passes it.
+    let mut daemon = Daemon::start(d.path(), &db.url, &[("WATCHDOG_USEC", "400000")]);
+    let beats = |within| daemon.notifications(within).iter().filter(|n| n.lines().any(|l| l == "WATCHDOG=1")).count();
+    assert!(beats(Duration::from_secs(1)) >= 2, "WATCHDOG=1 while the actors answer");
+    queue(&db, "job-w", &[("disk-1", src.uri(), dst.uri())]);
+    wait_until("the copy to run", JOB_DEADLINE, || total(&logged(&dlog, "Write")) > 0);
+
+    let pid = daemon.pid();
+    ptrace::seize(pid, ptrace::Options::empty()).unwrap();
+    ptrace::interrupt(pid).unwrap();
+    waitpid(pid, Some(WaitPidFlag::__WALL)).unwrap();
+    // Whatever was sent before the thread stopped.
+    let _ = daemon.notifications(Duration::from_millis(300));
+    let written = total(&logged(&dlog, "Write"));
+    let while_stopped = beats(Duration::from_millis(1500));
+    let copied = total(&logged(&dlog, "Write")) - written;
+    ptrace::detach(pid, None).unwrap();
+    assert_eq!(while_stopped, 0, "WATCHDOG=1 while the actors' thread was stopped");
+    assert!(copied > 0, "the other threads ran on (the copy went on)");
+    assert!(beats(Duration::from_secs(2)) >= 1, "WATCHDOG=1 again once the actors answer");
+    wait_status(&db, "job-w", "completed", &daemon);
+    let (status, _) = daemon.terminate();
+    assert_eq!(status.code(), Some(0));
 }

@@ -44,7 +44,7 @@ fn each_migration_makes_one_schema_change_and_together_they_are_schema_sql() {
     let from_schema = with_schema_sql("it_schema_sql");
     let from_migrations = server().fresh_database("it_up_sql");
     let dirs = migrations();
-    assert_eq!(dirs.len(), TABLES.len());
+    assert!(dirs.len() >= TABLES.len());
     for dir in &dirs {
         let up = read(&dir.join("up.sql"));
         // MariaDB commits DDL implicitly, so a second statement could be left half-applied.

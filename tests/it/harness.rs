@@ -312,13 +312,18 @@ pub fn sh(program: &str, args: &[&str]) -> String {
 /// datagram socket of ours (NOTIFY_SOCKET).
 pub struct Daemon {
     child: Option<Child>,
+    /// The node id it runs under.
+    pub node: String,
     pub config: PathBuf,
     pub admin_socket: PathBuf,
     pub log: PathBuf,
     env: Vec<(String, String)>,
     /// A command the daemon is started under (e.g. `unshare -m ...`), if any.
     wrapper: Vec<String>,
-    notify: std::os::unix::net::UnixDatagram,
+    /// What arrived on the notify socket, read all along by a thread of ours as
+    /// systemd reads it (an unread datagram socket fills up, and then the
+    /// daemon's sends block).
+    notes: Notes,
     notify_path: PathBuf,
 }
 
@@ -332,6 +337,18 @@ impl Daemon {
 
     /// Like `start`, with the daemon run as `WRAPPER... blockrepl serve ...`.
     pub fn start_under(dir: &Path, db_url: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
+        let mut d = Self::configure(dir, db_url, env, wrapper);
+        d.spawn();
+        d
+    }
+
+    /// Writes the configuration (see `start`) without starting the daemon.
+    pub fn configure(dir: &Path, db_url: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
+        // Node ids are unique per live daemon on one database server (the test
+        // server is shared by every test): one per configured daemon.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let node =
+            format!("it-node-{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let config = dir.join("blockrepl.toml");
         let admin_socket = dir.join("admin.sock");
         std::fs::write(
@@ -339,7 +356,7 @@ impl Daemon {
             format!(
                 "[database]\nurl = \"{db_url}\"\nretry_interval = \"300ms\"\n\
                  [admin]\nsocket = \"{}\"\ngroup = \"root\"\n\
-                 [node]\nid = \"it-node\"\n\
+                 [node]\nid = \"{node}\"\n\
                  [discovery]\ninterval = \"1s\"\nlease = \"30s\"\n\
                  [copy]\ncheckpoint_interval = \"1s\"\n\
                  [log]\ntarget = \"stderr\"\nlevel = \"info\"\n",
@@ -347,26 +364,34 @@ impl Daemon {
             ),
         )
         .unwrap();
+        let node = env.iter().find(|(k, _)| *k == "BLOCKREPL__NODE__ID").map_or(node, |(_, v)| v.to_string());
         let notify_path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
         let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
         notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let mut d = Daemon {
+        let notes = Notes::read(notify);
+        Daemon {
             child: None,
+            node,
             config,
             admin_socket,
             log: dir.join("daemon.log"),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
-            notify,
+            notes,
             notify_path,
-        };
-        d.spawn();
-        d
+        }
     }
 
     /// Starts the process (again) and waits for READY.
     pub fn spawn(&mut self) {
+        self.launch();
+        self.wait_ready();
+    }
+
+    /// Starts the process (again) without waiting for anything.
+    pub fn launch(&mut self) {
+        self.notes.forget_ready();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let mut cmd = match self.wrapper.split_first() {
             Some((program, args)) => {
@@ -387,18 +412,16 @@ impl Daemon {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        self.wait_ready();
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits for READY=1 on the notify socket (one sent since the last wait).
+    pub fn wait_ready(&mut self) {
         let end = Instant::now() + READY;
-        let mut buf = [0u8; 512];
         loop {
-            if let Ok(n) = self.notify.recv(&mut buf)
-                && String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1")
-            {
+            if self.notes.take_ready() {
                 return;
             }
+            std::thread::sleep(Duration::from_millis(10));
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("daemon exited before READY ({st}):\n{}", self.log_text());
             }
@@ -410,19 +433,38 @@ impl Daemon {
         Pid::from_raw(self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0))
     }
 
+    /// The notifications (`READY=1`, `WATCHDOG=1`, ...) the daemon sends during
+    /// `within`, one string per datagram.
+    pub fn notifications(&self, within: Duration) -> Vec<String> {
+        let from = Instant::now();
+        std::thread::sleep(within);
+        self.notes.since(from)
+    }
+
+    /// Whether the daemon's process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+
     /// SIGTERM; returns the exit status and how long the daemon took to exit.
     pub fn terminate(&mut self) -> (ExitStatus, Duration) {
+        let t = Instant::now();
+        kill(self.pid(), Signal::SIGTERM).unwrap();
+        (self.wait_exit(), t.elapsed())
+    }
+
+    /// Waits (at most 30 s) for the daemon to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("daemon running");
         let t = Instant::now();
-        kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM).unwrap();
         let end = t + Duration::from_secs(30);
         loop {
             if let Some(st) = c.try_wait().unwrap() {
-                return (st, t.elapsed());
+                return st;
             }
             if Instant::now() > end {
                 let _ = c.kill();
-                panic!("daemon ignored SIGTERM for 30 s:\n{}", self.log_text());
+                panic!("daemon did not exit within 30 s:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -457,6 +499,60 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        self.notes.stop();
+    }
+}
+
+/// The datagrams of a notify socket with the time each arrived, read by a
+/// thread until `stop`.
+struct Notes {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
+    /// How many READY=1 `take_ready` has consumed.
+    readies: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Notes {
+    fn read(socket: std::os::unix::net::UnixDatagram) -> Notes {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, st) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !st.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(n) = socket.recv(&mut buf) {
+                    s.lock().unwrap().push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+                }
+            }
+        });
+        Notes { seen, readies: 0, stop }
+    }
+
+    fn count_ready(&self) -> usize {
+        self.seen.lock().unwrap().iter().filter(|(_, m)| m.lines().any(|l| l == "READY=1")).count()
+    }
+
+    /// Forgets every READY=1 so far (a new process starts).
+    fn forget_ready(&mut self) {
+        self.readies = self.count_ready();
+    }
+
+    fn take_ready(&mut self) -> bool {
+        let n = self.count_ready();
+        if n > self.readies {
+            self.readies = n;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn since(&self, from: Instant) -> Vec<String> {
+        self.seen.lock().unwrap().iter().filter(|(t, _)| *t >= from).map(|(_, m)| m.clone()).collect()
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -48,9 +48,11 @@ pub struct MariaDb {
     base: String,
     /// The query string every URL carries (`unix_socket=...`), empty for TCP.
     query: String,
-    /// Keeps the watchdog's standard input open; it is never closed by us (see the
-    /// module doc), only by the end of the process.
+    /// Keeps the watchdog's standard input open; it is closed when a server of
+    /// [`private`] is dropped, or by the end of the process (see the module doc).
     _watchdog: Option<Mutex<(Child, ChildStdin)>>,
+    /// The private server's directory (its pid file is there).
+    dir: Option<PathBuf>,
 }
 
 /// One empty database on the shared server.
@@ -67,18 +69,30 @@ pub fn server() -> &'static MariaDb {
     static SERVER: OnceLock<MariaDb> = OnceLock::new();
     SERVER.get_or_init(|| match std::env::var(URL_VAR) {
         Ok(url) if !url.is_empty() => MariaDb::external(&url),
-        _ => MariaDb::start_private(),
+        _ => MariaDb::start_private("shared"),
     })
+}
+
+/// A private server of the caller's own, stopped when dropped: for tests that
+/// pause or kill the server, which must not hurt the tests sharing [`server`].
+pub fn private(label: &str) -> MariaDb {
+    MariaDb::start_private(label)
 }
 
 impl MariaDb {
     fn external(url: &str) -> MariaDb {
         let (base, query) = split_url(url);
-        MariaDb { base, query, _watchdog: None }
+        MariaDb { base, query, _watchdog: None, dir: None }
     }
 
-    fn start_private() -> MariaDb {
-        let dir = scratch_dir();
+    /// The process id of a private server (from its pid file).
+    pub fn server_pid(&self) -> Option<i32> {
+        let dir = self.dir.as_ref()?;
+        std::fs::read_to_string(dir.join("mysqld.pid")).ok()?.trim().parse().ok()
+    }
+
+    fn start_private(label: &str) -> MariaDb {
+        let dir = scratch_dir(label);
         let _ = std::fs::remove_dir_all(&dir); // a leftover of a crashed run with our pid
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
         let data = dir.join("data");
@@ -202,6 +216,7 @@ exit "$status""#;
             base: format!("mysql://{TEST_USER}:{password}@localhost"),
             query,
             _watchdog: Some(Mutex::new((child, stdin))),
+            dir: Some(dir),
         }
     }
 
@@ -312,11 +327,11 @@ fn split_url(url: &str) -> (String, String) {
     (base.to_string(), query.to_string())
 }
 
-/// Where the private server lives: tmpfs when there is one (see the module doc).
-fn scratch_dir() -> PathBuf {
+/// Where a private server lives: tmpfs when there is one (see the module doc).
+fn scratch_dir(label: &str) -> PathBuf {
     let shm = Path::new("/dev/shm");
     let parent = if shm.is_dir() && writable(shm) { shm.to_path_buf() } else { std::env::temp_dir() };
-    parent.join(format!("blockrepl-test-mariadb-{}", std::process::id()))
+    parent.join(format!("blockrepl-test-mariadb-{}-{label}", std::process::id()))
 }
 
 fn writable(dir: &Path) -> bool {

@@ -136,6 +136,8 @@ pub struct Handle {
     ptr: NonNull<ffi::nbd_handle>,
     /// Buffers of commands in flight, keyed by cookie. Dropped only after `nbd_close`.
     in_flight: Vec<(u64, Pinned)>,
+    /// Dropping disconnects politely (see [`Handle::abort`]).
+    polite: bool,
 }
 
 // SAFETY: libnbd handles are thread-safe (every call takes the handle's lock); the
@@ -166,7 +168,7 @@ impl Handle {
         let contexts = opts.meta_contexts.iter().map(|c| cstring("meta context", c)).collect::<Result<Vec<_>, _>>()?;
         // SAFETY: nbd_create has no preconditions; NULL means failure.
         let ptr = NonNull::new(unsafe { ffi::nbd_create() }).ok_or_else(NbdError::last)?;
-        let h = Self { ptr, in_flight: Vec::new() };
+        let h = Self { ptr, in_flight: Vec::new(), polite: true };
         let p = h.ptr.as_ptr();
         // SAFETY: `p` is a live handle owned by `h`; the strings outlive the calls
         // (libnbd copies them).
@@ -425,12 +427,32 @@ impl Handle {
     }
 }
 
+impl Handle {
+    /// Closes the connection at once: the socket is shut down and the handle
+    /// closed without waiting for the commands in flight and without the polite
+    /// NBD disconnect, so nothing more is sent, not even the rest of a request
+    /// that was partly sent (the server drops a request it did not fully
+    /// receive). Bytes already handed to the kernel still leave.
+    pub fn abort(mut self) {
+        // SAFETY: live handle; the fd stays libnbd's, we only shut it down.
+        let fd = unsafe { ffi::nbd_aio_get_fd(self.raw()) };
+        if fd >= 0 {
+            // SAFETY: shutting down a socket the handle owns; libnbd notices a dead
+            // connection and closes the fd itself in nbd_close.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+        self.polite = false;
+    }
+}
+
 /// How long dropping a handle may wait for a polite disconnect.
 const DISCONNECT_GRACE: Duration = Duration::from_millis(500);
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        self.disconnect(DISCONNECT_GRACE);
+        if self.polite {
+            self.disconnect(DISCONNECT_GRACE);
+        }
         // SAFETY: the pointer came from nbd_create and is closed exactly once. After
         // nbd_close returns libnbd no longer touches any buffer, and only then are the
         // buffers in `in_flight` dropped (fields drop after this body).
@@ -473,13 +495,25 @@ unsafe extern "C" fn collect_extents(
 /// libnbd do the pending socket work. A handle whose socket work fails is marked
 /// dead by libnbd; callers see that through failed commands and `is_dead`.
 pub fn poll(handles: &mut [&mut Handle], timeout: Duration) -> Result<(), NbdError> {
+    poll_unless(handles, timeout, &|| false)
+}
+
+/// [`poll`], except that when `halt` says so once the wait is over, no socket
+/// work is done at all: libnbd sends the rest of a queued or partly sent request
+/// only from that work, so a caller whose right to write may have lapsed while
+/// it waited (or while the process was paused) checks that right here.
+pub fn poll_unless(handles: &mut [&mut Handle], timeout: Duration, halt: &dyn Fn() -> bool) -> Result<(), NbdError> {
     let refs: Vec<&Handle> = handles.iter().map(|h| &**h).collect();
-    wait(&refs, timeout).map(drop)
+    wait_unless(&refs, timeout, halt).map(drop)
 }
 
 /// `poll`'s engine; also returns the first error libnbd reported while doing the
 /// socket work, which the handshake needs to explain a failed connection.
 fn wait(handles: &[&Handle], timeout: Duration) -> Result<Option<NbdError>, NbdError> {
+    wait_unless(handles, timeout, &|| false)
+}
+
+fn wait_unless(handles: &[&Handle], timeout: Duration, halt: &dyn Fn() -> bool) -> Result<Option<NbdError>, NbdError> {
     let mut fds: Vec<libc::pollfd> = Vec::with_capacity(handles.len());
     let mut owners = Vec::with_capacity(handles.len());
     for (i, h) in handles.iter().enumerate() {
@@ -513,6 +547,9 @@ fn wait(handles: &[&Handle], timeout: Duration) -> Result<Option<NbdError>, NbdE
             return Ok(None);
         }
         return Err(NbdError::new("poll failed", errno));
+    }
+    if halt() {
+        return Ok(None);
     }
     let mut first_err = None;
     for (pfd, &i) in fds.iter().zip(&owners) {
