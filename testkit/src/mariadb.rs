@@ -16,11 +16,8 @@
 //! kernel closes the pipe, `cat` sees end-of-file, and the watchdog stops `mariadbd`
 //! and removes the directory.
 //!
-//! This file is shared by two crates: the integration-test binary declares it as a
-//! module, and the unit tests under `src/db/` include it with `#[path]`, because the
-//! crate is a binary with no library target. It therefore uses only `std` and
-//! `diesel`, and each crate uses a subset of it.
-#![allow(dead_code)]
+//! The integration tests, the unit tests under `src/db/` and the benchmark all use
+//! this one server harness.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -51,6 +48,8 @@ pub struct MariaDb {
     /// Keeps the watchdog's standard input open; it is never closed by us (see the
     /// module doc), only by the end of the process.
     _watchdog: Option<Mutex<(Child, ChildStdin)>>,
+    /// The private server's pid file (none for an external server).
+    pid_file: Option<PathBuf>,
 }
 
 /// One empty database on the shared server.
@@ -74,7 +73,7 @@ pub fn server() -> &'static MariaDb {
 impl MariaDb {
     fn external(url: &str) -> MariaDb {
         let (base, query) = split_url(url);
-        MariaDb { base, query, _watchdog: None }
+        MariaDb { base, query, _watchdog: None, pid_file: None }
     }
 
     fn start_private() -> MariaDb {
@@ -202,6 +201,7 @@ exit "$status""#;
             base: format!("mysql://{TEST_USER}:{password}@localhost"),
             query,
             _watchdog: Some(Mutex::new((child, stdin))),
+            pid_file: Some(dir.join("mysqld.pid")),
         }
     }
 
@@ -212,6 +212,12 @@ exit "$status""#;
         } else {
             format!("{}/{name}?{}", self.base, self.query)
         }
+    }
+
+    /// The private server's process id (none for an external server).
+    pub fn pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.pid_file.as_ref()?).ok()?;
+        text.trim().parse().ok()
     }
 
     /// The server's URL with no database selected.

@@ -8,6 +8,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -129,6 +130,31 @@ impl Drop for Server {
     }
 }
 
+impl Server {
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the server is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The last `n` lines of the server's output on one line, for failure messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        tail_lines(&self.log, n, " | ")
+    }
+}
+
+/// The last `n` lines of a file joined by `sep`, or "(no output)".
+pub fn tail_lines(path: &Path, n: usize, sep: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.trim().lines().collect();
+    let tail = lines[lines.len().saturating_sub(n)..].join(sep);
+    if tail.is_empty() { "(no output)".to_string() } else { tail }
+}
+
 /// The result of running `blockrepl`.
 pub struct Run {
     pub status: ExitStatus,
@@ -160,8 +186,33 @@ impl Run {
     }
 }
 
+/// The `blockrepl` binary: the one given to [`set_bin`], else the one cargo built
+/// for this test (cargo sets `CARGO_BIN_EXE_blockrepl` when it runs an integration
+/// test), else the `blockrepl` that cargo put next to this program (a test binary
+/// sits one level down, in `deps/`).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_blockrepl")
+    BIN.get_or_init(|| {
+        if let Ok(path) = std::env::var("CARGO_BIN_EXE_blockrepl") {
+            return path;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let mut dir = exe.parent().unwrap().to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let path = dir.join("blockrepl");
+        assert!(path.is_file(), "no blockrepl binary at {} (build it first)", path.display());
+        path.display().to_string()
+    })
+}
+
+static BIN: OnceLock<String> = OnceLock::new();
+
+/// Makes [`bin`] (and so [`blockrepl`] and [`Daemon`]) use `path`; before the first
+/// use only.
+pub fn set_bin(path: &Path) {
+    let path = path.display().to_string();
+    assert!(BIN.set(path.clone()).is_ok() || bin() == path, "set_bin after bin() was used");
 }
 
 /// Runs `blockrepl ARGS` to completion.
@@ -304,21 +355,31 @@ impl Daemon {
 
     /// Like `start`, with the daemon run as `WRAPPER... blockrepl serve ...`.
     pub fn start_under(dir: &Path, db_url: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
+        let admin_socket = Self::admin_socket_in(dir);
+        let config = format!(
+            "[database]\nurl = \"{db_url}\"\nretry_interval = \"300ms\"\n\
+             [admin]\nsocket = \"{}\"\ngroup = \"root\"\n\
+             [node]\nid = \"it-node\"\n\
+             [discovery]\ninterval = \"1s\"\nlease = \"30s\"\n\
+             [copy]\ncheckpoint_interval = \"1s\"\n\
+             [log]\ntarget = \"stderr\"\nlevel = \"info\"\n",
+            admin_socket.display()
+        );
+        Self::launch(dir, &config, env, wrapper)
+    }
+
+    /// Where the daemon's admin socket must be: `dir/admin.sock`.
+    pub fn admin_socket_in(dir: &Path) -> PathBuf {
+        dir.join("admin.sock")
+    }
+
+    /// Starts `WRAPPER... blockrepl serve` with the configuration file `config` (the
+    /// whole TOML text, written to `dir/blockrepl.toml`; its admin socket must be
+    /// [`Daemon::admin_socket_in`]`(dir)`); returns once it said READY.
+    pub fn launch(dir: &Path, config_text: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
         let config = dir.join("blockrepl.toml");
-        let admin_socket = dir.join("admin.sock");
-        std::fs::write(
-            &config,
-            format!(
-                "[database]\nurl = \"{db_url}\"\nretry_interval = \"300ms\"\n\
-                 [admin]\nsocket = \"{}\"\ngroup = \"root\"\n\
-                 [node]\nid = \"it-node\"\n\
-                 [discovery]\ninterval = \"1s\"\nlease = \"30s\"\n\
-                 [copy]\ncheckpoint_interval = \"1s\"\n\
-                 [log]\ntarget = \"stderr\"\nlevel = \"info\"\n",
-                admin_socket.display()
-            ),
-        )
-        .unwrap();
+        let admin_socket = Self::admin_socket_in(dir);
+        std::fs::write(&config, config_text).unwrap();
         let notify_path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
         let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
@@ -429,6 +490,14 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+impl Daemon {
+    /// The exit status once the daemon has exited (by itself or by a signal), else
+    /// `None`.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 }
 
