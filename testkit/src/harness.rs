@@ -564,6 +564,16 @@ impl Proxy {
         });
     }
 
+    /// A proxy (`dir/db-proxy.sock`) in front of the database server that `db_url`
+    /// reaches over its Unix socket, and `db_url` through the proxy.
+    pub fn for_database(dir: &Path, db_url: &str) -> (Proxy, String) {
+        let (_, query) = db_url.split_once("unix_socket=").expect("the test server is reached over a Unix socket");
+        let real_socket = query.split('&').next().unwrap();
+        let proxy = Proxy::start(&dir.join("db-proxy.sock"), Path::new(real_socket));
+        let url = db_url.replace(real_socket, &proxy.path.display().to_string());
+        (proxy, url)
+    }
+
     /// Cuts every connection and refuses new ones.
     pub fn down(&self) {
         let mut s = self.state.lock().unwrap();

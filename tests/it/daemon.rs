@@ -338,10 +338,7 @@ fn sigterm_stops_gracefully_and_leaves_the_job_resumable() {
 fn a_database_outage_mid_copy_does_not_fail_the_copy_and_the_rows_catch_up() {
     let d = tempdir();
     let db = server().fresh_database("outage");
-    let (_, query) = db.url.split_once("unix_socket=").expect("the test server is reached over a Unix socket");
-    let real_socket = query.split('&').next().unwrap();
-    let proxy = Proxy::start(&d.path().join("db-proxy.sock"), std::path::Path::new(real_socket));
-    let url = db.url.replace(real_socket, &proxy.path.display().to_string());
+    let (proxy, url) = Proxy::for_database(d.path(), &db.url);
 
     let plugin = sparse("512M", 47, 100);
     let dlog = d.path().join("dst.log");
