@@ -39,6 +39,8 @@ pub struct Server {
     program: &'static str,
     args: Vec<String>,
     pid_file: PathBuf,
+    /// A command the server is started under (e.g. `setsid`), if any.
+    wrapper: Vec<String>,
 }
 
 impl Server {
@@ -66,6 +68,7 @@ impl Server {
             program,
             args: args.iter().map(|s| s.to_string()).collect(),
             pid_file: dir.join(format!("{name}.pid")),
+            wrapper: Vec::new(),
         }
     }
 
@@ -73,7 +76,7 @@ impl Server {
     pub fn start(&mut self) {
         let _ = std::fs::remove_file(&self.pid_file);
         let _ = std::fs::remove_file(&self.sock);
-        let mut cmd = Command::new(self.program);
+        let mut cmd = command_under(&self.wrapper, self.program);
         match self.program {
             "nbdkit" => {
                 cmd.args(["-f", "--exit-with-parent", "-U"]).arg(&self.sock).arg("-P").arg(&self.pid_file);
@@ -131,6 +134,15 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// Like `nbdkit`, with the server run as `WRAPPER... nbdkit ...` (which must
+    /// exec nbdkit, keeping its pid, as `setsid` does).
+    pub fn nbdkit_under(dir: &Path, name: &str, args: &[&str], wrapper: &[&str]) -> Self {
+        let mut s = Self::new(dir, name, "nbdkit", args);
+        s.wrapper = wrapper.iter().map(|w| w.to_string()).collect();
+        s.start();
+        s
+    }
+
     /// The server's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -144,6 +156,18 @@ impl Server {
     /// The last `n` lines of the server's output on one line, for failure messages.
     pub fn log_tail(&self, n: usize) -> String {
         tail_lines(&self.log, n, " | ")
+    }
+}
+
+/// `WRAPPER... PROGRAM`, or `PROGRAM` when there is no wrapper.
+fn command_under(wrapper: &[String], program: &str) -> Command {
+    match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(program);
+            c
+        }
+        None => Command::new(program),
     }
 }
 
@@ -401,14 +425,7 @@ impl Daemon {
     /// Starts the process (again) and waits for READY.
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut cmd = match self.wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(bin());
-                c
-            }
-            None => Command::new(bin()),
-        };
+        let mut cmd = command_under(&self.wrapper, bin());
         let child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)

@@ -22,7 +22,7 @@ use testkit::harness::{Daemon, Server, allocation_map, data_bytes, tail_lines};
 use testkit::mariadb;
 
 use crate::pair::{shell, strings, strs};
-use crate::run::{self, Stop, own_cpu, process_cpu, status_code, system_busy, timed};
+use crate::run::{self, DAEMON_WRAPPER, OWN_SESSION, Stop, own_cpu, process_cpu, status_code, system_busy, timed};
 use crate::scenario::{
     Bench, DetailRow, Figures, MIB, Outcome, ResultRow, Scenario, delta, median, or_nan, others, percent_band, range,
     rotated, round_name,
@@ -132,8 +132,8 @@ impl Scenario for DaemonJob {
         let mut disks = Vec::new();
         for i in 0..n {
             let (src_args, dst_args) = disk_servers(opt, i);
-            let source = Server::nbdkit(dir, &format!("source{}", i + 1), &strs(&src_args));
-            let target = Server::nbdkit(dir, &format!("target{}", i + 1), &strs(&dst_args));
+            let source = Server::nbdkit_under(dir, &format!("source{}", i + 1), &strs(&src_args), OWN_SESSION);
+            let target = Server::nbdkit_under(dir, &format!("target{}", i + 1), &strs(&dst_args), OWN_SESSION);
             disks.push(Disk {
                 id: format!("disk-{}", i + 1),
                 label: format!("Hard disk {}", i + 1),
@@ -150,7 +150,7 @@ impl Scenario for DaemonJob {
         let db = server.fresh_database("bench");
         let t_db = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let mut daemon = Daemon::launch(dir, &config(opt, dir, &db.url), &[], &[]);
+        let mut daemon = Daemon::launch(dir, &config(opt, dir, &db.url), &[], DAEMON_WRAPPER);
         let t_daemon = t.elapsed().as_secs_f64();
         let mut conn = db.connect();
         // created_at (a column default) then comes out in UTC, like the daemon's times.

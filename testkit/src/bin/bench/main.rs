@@ -21,11 +21,12 @@
 //!   `nbdcopy --flush` and by N parallel `blockrepl copy` (see `daemon.rs`).
 //!
 //! Each tool's exit status is checked; a failing run aborts its scenario with a
-//! message, the other scenarios still run, and the benchmark exits 1. The servers,
-//! any copy still running and the daemon are stopped on exit, on errors and on
-//! Ctrl-C/SIGTERM/SIGHUP (exit status 130), and the temporary directory removed;
-//! nbdkit also runs with --exit-with-parent and the private MariaDB stops when
-//! this process ends, however it ends.
+//! message, the other scenarios still run, and the benchmark exits 1. The servers
+//! and the daemon run in sessions of their own (`run::OWN_SESSION`); they, any copy
+//! still running and the temporary directory are stopped and removed on exit, on
+//! errors and on Ctrl-C/SIGTERM/SIGHUP (exit status 130). As a last resort nbdkit
+//! runs with --exit-with-parent, the daemon with a parent-death signal, and the
+//! private MariaDB stops when this process ends, however it ends.
 
 mod daemon;
 mod pair;
@@ -85,7 +86,7 @@ fn main() -> ExitCode {
             missing.is_empty()
         });
     }
-    let mut needed = vec!["nbdkit", "nbdcopy", "nbdinfo"];
+    let mut needed = vec!["nbdkit", "nbdcopy", "nbdinfo", "setsid", "setpriv"];
     needed.extend(chosen.iter().flat_map(|s| s.needs()));
     if let Some(tool) = needed.iter().find(|p| !run::on_path(p)) {
         return die(&format!("{tool} not found (scripts/setup installs it)"));

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use testkit::harness::{Server, allocation_map, data_bytes};
 
-use crate::run::{self, Stop, process_cpu, status_code, system_busy, timed};
+use crate::run::{self, OWN_SESSION, Stop, process_cpu, status_code, system_busy, timed};
 use crate::scenario::{
     Bench, DetailRow, Figures, MIB, Outcome, ResultRow, Scenario, delta, median, or_nan, others, rotated, round_name,
 };
@@ -100,9 +100,13 @@ pub fn last_chars(s: &str, n: usize) -> &str {
     &s[start..]
 }
 
-/// A command line as a shell would take it.
+/// A command line as a shell would take it, quoting only what needs it.
 pub fn shell(words: &[String]) -> String {
-    shlex::try_join(words.iter().map(String::as_str)).unwrap_or_else(|_| words.join(" "))
+    let safe = |c: char| c.is_alphanumeric() || "_@%+=:,./-".contains(c);
+    let quote = |w: &String| {
+        if !w.is_empty() && w.chars().all(safe) { w.clone() } else { format!("'{}'", w.replace('\'', "'\"'\"'")) }
+    };
+    words.iter().map(quote).collect::<Vec<_>>().join(" ")
 }
 
 impl Scenario for Pair {
@@ -112,8 +116,8 @@ impl Scenario for Pair {
 
     fn run(&self, bench: &Bench, dir: &Path) -> Result<Box<dyn Outcome>, Stop> {
         let spec = (self.servers)(&bench.opt);
-        let mut src = Server::nbdkit(dir, "source", &strs(&spec.source));
-        let mut dst = Server::nbdkit(dir, "target", &strs(&spec.target));
+        let mut src = Server::nbdkit_under(dir, "source", &strs(&spec.source), OWN_SESSION);
+        let mut dst = Server::nbdkit_under(dir, "target", &strs(&spec.target), OWN_SESSION);
         let nbytes = data_bytes(&allocation_map(&src.uri()));
         let flags = if spec.flags.is_empty() { String::new() } else { format!(", {}", spec.flags.join(" ")) };
         println!(

@@ -35,6 +35,18 @@ impl Stop {
     }
 }
 
+/// What the NBD servers run under: a session of their own each, as the servers of
+/// this benchmark always ran. It matters for the figures: with autogroup
+/// scheduling (Debian's default) Linux shares CPU time between sessions first, so
+/// two servers and a copier in one session compete differently, with each other and
+/// with the rest of the machine, than in three. A Ctrl-C then reaches the
+/// benchmark and the tools it times, and the benchmark stops the servers itself.
+pub const OWN_SESSION: &[&str] = &["setsid"];
+
+/// What the daemon runs under: a session of its own, and SIGTERM when the
+/// benchmark dies, even by SIGKILL.
+pub const DAEMON_WRAPPER: &[&str] = &["setpriv", "--pdeathsig", "TERM", "setsid"];
+
 /// Set once a stop signal arrived.
 static STOPPING: AtomicBool = AtomicBool::new(false);
 

@@ -15,7 +15,7 @@ const EXAMPLES: &str = "examples:
 /// Benchmark `blockrepl copy` (and, in the daemon scenario, `blockrepl serve` with a
 /// private MariaDB) against `nbdcopy --flush` on the same nbdkit servers.
 #[derive(Parser, Debug)]
-#[command(name = "scripts/bench", after_help = EXAMPLES)]
+#[command(name = "scripts/bench", bin_name = "scripts/bench", after_help = EXAMPLES)]
 pub struct Options {
     /// Scenarios to run (default: all of dense, sparse, sparse-zero, latency,
     /// daemon; daemon is skipped with a note when MariaDB is not installed and it
@@ -38,32 +38,32 @@ pub struct Options {
     /// Default 64G (4G with --quick)
     #[arg(long, value_parser = parse_size)]
     sparse_size: Option<u64>,
-    /// sparse-random percent= (default 3)
+    /// sparse-random percent=
     #[arg(long, default_value_t = 3)]
     sparse_percent: u32,
-    /// sparse-random seed= (default 4242)
+    /// sparse-random seed=
     #[arg(long, default_value_t = 4242)]
     seed: u64,
     /// Default 2G (256M with --quick)
     #[arg(long, value_parser = parse_size)]
     latency_size: Option<u64>,
-    /// Latency scenario: delay per request, nbdkit syntax (default 2ms)
+    /// Latency scenario: delay per request, nbdkit syntax
     #[arg(long, default_value = "2ms")]
     delay: String,
     /// Latency scenario: delay only the source's reads
     #[arg(long)]
     no_write_delay: bool,
-    /// Daemon scenario: disks in the job (default 4)
+    /// Daemon scenario: disks in the job
     #[arg(long, default_value_t = 4)]
     disks: u32,
     /// Daemon scenario: size of each disk (default 1G; 256M with --quick)
     #[arg(long, value_parser = parse_size)]
     daemon_size: Option<u64>,
-    /// Daemon scenario: sparse-random percent= of each source (default 50; 100 =
-    /// pattern plugin, fully allocated); seeds --seed, --seed+1, ...
+    /// Daemon scenario: sparse-random percent= of each source (100 = pattern
+    /// plugin, fully allocated); seeds --seed, --seed+1, ...
     #[arg(long, default_value_t = 50)]
     daemon_percent: u32,
-    /// Daemon scenario: the daemon's discovery.interval (default 1s)
+    /// Daemon scenario: the daemon's discovery.interval
     #[arg(long, default_value = "1s", value_name = "DURATION")]
     discovery_interval: String,
     /// Daemon scenario: the daemon's copy.max_concurrent_disks (default: the
@@ -88,7 +88,7 @@ pub struct Options {
     #[arg(long, value_name = "ARGS")]
     pub blockrepl_args: Vec<String>,
     /// Extra arguments for nbdcopy (one shell-quoted string, --nbdcopy-args=-C1 form)
-    #[arg(long, default_value = "", value_name = "ARGS")]
+    #[arg(long, default_value = "", hide_default_value = true, value_name = "ARGS")]
     pub nbdcopy_args: String,
     /// Keep the temporary directory (logs, outputs)
     #[arg(long)]
