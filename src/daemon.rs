@@ -13,10 +13,11 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use crate::actors::db_exec::ExecThreads;
-use crate::actors::db_writer::{DbWriter, Migrate};
+use crate::actors::db_writer::DbWriter;
 use crate::actors::discovery::DiscoveryActor;
 use crate::actors::disk_copier::DiskSlots;
 use crate::actors::job_aggregator::JobDeps;
+use crate::actors::messages::Migrate;
 use crate::actors::messages::Ping;
 use crate::actors::timeout_watchdog::TimeoutWatchdog;
 use crate::admin::{self, server::AdminDeps};

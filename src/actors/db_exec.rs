@@ -35,55 +35,6 @@ const NODE_LOCK_WAIT: Duration = Duration::from_secs(3);
 /// How often the guard looks at the call in progress.
 const GUARD_TICK: Duration = Duration::from_millis(100);
 
-/// One write of a batch.
-#[derive(Debug, Clone)]
-pub enum Write {
-    Disk(PersistDisk),
-    Record(Record),
-    Job(db::JobUpdate),
-    Release(ReleaseLease),
-}
-
-/// DbWriter → executor: write these in order. The reply says how far it got.
-#[derive(Message)]
-#[rtype(result = "BatchDone")]
-pub struct Batch(pub Vec<Write>);
-
-pub struct BatchDone {
-    pub jobs: u64,
-    pub disks: u64,
-    pub records: u64,
-    /// Writes not done because the database is unavailable, from the first failed one.
-    pub unwritten: Vec<Write>,
-    pub error: Option<DbError>,
-}
-
-impl BatchDone {
-    pub fn failed(unwritten: Vec<Write>, error: DbError) -> Self {
-        Self { jobs: 0, disks: 0, records: 0, unwritten, error: Some(error) }
-    }
-}
-
-/// DbWriter → executor: run a read or a command.
-#[derive(Message)]
-#[rtype(result = "Result<ExecReply, DbError>")]
-pub enum Exec {
-    Migrate,
-    Query(Query),
-    Claim(ClaimJobs),
-    Renew(RenewLease),
-}
-
-// One reply at a time crosses back from the executor: boxing the larger
-// variants would buy nothing.
-#[allow(clippy::large_enum_variant)]
-pub enum ExecReply {
-    Migrated(Vec<String>),
-    Query(QueryResult),
-    Claimed(Vec<Claimed>),
-    Renewed(bool),
-}
-
 // ---------------------------------------------------------------- guard ----
 
 /// The call in progress, as the guard sees it.

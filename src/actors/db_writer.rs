@@ -17,7 +17,6 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::time::Instant;
 
-use super::db_exec::{Batch, BatchDone, Exec, ExecReply, Write};
 use super::messages::*;
 use crate::config::Settings;
 use crate::db::{DbError, DiskUpdate, JobUpdate};
@@ -481,12 +480,6 @@ impl Handler<Query> for DbWriter {
         })
     }
 }
-
-/// Start-up → DbWriter: apply pending migrations (under the database's named
-/// lock). Replies with the versions applied.
-#[derive(Message, Debug)]
-#[rtype(result = "Result<Vec<String>, DbError>")]
-pub struct Migrate;
 
 impl Handler<Migrate> for DbWriter {
     type Result = ResponseFuture<Result<Vec<String>, DbError>>;

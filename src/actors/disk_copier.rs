@@ -227,11 +227,6 @@ impl Handler<CancelCopy> for DiskCopier {
     }
 }
 
-/// JobAggregator → DiskCopier: the disk's `Finished` report was handled; stop.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct Dismiss;
-
 impl Handler<Dismiss> for DiskCopier {
     type Result = ();
     fn handle(&mut self, _: Dismiss, ctx: &mut Context<Self>) {

@@ -23,7 +23,7 @@ use actix::prelude::*;
 use chrono::Utc;
 
 use super::db_writer::DbWriter;
-use super::disk_copier::{DiskCopier, DiskSlots, Dismiss};
+use super::disk_copier::{DiskCopier, DiskSlots};
 use super::messages::*;
 use super::timeout_watchdog::TimeoutWatchdog;
 use crate::config::Settings;

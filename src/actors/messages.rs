@@ -334,3 +334,65 @@ pub struct Heartbeat {
 pub struct Unwatch {
     pub job_id: String,
 }
+
+/// JobAggregator → DiskCopier: the disk's `Finished` report was handled; stop.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Dismiss;
+
+/// Start-up → DbWriter: apply pending migrations (under the database's named
+/// lock). Replies with the versions applied.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<Vec<String>, DbError>")]
+pub struct Migrate;
+
+// ------------------------------------------- DbWriter → its executor ----
+
+/// One write of a batch.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Disk(PersistDisk),
+    Record(Record),
+    Job(JobUpdate),
+    Release(ReleaseLease),
+}
+
+/// DbWriter → executor: write these in order. The reply says how far it got.
+#[derive(Message)]
+#[rtype(result = "BatchDone")]
+pub struct Batch(pub Vec<Write>);
+
+pub struct BatchDone {
+    pub jobs: u64,
+    pub disks: u64,
+    pub records: u64,
+    /// Writes not done because the database is unavailable, from the first failed one.
+    pub unwritten: Vec<Write>,
+    pub error: Option<DbError>,
+}
+
+impl BatchDone {
+    pub fn failed(unwritten: Vec<Write>, error: DbError) -> Self {
+        Self { jobs: 0, disks: 0, records: 0, unwritten, error: Some(error) }
+    }
+}
+
+/// DbWriter → executor: run a read or a command.
+#[derive(Message)]
+#[rtype(result = "Result<ExecReply, DbError>")]
+pub enum Exec {
+    Migrate,
+    Query(Query),
+    Claim(ClaimJobs),
+    Renew(RenewLease),
+}
+
+// One reply at a time crosses back from the executor: boxing the larger
+// variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum ExecReply {
+    Migrated(Vec<String>),
+    Query(QueryResult),
+    Claimed(Vec<Claimed>),
+    Renewed(bool),
+}

@@ -1,13 +1,10 @@
 //! Test-only: a fresh, migrated database on the shared test server.
 //!
-//! The server harness lives in `tests/it/mariadb.rs` so that the integration-test
-//! binary and these unit tests share one implementation. The crate is a binary
-//! with no library target, so integration tests cannot call `db::*`; the tests
-//! of this module's functions are therefore unit tests, and they include the
-//! harness file by path. Each test binary starts its own server once.
+//! The server harness is `testkit::mariadb` (the `testkit/` crate, a
+//! dev-dependency), shared with the integration tests and the benchmark. Each
+//! test binary starts its own server once.
 
-#[path = "../../tests/it/mariadb.rs"]
-pub mod mariadb;
+pub use testkit::mariadb;
 
 use diesel::mysql::MysqlConnection;
 

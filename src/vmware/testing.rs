@@ -1,8 +1,7 @@
-//! Test-only: the vSphere simulator (`tests/it/vcsim.rs`, included by path so
-//! the unit tests and the integration tests share one harness) and clients of it.
+//! Test-only: clients of the vSphere simulator (`testkit::vcsim`, shared with
+//! the integration tests).
 
-#[path = "../../tests/it/vcsim.rs"]
-pub mod vcsim;
+pub use testkit::vcsim;
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,7 +9,7 @@ use std::time::Duration;
 use super::client::{Client, Endpoint, Secret, Timeouts};
 use super::tls::Thumbprint;
 use crate::engine::CancelToken;
-use vcsim::Vcsim;
+use testkit::vcsim::Vcsim;
 
 /// An endpoint for the simulator, with short timeouts for tests.
 pub fn endpoint(sim: &Vcsim) -> Endpoint {

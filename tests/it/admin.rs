@@ -574,10 +574,7 @@ fn bad_input_is_refused_with_stable_codes_and_changes_nothing() {
 fn without_the_database_the_api_answers_503_and_health_says_degraded() {
     let d = tempdir();
     let db = server().fresh_database("admin_outage");
-    let (_, query) = db.url.split_once("unix_socket=").expect("the test server is reached over a Unix socket");
-    let real_socket = query.split('&').next().unwrap();
-    let proxy = Proxy::start(&d.path().join("db-proxy.sock"), Path::new(real_socket));
-    let url = db.url.replace(real_socket, &proxy.path.display().to_string());
+    let (proxy, url) = Proxy::for_database(d.path(), &db.url);
     let daemon = Daemon::start(d.path(), &url, &[]);
     daemon.cli(&["health"]).assert_ok();
 

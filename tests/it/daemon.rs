@@ -339,10 +339,7 @@ fn sigterm_stops_gracefully_and_leaves_the_job_resumable() {
 fn a_database_outage_mid_copy_does_not_fail_the_copy_and_the_rows_catch_up() {
     let d = tempdir();
     let db = server().fresh_database("outage");
-    let (_, query) = db.url.split_once("unix_socket=").expect("the test server is reached over a Unix socket");
-    let real_socket = query.split('&').next().unwrap();
-    let proxy = Proxy::start(&d.path().join("db-proxy.sock"), std::path::Path::new(real_socket));
-    let url = db.url.replace(real_socket, &proxy.path.display().to_string());
+    let (proxy, url) = Proxy::for_database(d.path(), &db.url);
 
     let plugin = sparse("512M", 47, 100);
     let dlog = d.path().join("dst.log");
@@ -874,7 +871,7 @@ fn a_database_paused_for_30_s_hangs_nothing() {
     queue(&db, "job-p", &[("disk-1", src.uri(), dst.uri())]);
     wait_until("progress in the database", JOB_DEADLINE, || num(job(&db, "job-p", "progress_percent")) > 2.0);
 
-    let pid = mariadb.server_pid().expect("the private server's pid");
+    let pid = mariadb.pid().expect("the private server's pid") as i32;
     let paused_at = Instant::now();
     let pause = Paused::new(pid);
     let written = total(&logged(&dlog, "Write"));

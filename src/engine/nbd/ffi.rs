@@ -1,6 +1,15 @@
 //! Raw declarations of the part of the libnbd 1.14 C API that blockrepl uses,
-//! written by hand against `/usr/include/libnbd.h` (no libnbd crate exists).
-//! Nothing outside `engine::nbd` may use these; `Handle` is the safe face.
+//! written by hand against `/usr/include/libnbd.h`. Nothing outside
+//! `engine::nbd` may use these; `Handle` is the safe face.
+//!
+//! Why by hand (checked 2026-12): the crate registry has no `libnbd` or
+//! `libnbd-sys` crate; libnbd's own Rust bindings live in its source tree only
+//! from 1.18 on and need that library, while Debian 12 ships 1.14; the `nbd`
+//! crate (0.3) is a pure-Rust client without structured replies, block status
+//! (`base:allocation`, dirty bitmaps), TLS or the asynchronous API the copy loop
+//! is built on. Generating these with bindgen would add libclang to the build
+//! for some thirty declarations. Revisit when the target distribution ships a
+//! libnbd with maintained bindings.
 
 #![allow(non_camel_case_types)]
 

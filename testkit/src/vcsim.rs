@@ -1,17 +1,12 @@
 //! The vSphere simulator of the tests (`tools/vcsim-cbt`) as a child process.
 //!
-//! Shared by the integration tests and the unit tests of `src/vmware/` (which
-//! include this file by path, as `db/testing.rs` does with `mariadb.rs`), so it
-//! depends on nothing but std and serde_json.
+//! Shared by the integration tests and the unit tests of `src/vmware/`.
 //!
 //! The simulator is built by `scripts/setup`; if the binary is missing or older
 //! than its source, the first test that needs it builds it (once per test
 //! binary). It serves on 127.0.0.1 with a fresh certificate, keeps its
 //! datastore in the test's directory, and exits when its standard input closes,
 //! so it cannot outlive the test.
-// Each test binary uses a different part of it.
-#![allow(dead_code)]
-
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -33,7 +28,8 @@ pub const BLOCK: u64 = 64 * 1024;
 pub fn binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        // testkit/ sits in the repository's root.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let out = Command::new(root.join("tools/vcsim-cbt/build"))
             .output()
             .unwrap_or_else(|e| panic!("cannot run tools/vcsim-cbt/build (run scripts/setup): {e}"));

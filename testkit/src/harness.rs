@@ -8,6 +8,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -38,6 +39,8 @@ pub struct Server {
     program: &'static str,
     args: Vec<String>,
     pid_file: PathBuf,
+    /// A command the server is started under (e.g. `setsid`), if any.
+    wrapper: Vec<String>,
 }
 
 impl Server {
@@ -65,6 +68,7 @@ impl Server {
             program,
             args: args.iter().map(|s| s.to_string()).collect(),
             pid_file: dir.join(format!("{name}.pid")),
+            wrapper: Vec::new(),
         }
     }
 
@@ -72,7 +76,7 @@ impl Server {
     pub fn start(&mut self) {
         let _ = std::fs::remove_file(&self.pid_file);
         let _ = std::fs::remove_file(&self.sock);
-        let mut cmd = Command::new(self.program);
+        let mut cmd = command_under(&self.wrapper, self.program);
         match self.program {
             "nbdkit" => {
                 cmd.args(["-f", "--exit-with-parent", "-U"]).arg(&self.sock).arg("-P").arg(&self.pid_file);
@@ -129,6 +133,52 @@ impl Drop for Server {
     }
 }
 
+impl Server {
+    /// Like `nbdkit`, with the server run as `WRAPPER... nbdkit ...` (which must
+    /// exec nbdkit, keeping its pid, as `setsid` does).
+    pub fn nbdkit_under(dir: &Path, name: &str, args: &[&str], wrapper: &[&str]) -> Self {
+        let mut s = Self::new(dir, name, "nbdkit", args);
+        s.wrapper = wrapper.iter().map(|w| w.to_string()).collect();
+        s.start();
+        s
+    }
+
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the server is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The last `n` lines of the server's output on one line, for failure messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        tail_lines(&self.log, n, " | ")
+    }
+}
+
+/// `WRAPPER... PROGRAM`, or `PROGRAM` when there is no wrapper.
+fn command_under(wrapper: &[String], program: &str) -> Command {
+    match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// The last `n` lines of a file joined by `sep`, or "(no output)".
+pub fn tail_lines(path: &Path, n: usize, sep: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.trim().lines().collect();
+    let tail = lines[lines.len().saturating_sub(n)..].join(sep);
+    if tail.is_empty() { "(no output)".to_string() } else { tail }
+}
+
 /// The result of running `blockrepl`.
 pub struct Run {
     pub status: ExitStatus,
@@ -160,8 +210,33 @@ impl Run {
     }
 }
 
+/// The `blockrepl` binary: the one given to [`set_bin`], else the one cargo built
+/// for this test (cargo sets `CARGO_BIN_EXE_blockrepl` when it runs an integration
+/// test), else the `blockrepl` that cargo put next to this program (a test binary
+/// sits one level down, in `deps/`).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_blockrepl")
+    BIN.get_or_init(|| {
+        if let Ok(path) = std::env::var("CARGO_BIN_EXE_blockrepl") {
+            return path;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let mut dir = exe.parent().unwrap().to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let path = dir.join("blockrepl");
+        assert!(path.is_file(), "no blockrepl binary at {} (build it first)", path.display());
+        path.display().to_string()
+    })
+}
+
+static BIN: OnceLock<String> = OnceLock::new();
+
+/// Makes [`bin`] (and so [`blockrepl`] and [`Daemon`]) use `path`; before the first
+/// use only.
+pub fn set_bin(path: &Path) {
+    let path = path.display().to_string();
+    assert!(BIN.set(path.clone()).is_ok() || bin() == path, "set_bin after bin() was used");
 }
 
 /// Runs `blockrepl ARGS` to completion.
@@ -349,22 +424,37 @@ impl Daemon {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let node =
             format!("it-node-{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let config = format!(
+            "[database]\nurl = \"{db_url}\"\nretry_interval = \"300ms\"\n\
+             [admin]\nsocket = \"{}\"\ngroup = \"root\"\n\
+             [node]\nid = \"{node}\"\n\
+             [discovery]\ninterval = \"1s\"\nlease = \"30s\"\n\
+             [copy]\ncheckpoint_interval = \"1s\"\n\
+             [log]\ntarget = \"stderr\"\nlevel = \"info\"\n",
+            Self::admin_socket_in(dir).display()
+        );
+        Self::configure_with(dir, &config, &node, env, wrapper)
+    }
+
+    /// Where the daemon's admin socket must be: `dir/admin.sock`.
+    pub fn admin_socket_in(dir: &Path) -> PathBuf {
+        dir.join("admin.sock")
+    }
+
+    /// Starts `WRAPPER... blockrepl serve` with the configuration `config_text` (the
+    /// whole TOML text, written to `dir/blockrepl.toml`; its admin socket must be
+    /// [`Daemon::admin_socket_in`]`(dir)`, its node id `node`); returns once it
+    /// said READY.
+    pub fn start_with(dir: &Path, config_text: &str, node: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
+        let mut d = Self::configure_with(dir, config_text, node, env, wrapper);
+        d.spawn();
+        d
+    }
+
+    fn configure_with(dir: &Path, config_text: &str, node: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
         let config = dir.join("blockrepl.toml");
-        let admin_socket = dir.join("admin.sock");
-        std::fs::write(
-            &config,
-            format!(
-                "[database]\nurl = \"{db_url}\"\nretry_interval = \"300ms\"\n\
-                 [admin]\nsocket = \"{}\"\ngroup = \"root\"\n\
-                 [node]\nid = \"{node}\"\n\
-                 [discovery]\ninterval = \"1s\"\nlease = \"30s\"\n\
-                 [copy]\ncheckpoint_interval = \"1s\"\n\
-                 [log]\ntarget = \"stderr\"\nlevel = \"info\"\n",
-                admin_socket.display()
-            ),
-        )
-        .unwrap();
-        let node = env.iter().find(|(k, _)| *k == "BLOCKREPL__NODE__ID").map_or(node, |(_, v)| v.to_string());
+        std::fs::write(&config, config_text).unwrap();
+        let node = env.iter().find(|(k, _)| *k == "BLOCKREPL__NODE__ID").map_or(node, |(_, v)| v).to_string();
         let notify_path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
         let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
@@ -374,7 +464,7 @@ impl Daemon {
             child: None,
             node,
             config,
-            admin_socket,
+            admin_socket: Self::admin_socket_in(dir),
             log: dir.join("daemon.log"),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
@@ -393,14 +483,7 @@ impl Daemon {
     pub fn launch(&mut self) {
         self.notes.forget_ready();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut cmd = match self.wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(bin());
-                c
-            }
-            None => Command::new(bin()),
-        };
+        let mut cmd = command_under(&self.wrapper, bin());
         let child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)
@@ -617,6 +700,16 @@ impl Proxy {
                 s.streams.push(server);
             }
         });
+    }
+
+    /// A proxy (`dir/db-proxy.sock`) in front of the database server that `db_url`
+    /// reaches over its Unix socket, and `db_url` through the proxy.
+    pub fn for_database(dir: &Path, db_url: &str) -> (Proxy, String) {
+        let (_, query) = db_url.split_once("unix_socket=").expect("the test server is reached over a Unix socket");
+        let real_socket = query.split('&').next().unwrap();
+        let proxy = Proxy::start(&dir.join("db-proxy.sock"), Path::new(real_socket));
+        let url = db_url.replace(real_socket, &proxy.path.display().to_string());
+        (proxy, url)
     }
 
     /// Cuts every connection and refuses new ones.

@@ -16,11 +16,8 @@
 //! kernel closes the pipe, `cat` sees end-of-file, and the watchdog stops `mariadbd`
 //! and removes the directory.
 //!
-//! This file is shared by two crates: the integration-test binary declares it as a
-//! module, and the unit tests under `src/db/` include it with `#[path]`, because the
-//! crate is a binary with no library target. It therefore uses only `std` and
-//! `diesel`, and each crate uses a subset of it.
-#![allow(dead_code)]
+//! The integration tests, the unit tests under `src/db/` and the benchmark all use
+//! this one server harness.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -51,8 +48,8 @@ pub struct MariaDb {
     /// Keeps the watchdog's standard input open; it is closed when a server of
     /// [`private`] is dropped, or by the end of the process (see the module doc).
     _watchdog: Option<Mutex<(Child, ChildStdin)>>,
-    /// The private server's directory (its pid file is there).
-    dir: Option<PathBuf>,
+    /// The private server's pid file (none for an external server).
+    pid_file: Option<PathBuf>,
 }
 
 /// One empty database on the shared server.
@@ -82,13 +79,7 @@ pub fn private(label: &str) -> MariaDb {
 impl MariaDb {
     fn external(url: &str) -> MariaDb {
         let (base, query) = split_url(url);
-        MariaDb { base, query, _watchdog: None, dir: None }
-    }
-
-    /// The process id of a private server (from its pid file).
-    pub fn server_pid(&self) -> Option<i32> {
-        let dir = self.dir.as_ref()?;
-        std::fs::read_to_string(dir.join("mysqld.pid")).ok()?.trim().parse().ok()
+        MariaDb { base, query, _watchdog: None, pid_file: None }
     }
 
     fn start_private(label: &str) -> MariaDb {
@@ -216,7 +207,7 @@ exit "$status""#;
             base: format!("mysql://{TEST_USER}:{password}@localhost"),
             query,
             _watchdog: Some(Mutex::new((child, stdin))),
-            dir: Some(dir),
+            pid_file: Some(dir.join("mysqld.pid")),
         }
     }
 
@@ -227,6 +218,12 @@ exit "$status""#;
         } else {
             format!("{}/{name}?{}", self.base, self.query)
         }
+    }
+
+    /// The private server's process id (none for an external server).
+    pub fn pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.pid_file.as_ref()?).ok()?;
+        text.trim().parse().ok()
     }
 
     /// The server's URL with no database selected.
