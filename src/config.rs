@@ -254,7 +254,7 @@ impl Settings {
         if !(1..=1024).contains(&c.requests) {
             return bad("copy.requests", "must be 1 to 1024");
         }
-        if !(4096..=crate::engine::copy::MAX_REQUEST).contains(&c.request_size) {
+        if !(4096..=crate::engine::spec::MAX_REQUEST).contains(&c.request_size) {
             return bad("copy.request_size", "must be 4K to 32M");
         }
         if c.memory < c.request_size {
@@ -288,7 +288,7 @@ impl Settings {
     pub fn tuning(&self) -> Tuning {
         let c = &self.copy;
         Tuning {
-            connections: c.connections.unwrap_or_else(crate::engine::copy::default_connections),
+            connections: c.connections.unwrap_or_else(crate::engine::spec::default_connections),
             requests: c.requests,
             request_size: c.request_size,
             buffer_bytes: c.memory,

@@ -9,7 +9,8 @@
 //! - `nbd/`: the libnbd FFI and the safe `Handle` (the only module allowed raw pointers and FFI calls)
 //! - `plan`: which ranges to read, zero or skip
 //! - `zero`: zero detection in 4 KiB blocks
-//! - `copy`: the executor (workers, dispatcher, durable watermark)
+//! - `spec`: what a copy is asked to do (`CopySpec`, `Tuning`, `CancelToken`), shared by `copy` and `verify`
+//! - `copy/`: the executor (server pair, extents, dispatcher, workers, flushes, durable watermark)
 //! - `fence`: the write fence, a deadline after which nothing is sent to the target
 //! - `progress`: counters and the rate estimate
 //! - `retry`: the backoff policy
@@ -22,11 +23,13 @@ pub mod nbd;
 pub mod plan;
 pub mod progress;
 pub mod retry;
+pub mod spec;
 pub mod verify;
 pub mod zero;
 
-pub use copy::{CancelToken, Changes, Copier, CopySpec, Event, Summary, Tuning};
+pub use copy::{Copier, Event, PlanInfo, Summary};
 pub use error::{CopyError, Role};
 pub use fence::Fence;
 pub use progress::{Progress, Snapshot, Stage};
 pub use retry::RetryPolicy;
+pub use spec::{CancelToken, Changes, CopySpec, Tuning};

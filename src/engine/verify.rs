@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_128;
 
-use super::copy::{CancelToken, Tuning};
 use super::error::{CopyError, Role};
 use super::nbd::{self, ConnectOptions, Handle, NbdError, Returned};
 use super::progress::Progress;
 use super::retry::sleep_unless;
+use super::spec::{CancelToken, Tuning};
 use super::zero;
 
 pub struct VerifySpec<'a> {

@@ -1,0 +1,194 @@
+//! Asking the source which blocks are allocated (`base:allocation`) or changed
+//! (a dirty bitmap) while planning: block-status queries over the disk, several
+//! in flight, answers clipped to what was asked, failures retried, and, for
+//! allocation only, a range that cannot be described left to be read as data.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Instant;
+
+use super::report::Request;
+use super::{Copier, Event, TICK};
+use crate::engine::error::{CopyError, Role};
+use crate::engine::nbd::{self, Handle, NbdError, Returned};
+use crate::engine::plan::Extent;
+
+/// Block-status queries are made in pieces of this size.
+const EXTENTS_STEP: u64 = 1 << 30;
+/// Block-status queries in flight at once while planning.
+const EXTENTS_IN_FLIGHT: usize = 8;
+/// Attempts at a `base:allocation` query before its range is read as data: a
+/// wrong guess costs reading holes, not correctness, so it is not worth the whole
+/// retry budget.
+const EXTENTS_ATTEMPTS: u32 = 3;
+
+/// Bytes of the disk the source could not describe (read as data), and why.
+pub(super) type Unmapped = (u64, String);
+
+impl Copier {
+    /// All extents of meta context `ctx` over the disk, retrying transient errors.
+    /// Several queries are in flight at once: servers answer them in parallel
+    /// (nbdkit runs a connection's requests on several threads), and planning is
+    /// time in which nothing is copied.
+    ///
+    /// For `base:allocation` a range the source cannot describe after a few
+    /// attempts is left out (the plan reads what is not described as data), and
+    /// the second value says how many bytes that was and why. A failing dirty
+    /// bitmap is an error: an incremental copy never guesses.
+    pub(super) fn extents(
+        &self,
+        src: &mut Handle,
+        ctx: &str,
+        size: u64,
+        events: &(dyn Fn(Event) + Sync),
+    ) -> Result<(Vec<Extent>, Option<Unmapped>), CopyError> {
+        let spec = &self.spec;
+        let reporter = self.reporter(events);
+        let may_guess = ctx == "base:allocation";
+        let policy = spec.tuning.retry;
+        let attempts = if may_guess { policy.max_attempts.min(EXTENTS_ATTEMPTS) } else { policy.max_attempts };
+        let timeout =
+            spec.tuning.stall_timeout.map_or(spec.tuning.request_timeout, |s| s.min(spec.tuning.request_timeout));
+        let io = |offset: u64, length: u64, attempts: u32, error: NbdError| CopyError::Io {
+            role: Role::Source,
+            uri: spec.source.clone(),
+            op: "block status",
+            offset,
+            length,
+            attempts,
+            error,
+        };
+        // Segments still to ask about (start, end, failures, not before); an answer
+        // may cover only a prefix of its segment, and the rest is asked again.
+        let now = Instant::now();
+        let mut todo: VecDeque<(u64, u64, u32, Instant)> =
+            (0..size).step_by(EXTENTS_STEP as usize).map(|p| (p, (p + EXTENTS_STEP).min(size), 0, now)).collect();
+        let mut asked: HashMap<u64, (u64, u64, u32)> = HashMap::new();
+        let mut found: BTreeMap<u64, Extent> = BTreeMap::new();
+        let mut unmapped: Option<Unmapped> = None;
+        let mut last_reply = Instant::now();
+        while !(todo.is_empty() && asked.is_empty()) {
+            if self.cancel.is_cancelled() {
+                return Err(CopyError::Cancelled { watermark: spec.resume_from });
+            }
+            let now = Instant::now();
+            let mut failed: Vec<(u64, u64, u32, NbdError)> = Vec::new();
+            while asked.len() < EXTENTS_IN_FLIGHT {
+                let Some(i) = todo.iter().position(|t| t.3 <= now) else { break };
+                let Some((start, end, failures, _)) = todo.remove(i) else { break };
+                if asked.is_empty() {
+                    last_reply = now;
+                }
+                match src.aio_block_status(end - start, start) {
+                    Ok(cookie) => {
+                        asked.insert(cookie, (start, end, failures));
+                    }
+                    Err(error) => failed.push((start, end, failures, error)),
+                }
+            }
+            let next_due = todo.iter().map(|t| t.3.saturating_duration_since(now)).min().unwrap_or(TICK);
+            nbd::poll(&mut [&mut *src], next_due.min(TICK)).map_err(|e| io(0, size, 1, e))?;
+            while let Some(c) = src.next_completed() {
+                let Some((start, end, failures)) = asked.remove(&c.cookie) else {
+                    return Err(CopyError::Internal(format!(
+                        "a block-status reply for a query not asked (cookie {})",
+                        c.cookie
+                    )));
+                };
+                last_reply = Instant::now();
+                match (c.result, c.buffer) {
+                    (Ok(()), Returned::Extents(replies)) => {
+                        let advanced = take_extents(&replies, ctx, start, end, &mut found);
+                        if advanced <= start {
+                            let error =
+                                NbdError { message: format!("server returned no extents at offset {start}"), errno: 0 };
+                            failed.push((start, end, failures, error));
+                        } else if advanced < end {
+                            todo.push_front((advanced, end, 0, Instant::now()));
+                        }
+                    }
+                    (Err(error), _) => failed.push((start, end, failures, error)),
+                    (Ok(()), _) => return Err(CopyError::Internal("block status without extents".into())),
+                }
+            }
+            for (start, end, failures, error) in failed {
+                let failures = failures + 1;
+                if src.is_dead() {
+                    return Err(io(start, end - start, failures, error));
+                }
+                if error.is_transient() && failures < attempts {
+                    reporter.retry(Role::Source, Request::new("block status", start, end - start), failures, &error);
+                    todo.push_front((start, end, failures, Instant::now() + policy.delay(failures)));
+                } else if may_guess {
+                    let u = unmapped.get_or_insert_with(|| (0, error.to_string()));
+                    u.0 += end - start;
+                } else {
+                    return Err(io(start, end - start, failures, error));
+                }
+            }
+            reporter.flush(false);
+            if !asked.is_empty() && last_reply.elapsed() > timeout {
+                let error = NbdError {
+                    message: format!("no reply to a block-status query for {} s", timeout.as_secs()),
+                    errno: libc::ETIMEDOUT,
+                };
+                return Err(io(0, size, 1, error));
+            }
+        }
+        Ok((found.into_values().collect(), unmapped))
+    }
+}
+
+/// Adds the extents of `ctx` in `replies` that fall inside `[start, end)` to
+/// `found`, clipped to it, and returns where they stop (`start` when none do).
+fn take_extents(
+    replies: &[nbd::ExtentReply],
+    ctx: &str,
+    start: u64,
+    end: u64,
+    found: &mut BTreeMap<u64, Extent>,
+) -> u64 {
+    let mut advanced = start;
+    for reply in replies.iter().filter(|r| r.context == ctx) {
+        let mut at = reply.offset;
+        for pair in reply.entries.chunks_exact(2) {
+            let (offset, length) = (at, u64::from(pair[0]));
+            at += length;
+            if length == 0 || offset < start || offset >= end {
+                continue;
+            }
+            let length = (offset + length).min(end) - offset;
+            advanced = advanced.max(offset + length);
+            found.insert(offset, Extent { offset, length, flags: pair[1] });
+        }
+    }
+    advanced
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_are_taken_from_their_context_clipped_to_the_segment() {
+        let reply = |context: &str, offset: u64, entries: &[u32]| nbd::ExtentReply {
+            context: context.into(),
+            offset,
+            entries: entries.to_vec(),
+        };
+        let replies = [
+            reply("qemu:dirty-bitmap:b", 100, &[50, 1]),
+            // The server answers for more than was asked: clipped at the end.
+            reply("base:allocation", 100, &[20, 0, 30, 3, 100, 0]),
+        ];
+        let mut found = BTreeMap::new();
+        assert_eq!(take_extents(&replies, "base:allocation", 100, 160, &mut found), 160);
+        let got: Vec<_> = found.values().map(|e| (e.offset, e.length, e.flags)).collect();
+        assert_eq!(got, [(100, 20, 0), (120, 30, 3), (150, 10, 0)]);
+
+        // A short answer says how far it got; nothing at all says so too.
+        let mut found = BTreeMap::new();
+        assert_eq!(take_extents(&[reply("base:allocation", 0, &[10, 0])], "base:allocation", 0, 64, &mut found), 10);
+        assert_eq!(take_extents(&replies, "other", 100, 160, &mut found), 100);
+        assert_eq!(found.len(), 1);
+    }
+}
