@@ -182,16 +182,12 @@ fn verdict(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::plan::{self, Action};
-
-    fn r(offset: u64, length: u64, action: Action) -> plan::Range {
-        plan::Range { offset, length, action }
-    }
+    use crate::engine::plan::{Action, Range};
 
     #[test]
     fn success_needs_every_planned_chunk_durable() {
         let check = |d: &Dispatcher| verdict(None, false, d.watermark(), d.unfinished());
-        let mut d = Dispatcher::new(vec![r(0, 300, Action::Copy)], 300, 100, 100);
+        let mut d = Dispatcher::new(vec![Range { offset: 0, length: 300, action: Action::Copy }], 300, 100, 100);
         assert!(check(&d).is_err(), "nothing was handed out yet");
         let (a, b, c) = (d.next().unwrap(), d.next().unwrap(), d.next().unwrap());
         d.durable(a.offset);
