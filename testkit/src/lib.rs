@@ -8,6 +8,7 @@
 //!   nbdkit's request logs.
 //! - [`mariadb`]: a private, throwaway MariaDB (or an existing server) and fresh
 //!   databases on it.
+//! - [`jobs`]: jobs queued by SQL as an orchestrator does, and their rows.
 //! - [`vcsim`]: the vSphere simulator (`tools/vcsim-cbt`) as a child process.
 //!
 //! It is a crate of its own, a dev-dependency of blockrepl, and deliberately does
@@ -18,5 +19,6 @@
 //! aborted scenario.
 
 pub mod harness;
+pub mod jobs;
 pub mod mariadb;
 pub mod vcsim;

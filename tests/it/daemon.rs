@@ -8,21 +8,7 @@ use nix::sys::signal::Signal;
 
 use crate::harness::*;
 use crate::mariadb::{TestDb, server};
-
-/// Longest any job here may take.
-pub(crate) const JOB_DEADLINE: Duration = Duration::from_secs(120);
-
-pub(crate) fn one(db: &TestDb, sql: &str) -> Option<String> {
-    db.column(sql).into_iter().next().flatten()
-}
-
-pub(crate) fn job(db: &TestDb, id: &str, field: &str) -> Option<String> {
-    one(db, &format!("SELECT CAST({field} AS CHAR) AS v FROM replication_jobs WHERE id = '{id}'"))
-}
-
-pub(crate) fn disk(db: &TestDb, id: &str, disk: &str, field: &str) -> Option<String> {
-    one(db, &format!("SELECT CAST({field} AS CHAR) AS v FROM vm_disks WHERE job_id = '{id}' AND disk_id = '{disk}'"))
-}
+use testkit::jobs::*;
 
 /// "status percent bytes" of a job, in one query on an open connection.
 fn sample(conn: &mut diesel::MysqlConnection, id: &str) -> String {
@@ -37,58 +23,6 @@ fn sample(conn: &mut diesel::MysqlConnection, id: &str) -> String {
         "SELECT CONCAT_WS(' ', status, progress_percent, bytes_transferred) AS v FROM replication_jobs WHERE id = '{id}'"
     );
     diesel::sql_query(sql).load::<Row>(conn).unwrap().into_iter().next().and_then(|r| r.v).unwrap_or_default()
-}
-
-pub(crate) fn num(v: Option<String>) -> f64 {
-    v.and_then(|s| s.parse().ok()).unwrap_or(0.0)
-}
-
-/// Queues a job exactly as SPEC.md's orchestrator does, one disk per
-/// (disk_id, source, target).
-pub(crate) fn queue(db: &TestDb, id: &str, disks: &[(&str, String, String)]) {
-    let mut sql = format!(
-        "INSERT INTO replication_jobs (id, vm_name, replication_type, status, nbd_export_name) \
-         VALUES ('{id}', 'vm1', 'full', 'replicating', 'migration-vol-1');"
-    );
-    for (i, (disk_id, s, t)) in disks.iter().enumerate() {
-        sql.push_str(&format!(
-            "INSERT INTO vm_disks (job_id, disk_id, label, source_uri, target_uri) \
-             VALUES ('{id}', '{disk_id}', 'Hard disk {}', '{s}', '{t}');",
-            i + 1
-        ));
-    }
-    db.execute(&format!("START TRANSACTION; {sql} COMMIT;"));
-}
-
-pub(crate) fn wait_status(db: &TestDb, id: &str, want: &str, d: &Daemon) {
-    let end = Instant::now() + JOB_DEADLINE;
-    loop {
-        let st = job(db, id, "status").unwrap_or_default();
-        if st == want {
-            return;
-        }
-        assert!(
-            !(["completed", "failed", "cancelled"].contains(&st.as_str())),
-            "job ended {st} ({:?}), expected {want}\n{}",
-            job(db, id, "error_message"),
-            d.log_text()
-        );
-        assert!(Instant::now() < end, "job still {st} after {JOB_DEADLINE:?}\n{}", d.log_text());
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
-pub(crate) fn sparse(size: &str, seed: u32, percent: u32) -> Vec<String> {
-    [
-        "sparse-random",
-        &format!("size={size}"),
-        &format!("seed={seed}"),
-        &format!("percent={percent}"),
-        "runlength=1048576",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
 }
 
 /// `extra` filters/params in front of the plugin, e.g. a rate limit.

@@ -9,9 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::daemon::{JOB_DEADLINE, disk, job, num, queue, sparse, wait_status};
 use crate::harness::*;
 use crate::mariadb::server;
+use testkit::jobs::{JOB_DEADLINE, disk, job, num, queue, sparse, wait_status};
 
 /// How a [`FileTarget`] treats flushes.
 #[derive(Clone, Copy)]
