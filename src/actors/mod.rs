@@ -5,6 +5,7 @@
 //! - `job_aggregator`: one per job; sums its disks, moves its state, renews its lease
 //! - `disk_copier`: one per disk; runs the engine on its own thread
 //! - `db_writer`: the only place that touches the database; throttles and coalesces
+//! - `throttle`: the DbWriter's throttle and the merge of pending updates
 //! - `db_exec`: the DbWriter's executor thread (the connection) and its deadline guard
 //! - `timeout_watchdog`: fails jobs that stopped making progress
 //!
@@ -18,6 +19,7 @@ pub mod discovery;
 pub mod disk_copier;
 pub mod job_aggregator;
 pub mod messages;
+pub mod throttle;
 pub mod timeout_watchdog;
 
 /// What a caught panic said, for a log line or an error message.
