@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use super::messages::*;
 use super::throttle::{Key, Throttle, disk_mark, job_mark, merge_disk, merge_job};
 use crate::config::Settings;
-use crate::db::{DbError, DiskUpdate, JobUpdate};
+use crate::db::{DbError, JobUpdate};
 
 /// How often the writer looks for due writes.
 const TICK: Duration = Duration::from_millis(200);
@@ -378,7 +378,7 @@ impl Handler<Reconfigure> for DbWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::Owner;
+    use crate::db::{DiskUpdate, Owner};
     use crate::state::{JobStatus, Operation};
 
     /// Stands in for the executor: records what reaches the database, in order.
