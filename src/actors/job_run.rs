@@ -610,7 +610,7 @@ pub fn spec_for(kind: ReplicationType, row: &Disk, settings: &Settings) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actors::job_tracker::tests::{disk, job, snap};
+    use crate::actors::job_tracker::tests::{disk, job, snap, two_disks};
     use crate::engine::Snapshot;
     use crate::engine::copy::PlanInfo;
 
@@ -620,10 +620,6 @@ mod tests {
         let t = JobTracker::new(&job(kind), rows, "r1".into()).unwrap();
         let owner = Owner { node: "n1".into(), run: "r1".into() };
         JobRun::new(t, owner, Fence::until(Instant::now() + HOUR))
-    }
-
-    fn two_disks() -> Vec<Disk> {
-        vec![disk("a", DiskStatus::Pending, 0), disk("b", DiskStatus::Pending, 0)]
     }
 
     /// A run of `rows` that was claimed and started its copies.
@@ -725,6 +721,11 @@ mod tests {
         })
     }
 
+    /// The status and error message of the last job row among `effects`.
+    fn outcome(effects: &[Effect]) -> (Option<JobStatus>, Option<&str>) {
+        last_job(effects).map_or((None, None), |u| (u.status, u.error_message.as_deref()))
+    }
+
     fn disk_rows<'a>(effects: &'a [Effect], id: &str) -> Vec<&'a DiskUpdate> {
         effects
             .iter()
@@ -803,9 +804,7 @@ mod tests {
         assert_eq!(actions(&a), ["cancel"], "b must stop before the outcome is written");
         let b = run.report("b", cancelled(), None);
         assert_eq!(actions(&b), ["stop, release"]);
-        let u = last_job(&b).unwrap();
-        assert_eq!(u.status, Some(JobStatus::Failed));
-        assert_eq!(u.error_message.as_deref(), Some("disk a: read at offset 0: I/O error"));
+        assert_eq!(outcome(&b), (Some(JobStatus::Failed), Some("disk a: read at offset 0: I/O error")));
         let rows_b = disk_rows(&b, "b");
         assert_eq!(rows_b.last().map(|u| u.sync_status), Some(Some(DiskStatus::Failed)));
         assert_eq!(
@@ -822,11 +821,12 @@ mod tests {
         let mut run = run_of(ReplicationType::Incremental, &rows);
         let effects = run.start(&rows, &Settings::defaults());
         assert_eq!(actions(&effects), ["stop, release"], "nothing started, nothing to wait for");
-        let u = last_job(&effects).unwrap();
-        assert_eq!(u.status, Some(JobStatus::Failed));
         assert_eq!(
-            u.error_message.as_deref(),
-            Some("disk a: incremental copy needs dirty_bitmap or changed_areas; the disk has neither")
+            outcome(&effects),
+            (
+                Some(JobStatus::Failed),
+                Some("disk a: incremental copy needs dirty_bitmap or changed_areas; the disk has neither")
+            )
         );
     }
 
@@ -973,11 +973,14 @@ mod tests {
         assert_eq!(actions(&run.stalled(Duration::from_secs(300))), ["cancel"]);
         run.report("a", cancelled(), None);
         let b = run.report("b", cancelled(), None);
-        let u = last_job(&b).unwrap();
-        assert_eq!(u.status, Some(JobStatus::Failed));
         assert_eq!(
-            u.error_message.as_deref(),
-            Some("no progress was made for 5m; the job was stopped by the watchdog; disk a: read at offset 0 for 5m")
+            outcome(&b),
+            (
+                Some(JobStatus::Failed),
+                Some(
+                    "no progress was made for 5m; the job was stopped by the watchdog; disk a: read at offset 0 for 5m"
+                )
+            )
         );
     }
 

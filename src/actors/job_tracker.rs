@@ -383,6 +383,11 @@ pub(super) mod tests {
         }
     }
 
+    /// Two pending disks, `a` and `b`, not yet planned.
+    pub(in crate::actors) fn two_disks() -> Vec<Disk> {
+        vec![disk("a", DiskStatus::Pending, 0), disk("b", DiskStatus::Pending, 0)]
+    }
+
     pub(in crate::actors) fn snap(done: u64, planned: u64, bps: u64) -> Snapshot {
         Snapshot {
             stage: Stage::Copying,
@@ -412,12 +417,7 @@ pub(super) mod tests {
 
     #[test]
     fn job_figures_are_sums_of_bytes_not_averages_of_percentages() {
-        let mut t = JobTracker::new(
-            &job(ReplicationType::Full),
-            &[disk("a", DiskStatus::Pending, 0), disk("b", DiskStatus::Pending, 0)],
-            "c".into(),
-        )
-        .unwrap();
+        let mut t = JobTracker::new(&job(ReplicationType::Full), &two_disks(), "c".into()).unwrap();
         plan_all(&mut t, &[100, 900]);
         t.disk_mut("a").unwrap().apply(&snap(100, 100, 10));
         t.disk_mut("b").unwrap().apply(&snap(0, 900, 30));
@@ -430,12 +430,7 @@ pub(super) mod tests {
 
     #[test]
     fn percent_waits_until_every_disk_is_planned() {
-        let mut t = JobTracker::new(
-            &job(ReplicationType::Full),
-            &[disk("a", DiskStatus::Pending, 0), disk("b", DiskStatus::Pending, 0)],
-            "c".into(),
-        )
-        .unwrap();
+        let mut t = JobTracker::new(&job(ReplicationType::Full), &two_disks(), "c".into()).unwrap();
         t.disks[0].planned = 100;
         t.disks[0].planned_known = true;
         t.disks[0].done = 100;
@@ -563,12 +558,7 @@ pub(super) mod tests {
 
     #[test]
     fn the_job_is_copied_only_when_every_disk_is() {
-        let mut t = JobTracker::new(
-            &job(ReplicationType::Full),
-            &[disk("a", DiskStatus::Pending, 0), disk("b", DiskStatus::Pending, 0)],
-            "c".into(),
-        )
-        .unwrap();
+        let mut t = JobTracker::new(&job(ReplicationType::Full), &two_disks(), "c".into()).unwrap();
         plan_all(&mut t, &[100, 900]);
         let verifying = Snapshot { stage: Stage::Verifying, ..snap(100, 100, 0) };
         t.disk_mut("a").unwrap().apply(&verifying);
