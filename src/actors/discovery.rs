@@ -15,7 +15,9 @@ use std::time::Instant;
 use actix::prelude::*;
 use chrono::Utc;
 
-use super::job_aggregator::{JobAggregator, JobDeps, JobTracker, fence_deadline};
+use super::job_aggregator::{JobAggregator, JobDeps};
+use super::job_run::fence_deadline;
+use super::job_tracker::JobTracker;
 use super::messages::*;
 use crate::db::{JobUpdate, NewJobEvent};
 use crate::engine::Fence;

@@ -2,14 +2,17 @@
 //! `messages.rs`:
 //!
 //! - `discovery`: claims ready jobs, starts a JobAggregator for each
-//! - `job_aggregator`: one per job; sums its disks, moves its state, renews its lease
+//! - `job_aggregator`: one per job; carries out what its `JobRun` decides, renews its lease
+//! - `job_tracker`, `job_run`: a job's figures, and its decisions as values (plain structs)
 //! - `disk_copier`: one per disk; runs the engine on its own thread
 //! - `db_writer`: the only place that touches the database; throttles and coalesces
+//! - `throttle`: the DbWriter's throttle and the merge of pending updates
 //! - `db_exec`: the DbWriter's executor thread (the connection) and its deadline guard
 //! - `timeout_watchdog`: fails jobs that stopped making progress
 //!
-//! The logic of each is a plain struct (`JobTracker`, `Throttle`, `StallTracker`,
-//! `DiskSlots`) that unit tests drive; the actors are thin shells around them.
+//! The logic of each is a plain struct (`JobTracker` and `JobRun`, `Throttle`,
+//! `StallTracker`, `DiskSlots`) that unit tests drive; the actors are thin shells
+//! around them.
 //! Nothing here knows about sockets or the command line.
 
 pub mod db_exec;
@@ -17,7 +20,10 @@ pub mod db_writer;
 pub mod discovery;
 pub mod disk_copier;
 pub mod job_aggregator;
+pub mod job_run;
+pub mod job_tracker;
 pub mod messages;
+pub mod throttle;
 pub mod timeout_watchdog;
 
 /// What a caught panic said, for a log line or an error message.
