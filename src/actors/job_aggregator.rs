@@ -522,8 +522,7 @@ impl JobAggregator {
             target: row.target_uri.clone(),
             changes,
             destination_is_zero: row.destination_is_zero,
-            // A per-job setting awaits its column; `blockrepl copy --allocated` has it.
-            allocated: false,
+            allocated: row.keep_allocated,
             allow_no_flush: s.copy.allow_no_flush,
             resume_from: row.resume_offset.max(0) as u64,
             verify: s.copy.verify,
@@ -1027,6 +1026,7 @@ mod tests {
             source_uri: "nbd://s/".into(),
             target_uri: "nbd://t/".into(),
             destination_is_zero: false,
+            keep_allocated: false,
             capacity_bytes: 0,
             planned_bytes: planned,
             bytes_synced: 0,
