@@ -41,6 +41,8 @@ CREATE TABLE vm_disks (
     source_uri            TEXT         NOT NULL,
     target_uri            TEXT         NOT NULL,
     destination_is_zero   BOOLEAN      NOT NULL DEFAULT FALSE,
+    -- Thick-provisioned target: zero requests keep blocks allocated (NO_HOLE).
+    keep_allocated        BOOLEAN      NOT NULL DEFAULT FALSE,
     capacity_bytes        BIGINT       NOT NULL DEFAULT 0,
     planned_bytes         BIGINT       NOT NULL DEFAULT 0,
     bytes_synced          BIGINT       NOT NULL DEFAULT 0,

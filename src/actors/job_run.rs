@@ -598,8 +598,7 @@ pub fn spec_for(kind: ReplicationType, row: &Disk, settings: &Settings) -> Resul
         target: row.target_uri.clone(),
         changes,
         destination_is_zero: row.destination_is_zero,
-        // A per-job setting awaits its column; `blockrepl copy --allocated` has it.
-        allocated: false,
+        allocated: row.keep_allocated,
         allow_no_flush: settings.copy.allow_no_flush,
         resume_from: row.resume_offset.max(0) as u64,
         verify: settings.copy.verify,

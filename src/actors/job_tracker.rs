@@ -365,6 +365,7 @@ pub(super) mod tests {
             source_uri: "nbd://s/".into(),
             target_uri: "nbd://t/".into(),
             destination_is_zero: false,
+            keep_allocated: false,
             capacity_bytes: 0,
             planned_bytes: planned,
             bytes_synced: 0,

@@ -122,6 +122,7 @@ fn validate_disk(d: DiskRequest, kind: ReplicationType) -> Result<NewDisk, Admin
         source_uri: d.source,
         target_uri: d.target,
         destination_is_zero: d.destination_is_zero,
+        keep_allocated: d.keep_allocated,
         dirty_bitmap,
         changed_areas,
         previous_change_id,

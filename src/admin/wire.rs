@@ -48,6 +48,9 @@ pub struct DiskRequest {
     pub target: String,
     #[serde(default)]
     pub destination_is_zero: bool,
+    /// The target is thick-provisioned: zero requests keep its blocks allocated.
+    #[serde(default)]
+    pub keep_allocated: bool,
     /// Incremental: the source's `qemu:dirty-bitmap:NAME`.
     #[serde(default)]
     pub dirty_bitmap: Option<String>,
@@ -146,6 +149,7 @@ pub struct DiskDetail {
     pub source: String,
     pub target: String,
     pub destination_is_zero: bool,
+    pub keep_allocated: bool,
     pub status: String,
     pub capacity_bytes: u64,
     pub planned_bytes: u64,

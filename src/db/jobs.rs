@@ -129,6 +129,7 @@ pub fn insert_job(conn: &mut MysqlConnection, job: &NewJob, disks: &[NewDisk]) -
                     d::source_uri.eq(&disk.source_uri),
                     d::target_uri.eq(&disk.target_uri),
                     d::destination_is_zero.eq(disk.destination_is_zero),
+                    d::keep_allocated.eq(disk.keep_allocated),
                     d::dirty_bitmap.eq(&disk.dirty_bitmap),
                     d::changed_areas.eq(&disk.changed_areas),
                     d::previous_change_id.eq(&disk.previous_change_id),

@@ -72,6 +72,9 @@ pub struct Disk {
     pub target_uri: String,
     /// The target reads as zeros (a fresh volume), so zero extents are skipped.
     pub destination_is_zero: bool,
+    /// The target is thick-provisioned: zero requests must keep its blocks
+    /// allocated (NBD's NO_HOLE flag).
+    pub keep_allocated: bool,
     pub capacity_bytes: i64,
     pub planned_bytes: i64,
     pub bytes_synced: i64,
@@ -113,6 +116,7 @@ pub struct NewDisk {
     pub source_uri: String,
     pub target_uri: String,
     pub destination_is_zero: bool,
+    pub keep_allocated: bool,
     pub dirty_bitmap: Option<String>,
     pub changed_areas: Option<String>,
     pub previous_change_id: Option<String>,

@@ -87,6 +87,7 @@ diesel::table! {
         source_uri -> Text,
         target_uri -> Text,
         destination_is_zero -> Bool,
+        keep_allocated -> Bool,
         capacity_bytes -> Bigint,
         planned_bytes -> Bigint,
         bytes_synced -> Bigint,

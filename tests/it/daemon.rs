@@ -1102,3 +1102,40 @@ fn the_watchdog_is_fed_only_while_the_actors_answer() {
     let (status, _) = daemon.terminate();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn a_disk_marked_keep_allocated_gets_zero_requests_that_keep_blocks_allocated() {
+    let d = tempdir();
+    let db = server().fresh_database("keep_alloc");
+    let src = Server::nbdkit(d.path(), "src", &refs(&sparse("32M", 85, 20)));
+    let daemon = Daemon::start(d.path(), &db.url, &[]);
+    let mut targets = Vec::new();
+    for keep in [true, false] {
+        let log = d.path().join(format!("dst-{keep}.log"));
+        let dst = Server::nbdkit(
+            d.path(),
+            &format!("dst-{keep}"),
+            &["--filter=log", "memory", "size=32M", &format!("logfile={}", log.display())],
+        );
+        let id = format!("job-{keep}");
+        // In one transaction, so that the daemon never sees the disk without it.
+        db.execute(&format!(
+            "START TRANSACTION; \
+             INSERT INTO replication_jobs (id, vm_name, replication_type, status) VALUES ('{id}', 'vm1', 'full', 'pending'); \
+             INSERT INTO vm_disks (job_id, disk_id, source_uri, target_uri, keep_allocated) \
+             VALUES ('{id}', 'disk-1', '{}', '{}', {keep}); COMMIT;",
+            src.uri(),
+            dst.uri()
+        ));
+        wait_status(&db, &id, "completed", &daemon);
+        let text = std::fs::read_to_string(&log).unwrap();
+        let zeros: Vec<&str> = text.lines().filter(|l| l.contains(" Zero id=")).collect();
+        assert!(!zeros.is_empty(), "holes became zero requests");
+        // The log filter shows NBD_CMD_FLAG_NO_HOLE as trim=0 (the server may not trim).
+        let trim = if keep { " trim=0 " } else { " trim=1 " };
+        assert!(zeros.iter().all(|l| l.contains(trim)), "keep_allocated={keep}: {:?}", &zeros[..zeros.len().min(3)]);
+        assert!(logged(&log, "Trim").is_empty(), "no trim is ever sent");
+        assert_eq!(checksum(&src.uri()), checksum(&dst.uri()));
+        targets.push(dst);
+    }
+}
