@@ -654,6 +654,8 @@ pub struct Proxy {
 struct ProxyState {
     up: bool,
     generation: u64,
+    /// Connections of generations up to this one forward nothing any more.
+    stalled: u64,
     streams: Vec<std::os::unix::net::UnixStream>,
 }
 
@@ -687,14 +689,12 @@ impl Proxy {
                     return; // this listener was retired by `down`
                 }
                 let Ok(server) = std::os::unix::net::UnixStream::connect(&target) else { continue };
-                for (mut from, mut to) in [
+                for (from, to) in [
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server.try_clone().unwrap(), client.try_clone().unwrap()),
                 ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
+                    let state = state.clone();
+                    std::thread::spawn(move || forward(from, to, generation, &state));
                 }
                 s.streams.push(client);
                 s.streams.push(server);
@@ -712,6 +712,20 @@ impl Proxy {
         (proxy, url)
     }
 
+    /// The path goes silent, as a network that drops packets would: the open
+    /// connections stay open but nothing passes through them any more, ever, and
+    /// new connections are refused until [`Proxy::up`], which serves new ones
+    /// (the silent ones stay silent).
+    pub fn stall(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.up = false;
+        s.stalled = s.generation;
+        s.streams.clear(); // closes nothing: the forwarders hold their own handles
+        drop(s);
+        let _ = std::os::unix::net::UnixStream::connect(&self.path);
+        let _ = std::fs::remove_file(&self.path);
+    }
+
     /// Cuts every connection and refuses new ones.
     pub fn down(&self) {
         let mut s = self.state.lock().unwrap();
@@ -723,5 +737,32 @@ impl Proxy {
         // Wake the accept loop so that it sees it is retired, then disappear.
         let _ = std::os::unix::net::UnixStream::connect(&self.path);
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Copies `from` to `to` until either side closes; once the proxy stalls this
+/// connection's generation, what arrives is swallowed and the sockets stay open.
+fn forward(
+    mut from: std::os::unix::net::UnixStream,
+    mut to: std::os::unix::net::UnixStream,
+    generation: u64,
+    state: &std::sync::Mutex<ProxyState>,
+) {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if state.lock().unwrap().stalled >= generation {
+            continue;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    if state.lock().unwrap().stalled < generation {
+        let _ = to.shutdown(std::net::Shutdown::Both);
     }
 }

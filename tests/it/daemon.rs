@@ -840,6 +840,31 @@ fn a_database_paused_for_30_s_hangs_nothing() {
     assert_eq!(h["database_reachable"].as_bool(), Some(true));
 }
 
+/// Item 3: a database path that goes silent for good (a network that drops every
+/// packet of the open connections; new connections get through). The client
+/// library would wait on the silent connection forever: the daemon cuts it at
+/// its statement deadline, reconnects, and the rows catch up. Without the cut
+/// the job's rows would stay where they were when the path went silent.
+#[test]
+fn a_database_connection_that_goes_silent_is_cut_and_the_rows_catch_up() {
+    let d = tempdir();
+    let db = server().fresh_database("silent");
+    let (proxy, url) = Proxy::for_database(d.path(), &db.url);
+    let plugin = sparse("256M", 48, 100);
+    let src = nbdkit(d.path(), "src", &["--filter=rate"], &plugin, &["rate=64M".into(), "burstiness=0.1".into()]);
+    let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=256M"]);
+    let daemon = Daemon::start(d.path(), &url, &[("BLOCKREPL__DATABASE__TIMEOUT", "3s")]);
+    queue(&db, "job-s", &[("disk-1", src.uri(), dst.uri())]);
+    wait_until("progress in the database", JOB_DEADLINE, || num(job(&db, "job-s", "progress_percent")) > 2.0);
+
+    proxy.stall();
+    proxy.up();
+    wait_status(&db, "job-s", "completed", &daemon);
+    assert_eq!(num(job(&db, "job-s", "bytes_transferred")) as u64, 256 << 20, "the rows caught up");
+    let log = daemon.log_text();
+    assert!(log.contains("the database did not answer within 3s"), "the daemon says what it cut:\n{log}");
+}
+
 /// Item 4: rows an orchestrator got wrong. Each fails alone with a message, or,
 /// for a status word the daemon does not know, is listed as it is and never
 /// claimed; the good jobs around them all run.
