@@ -106,14 +106,16 @@ fn daemon_section(dir: &Path, sim: &Vcsim) -> String {
     )
 }
 
-/// A file-backed target of `size` zero bytes, and its NBD server (`pre`: filters
-/// and their parameters, e.g. a rate limit).
-fn target(dir: &Path, name: &str, size: u64, pre: &[&str]) -> (PathBuf, Server) {
+/// A file-backed target of `size` zero bytes, and its NBD server (`filters`:
+/// `--filter=...` options and their parameters, e.g. a rate limit).
+fn target(dir: &Path, name: &str, size: u64, filters: &[&str]) -> (PathBuf, Server) {
     let file = dir.join(format!("{name}.img"));
     std::fs::File::create(&file).unwrap().set_len(size).unwrap();
     let spec = format!("file={}", file.display());
-    let mut args = pre.to_vec();
+    let (options, params): (Vec<&str>, Vec<&str>) = filters.iter().partition(|a| a.starts_with("--"));
+    let mut args = options;
     args.extend(["file", spec.as_str()]);
+    args.extend(params);
     (file.clone(), Server::nbdkit(dir, name, &args))
 }
 
