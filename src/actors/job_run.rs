@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 
 use super::job_tracker::JobTracker;
-use super::messages::{AreaQuery, CopyFailure, DiskReportKind, VsphereOutcome, VsphereStep};
+use super::messages::{AreaQuery, AreasAnswer, CopyFailure, DiskReportKind, VsphereOutcome, VsphereStep};
 use crate::config::Settings;
 use crate::db::{CbtRecord, Disk, DiskUpdate, JobUpdate, NewJobEvent, Owner};
 use crate::engine::{Changes, CopySpec, Event, Fence, Stage, Summary, plan};
@@ -493,7 +493,7 @@ impl JobRun {
         }
     }
 
-    fn queried(&mut self, answers: Vec<(String, Result<(u64, Vec<plan::Area>), String>)>) {
+    fn queried(&mut self, answers: Vec<(String, AreasAnswer)>) {
         let kind = match self.t.replication_type {
             ReplicationType::Full => CopyKind::Full,
             ReplicationType::Incremental => CopyKind::Incremental,

@@ -236,6 +236,9 @@ pub struct SnapshotSwept {
     pub result: Result<(), String>,
 }
 
+/// One disk's answer to [`VsphereStep::Query`]: its capacity and areas.
+pub type AreasAnswer = Result<(u64, Vec<crate::engine::plan::Area>), String>;
+
 /// The vSphere worker → JobAggregator: how a [`VsphereStep`] went.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
@@ -249,7 +252,7 @@ pub enum VsphereOutcome {
     /// with the change ID the snapshot gives it.
     Snapshotted { snapshot: String, reused: bool, removed: Vec<String>, disks: Vec<(i32, Option<String>)> },
     /// Per disk: its capacity and areas, or why not (one line).
-    Queried(Vec<(String, Result<(u64, Vec<crate::engine::plan::Area>), String>)>),
+    Queried(Vec<(String, AreasAnswer)>),
     /// Per disk: its NBD source URI, or why not (one line).
     Exported(Vec<(String, Result<String, String>)>),
     /// The snapshot that was removed (`None`: there was none), or why not.

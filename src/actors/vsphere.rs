@@ -62,10 +62,10 @@ pub fn snapshot_name(job_id: &str) -> String {
 /// The service's runtime directory: systemd's `RUNTIME_DIRECTORY` (its first
 /// entry), else the admin socket's directory.
 pub fn runtime_dir(settings: &Settings) -> PathBuf {
-    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
-        if let Some(first) = dir.to_string_lossy().split(':').find(|s| !s.is_empty()) {
-            return PathBuf::from(first);
-        }
+    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY")
+        && let Some(first) = dir.to_string_lossy().split(':').find(|s| !s.is_empty())
+    {
+        return PathBuf::from(first);
     }
     settings.admin.socket.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/blockrepl"))
 }

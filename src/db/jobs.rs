@@ -358,7 +358,9 @@ pub fn update_job(conn: &mut MysqlConnection, update: &JobUpdate) -> Result<(), 
 /// and still name a snapshot (see [`LeftSnapshot`]).
 pub fn left_snapshots(conn: &mut MysqlConnection) -> Result<Vec<LeftSnapshot>, DbError> {
     let ended = [JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled];
-    let rows: Vec<(String, Option<String>, Option<String>, Option<String>, Option<String>)> = j::table
+    // id, vCenter, VM, snapshot, run
+    type Row = (String, Option<String>, Option<String>, Option<String>, Option<String>);
+    let rows: Vec<Row> = j::table
         .select((j::id, j::vmware_vcenter, j::vmware_vm, j::vmware_snapshot, j::owner_run))
         .filter(status_is(&ended))
         .filter(j::vmware_snapshot.is_not_null())
@@ -611,7 +613,7 @@ mod tests {
             snapshot: "snapshot-1".into(),
             owner_run: "r1".into(),
         };
-        assert_eq!(left, [want.clone()], "only ended, unowned jobs that still name a snapshot");
+        assert_eq!(left, std::slice::from_ref(&want), "only ended, unowned jobs that still name a snapshot");
         let other_run = LeftSnapshot { owner_run: "r9".into(), ..want.clone() };
         assert!(!forget_snapshot(&mut conn, &other_run).unwrap(), "fenced by the job's last run");
         assert!(forget_snapshot(&mut conn, &want).unwrap());
