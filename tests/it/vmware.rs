@@ -262,14 +262,8 @@ fn an_invalid_previous_change_id_fails_the_disk_naming_it() {
 #[test]
 fn a_cancelled_vm_job_removes_its_snapshot() {
     let dir = tempdir();
-    let d = dir.path();
-    let sim = Vcsim::start(d, &["-disks", "16M", "-cbt"]);
-    sim.write(0, 0, &pattern(12 << 20, 5));
     let db = server().fresh_database("vm_cancel");
-    let daemon = Daemon::start_extra(d, &db.url, &[], &daemon_section(d, &sim));
-    // About 1 MB/s: the copy takes seconds.
-    let (_, t) = target(d, "t0", sim.disks[0].capacity, &["--filter=rate", "rate=8M"]);
-    queue_vm(&db, "vm-c", "full", &sim, &[VmDisk { key: sim.disks[0].key, target: &t, previous: None, zero: true }]);
+    let (sim, daemon, _, _t) = slow_job(dir.path(), &db, &[], "vm-c");
     wait_until("the transfer to start", JOB_DEADLINE, || num(job(&db, "vm-c", "bytes_transferred")) > 0.0);
     assert_eq!(snapshots(&daemon, &sim), ["blockrepl-vm-c"], "the job's snapshot exists while it copies");
     daemon.cli(&["cancel", "vm-c"]).assert_ok();
@@ -282,17 +276,14 @@ fn a_cancelled_vm_job_removes_its_snapshot() {
 #[test]
 fn after_kill_9_a_vm_job_resumes_on_its_snapshot() {
     let dir = tempdir();
-    let d = dir.path();
-    let sim = Vcsim::start(d, &["-disks", "16M", "-cbt"]);
-    sim.write(0, 0, &pattern(12 << 20, 6));
     let db = server().fresh_database("vm_kill9");
     let env = [("BLOCKREPL__DISCOVERY__LEASE", "3s")];
-    let mut daemon = Daemon::start_extra(d, &db.url, &env, &daemon_section(d, &sim));
-    let (file, mut t) = target(d, "t0", sim.disks[0].capacity, &["--filter=rate", "rate=16M"]);
-    queue_vm(&db, "vm-k", "full", &sim, &[VmDisk { key: sim.disks[0].key, target: &t, previous: None, zero: true }]);
+    let (sim, mut daemon, file, mut t) = slow_job(dir.path(), &db, &env, "vm-k");
     wait_until("a first checkpoint", JOB_DEADLINE, || num(disk(&db, "vm-k", "disk-2000", "resume_offset")) > 0.0);
-    let snapshot = job(&db, "vm-k", "vmware_snapshot").expect("the snapshot is recorded");
     daemon.kill9();
+    let checkpoint = num(disk(&db, "vm-k", "disk-2000", "resume_offset")) as u64;
+    assert!(checkpoint < 12 << 20, "killed during the transfer");
+    let snapshot = job(&db, "vm-k", "vmware_snapshot").expect("the snapshot is recorded");
     // nbdkit may abort when its client vanished mid-request: restart it.
     t.stop();
     t.start();
@@ -304,4 +295,54 @@ fn after_kill_9_a_vm_job_resumes_on_its_snapshot() {
     assert!(ev.iter().any(|e| e.contains("resuming from offset")), "from its checkpoint: {ev:?}");
     assert!(snapshots(&daemon, &sim).is_empty(), "no snapshot is left behind");
     assert!(daemon.log_text().lines().all(|l| !l.contains(PASSWORD)), "the password is never logged");
+}
+
+/// A one-disk VM (16 MiB, 12 MiB of data, CBT on), a daemon (`env`), and a
+/// target that takes about 1 MB/s, so that a full job copies for seconds.
+fn slow_job(d: &Path, db: &TestDb, env: &[(&str, &str)], id: &str) -> (Vcsim, Daemon, PathBuf, Server) {
+    let sim = Vcsim::start(d, &["-disks", "16M", "-cbt"]);
+    sim.write(0, 0, &pattern(12 << 20, 5));
+    let daemon = Daemon::start_extra(d, &db.url, env, &daemon_section(d, &sim));
+    let (file, t) = target(d, "t0", sim.disks[0].capacity, &["--filter=rate", "rate=8M"]);
+    queue_vm(db, id, "full", &sim, &[VmDisk { key: sim.disks[0].key, target: &t, previous: None, zero: true }]);
+    (sim, daemon, file, t)
+}
+
+#[test]
+fn vcenter_down_at_the_end_completes_the_job_and_keeps_the_snapshot_named() {
+    let dir = tempdir();
+    let db = server().fresh_database("vm_vc_down");
+    let (mut sim, daemon, file, _t) = slow_job(dir.path(), &db, &[], "vm-d");
+    wait_until("the transfer to start", JOB_DEADLINE, || num(job(&db, "vm-d", "bytes_transferred")) > 0.0);
+    let flat = std::fs::read(&sim.disks[0].flat).unwrap();
+    sim.kill();
+    // The copy needs no vCenter; the cleanup retries with backoff, then gives up.
+    wait_status(&db, "vm-d", "completed", &daemon);
+    assert!(std::fs::read(&file).unwrap() == flat, "the target is byte-identical to the disk");
+    assert!(disk(&db, "vm-d", "disk-2000", "disk_change_id").is_some());
+    let ev = events(&db, "vm-d");
+    assert!(ev.iter().any(|e| e.contains("cannot remove the job's snapshot") && e.contains("unreachable")), "{ev:?}");
+    assert!(job(&db, "vm-d", "vmware_snapshot").is_some(), "named, for the sweep once vCenter is back");
+}
+
+#[test]
+fn a_snapshot_left_by_a_job_ended_in_the_database_is_swept() {
+    let dir = tempdir();
+    let db = server().fresh_database("vm_sweep");
+    let env = [("BLOCKREPL__DISCOVERY__LEASE", "3s")];
+    let (sim, daemon, _, _t) = slow_job(dir.path(), &db, &env, "vm-s");
+    wait_until("the transfer to start", JOB_DEADLINE, || num(job(&db, "vm-s", "bytes_transferred")) > 0.0);
+    assert_eq!(snapshots(&daemon, &sim), ["blockrepl-vm-s"]);
+    // An operator ends the job behind the daemon's back: its renewal is refused
+    // (or its fence closes first) and it stops without touching the job, whose
+    // snapshot stays.
+    db.execute("UPDATE replication_jobs SET status = 'cancelled' WHERE id = 'vm-s'");
+    wait_until("the daemon to let go", JOB_DEADLINE, || {
+        let log = daemon.log_text();
+        log.contains("no longer ours") || log.contains("lease not renewed in time")
+    });
+    wait_until("the sweep", JOB_DEADLINE, || job(&db, "vm-s", "vmware_snapshot").is_none());
+    assert!(snapshots(&daemon, &sim).is_empty(), "the sweep removed it");
+    assert!(daemon.log_text().contains("removed a snapshot the job left behind"));
+    assert_eq!(job(&db, "vm-s", "status").as_deref(), Some("cancelled"));
 }
