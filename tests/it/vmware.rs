@@ -346,3 +346,35 @@ fn a_snapshot_left_by_a_job_ended_in_the_database_is_swept() {
     assert!(daemon.log_text().contains("removed a snapshot the job left behind"));
     assert_eq!(job(&db, "vm-s", "status").as_deref(), Some("cancelled"));
 }
+
+#[test]
+fn a_vm_job_submitted_through_the_admin_socket_runs() {
+    let dir = tempdir();
+    let d = dir.path();
+    let sim = Vcsim::start(d, &["-disks", "2M", "-cbt"]);
+    sim.write(0, 5 * BLOCK, &pattern(BLOCK as usize, 7));
+    let db = server().fresh_database("vm_submit");
+    let daemon = Daemon::start_extra(d, &db.url, &[], &daemon_section(d, &sim));
+    let (file, t) = target(d, "t0", sim.disks[0].capacity, &[]);
+    let body = serde_json::json!({
+        "id": "vm-api", "vm_name": sim.vm_name, "replication_type": "full",
+        "vmware": {"vcenter": "sim", "vm": sim.vm_uuid},
+        "disks": [{"disk_id": "disk-2000", "vmware_disk_key": sim.disks[0].key, "target": t.uri(),
+                   "destination_is_zero": true}]
+    });
+    let path = d.join("job.json");
+    std::fs::write(&path, body.to_string()).unwrap();
+    assert_eq!(daemon.cli(&["submit", path.to_str().unwrap(), "--json"]).json()["job_id"], "vm-api");
+    wait_status(&db, "vm-api", "completed", &daemon);
+    assert!(same_file(&sim.disks[0].flat, &file));
+    assert_eq!(num(job(&db, "vm-api", "total_bytes")) as u64, BLOCK, "the allocated areas");
+    let shown = daemon.cli(&["show", "vm-api", "--json"]).json();
+    assert_eq!(shown["vmware"]["vcenter"], "sim");
+    assert_eq!(shown["disks"][0]["vmware_disk_key"], sim.disks[0].key);
+    // Credentials never reach the database.
+    let row = one(
+        &db,
+        "SELECT CONCAT_WS('|', vmware_vcenter, vmware_vm, IFNULL(vmware_snapshot, '-')) AS v FROM replication_jobs",
+    );
+    assert_eq!(row, Some(format!("sim|{}|-", sim.vm_uuid)));
+}
