@@ -378,3 +378,22 @@ fn a_vm_job_submitted_through_the_admin_socket_runs() {
     );
     assert_eq!(row, Some(format!("sim|{}|-", sim.vm_uuid)));
 }
+
+#[test]
+fn a_vcenter_that_stays_down_fails_the_job_in_one_line_after_retries() {
+    let dir = tempdir();
+    let d = dir.path();
+    let mut sim = Vcsim::start(d, &["-disks", "1M", "-cbt"]);
+    let db = server().fresh_database("vm_vc_gone");
+    let daemon = Daemon::start_extra(d, &db.url, &[], &daemon_section(d, &sim));
+    let (_, t) = target(d, "t0", sim.disks[0].capacity, &[]);
+    sim.kill();
+    let started = std::time::Instant::now();
+    queue_vm(&db, "vm-g", "full", &sim, &[VmDisk { key: sim.disks[0].key, target: &t, previous: None, zero: true }]);
+    wait_status(&db, "vm-g", "failed", &daemon);
+    let err = job(&db, "vm-g", "error_message").unwrap_or_default();
+    assert!(err.contains("vCenter sim") && err.contains("unreachable") && !err.contains('\n'), "{err}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(10), "retried with backoff first");
+    assert!(daemon.log_text().contains("retrying in"), "the retries are logged");
+    assert_eq!(job(&db, "vm-g", "vmware_snapshot"), None);
+}
