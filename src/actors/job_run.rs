@@ -1474,6 +1474,26 @@ mod tests {
     }
 
     #[test]
+    fn vmware_a_job_naming_an_unconfigured_vcenter_fails_at_the_claim() {
+        let mut j = job(ReplicationType::Full);
+        j.vmware_vcenter = Some("elsewhere".into());
+        j.vmware_vm = Some("/DC0/vm/web".into());
+        let mut d = disk("a", DiskStatus::Pending, 0);
+        d.vmware_disk_key = Some(2000);
+        let t = JobTracker::new(&j, std::slice::from_ref(&d), "r1".into()).unwrap();
+        let mut run =
+            JobRun::new(t, Owner { node: "n1".into(), run: "r1".into() }, Fence::until(Instant::now() + HOUR));
+        let e = run.start(&[d], &vm_settings());
+        assert_eq!(outcome(&e), (Some(JobStatus::Failed), Some("no [vmware.elsewhere] section in the configuration")));
+        assert_eq!(actions(&e), ["stop, release"], "no vSphere step, nothing to clean up");
+        // A VMware disk without a device key cannot be run at all.
+        let mut keyless = disk("a", DiskStatus::Pending, 0);
+        keyless.source_uri = String::new();
+        let err = JobTracker::new(&j, &[keyless], "r1".into()).unwrap_err();
+        assert_eq!(err, "disk 'a' of a VMware job has no vmware_disk_key");
+    }
+
+    #[test]
     fn vmware_a_shutdown_keeps_the_snapshot_for_the_resumed_run() {
         let mut run = vm_copying();
         assert_eq!(actions(&run.suspend()), ["cancel"]);
