@@ -6,6 +6,11 @@ CREATE TABLE replication_jobs (
     id                     VARCHAR(64)  NOT NULL,
     vm_name                VARCHAR(255) NOT NULL,
     vm_path                VARCHAR(1024) NULL,
+    -- A VMware job: the [vmware.NAME] section naming the vCenter, the VM (inventory
+    -- path or instance UUID), and the snapshot the daemon made (removed at the end).
+    vmware_vcenter         VARCHAR(64)  NULL,
+    vmware_vm              VARCHAR(1024) NULL,
+    vmware_snapshot        VARCHAR(64)  NULL,
     replication_type       VARCHAR(16)  NOT NULL DEFAULT 'full',
     status                 VARCHAR(32)  NOT NULL DEFAULT 'pending',
     current_operation      VARCHAR(32)  NULL,
@@ -38,6 +43,8 @@ CREATE TABLE vm_disks (
     job_id                VARCHAR(64)  NOT NULL,
     disk_id               VARCHAR(64)  NOT NULL,
     label                 VARCHAR(255) NULL,
+    -- The virtual disk's device key in a VMware job (its source is the daemon's).
+    vmware_disk_key       INT          NULL,
     source_uri            TEXT         NOT NULL,
     target_uri            TEXT         NOT NULL,
     destination_is_zero   BOOLEAN      NOT NULL DEFAULT FALSE,

@@ -134,19 +134,21 @@ impl FromStr for JobStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Operation {
     Discover,
-    // EnableCBT, Snapshot and PrepareVolumes are the orchestrator's stages: the
-    // daemon never sets them, but they are named so the pipeline is complete.
-    #[allow(dead_code)]
+    /// A VMware job: CBT is checked, and turned on when off.
     EnableCbt,
     QueryCbt,
-    #[allow(dead_code)]
+    /// A VMware job: the daemon takes the job's snapshot.
     Snapshot,
+    // PrepareVolumes is the orchestrator's stage: the daemon never sets it, but
+    // it is named so that the pipeline is complete.
     #[allow(dead_code)]
     PrepareVolumes,
     StartExports,
     Transfer,
     Finalize,
     PersistChangeIds,
+    /// A VMware job: the snapshot is removed (at the end, on failure, on cancel).
+    Cleanup,
 }
 
 impl Operation {
@@ -161,6 +163,7 @@ impl Operation {
             Operation::Transfer => "Transfer",
             Operation::Finalize => "Finalize",
             Operation::PersistChangeIds => "PersistChangeIDs",
+            Operation::Cleanup => "Cleanup",
         }
     }
 }
@@ -293,5 +296,20 @@ mod tests {
         assert!("bogus".parse::<JobStatus>().is_err());
         assert_eq!(Operation::PersistChangeIds.as_str(), "PersistChangeIDs");
         assert_eq!(Operation::EnableCbt.as_str(), "EnableCBT");
+        assert_eq!(Operation::Cleanup.as_str(), "Cleanup");
+    }
+
+    #[test]
+    fn a_vmware_job_passes_through_snapshotting() {
+        // preparing (EnableCBT) -> snapshotting (Snapshot, QueryCBT, StartExports)
+        // -> streaming -> finalizing (Cleanup) -> completed; never back.
+        for w in [Pending, Preparing, Snapshotting, Streaming, Finalizing, Completed].windows(2) {
+            check(w[0], w[1], true);
+        }
+        check(Streaming, Snapshotting, false);
+        check(Snapshotting, Preparing, false);
+        // Cleanup on a failure or a cancel happens before the outcome is written.
+        check(Snapshotting, Failed, true);
+        check(Snapshotting, Cancelled, true);
     }
 }

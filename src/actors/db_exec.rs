@@ -252,6 +252,8 @@ impl DbExec {
                             Query::Events { job_id, limit } => {
                                 QueryResult::Events(db::recent_events(c, &job_id, limit)?)
                             }
+                            Query::LeftSnapshots => QueryResult::Snapshots(db::left_snapshots(c)?),
+                            Query::ForgetSnapshot(left) => db::forget_snapshot(c, &left).map(|_| QueryResult::Done)?,
                         })
                     },
                 )

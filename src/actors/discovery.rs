@@ -7,6 +7,12 @@
 //! A claimed row that cannot be run (see `JobTracker::new`) fails alone, with a
 //! message, written as its owner; the other claims go on. A claim has a
 //! deadline, so that a database that hangs never leaves discovery "claiming".
+//!
+//! It also sweeps snapshots that VMware jobs left behind (a job that ended
+//! while vCenter was away, or was ended in the database while it ran): at
+//! start and every [`SWEEP_EVERY`] discoveries, on a thread of its own
+//! (`vsphere::remove_left_snapshot`), clearing the job's `vmware_snapshot`
+//! once removed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,8 +25,9 @@ use super::job_aggregator::{JobAggregator, JobDeps};
 use super::job_run::fence_deadline;
 use super::job_tracker::JobTracker;
 use super::messages::*;
+use super::vsphere::remove_left_snapshot;
 use crate::db::{JobUpdate, NewJobEvent};
-use crate::engine::Fence;
+use crate::engine::{CancelToken, Fence};
 use crate::state::JobStatus;
 
 pub struct DiscoveryActor {
@@ -35,7 +42,14 @@ pub struct DiscoveryActor {
     ticker: Option<SpawnHandle>,
     /// The database failed last time (log once per outage).
     failing: bool,
+    /// Discoveries since the last sweep of snapshots left behind.
+    since_sweep: u32,
+    /// The sweep's thread, while it removes snapshots; joined when done.
+    sweep: Option<(std::thread::JoinHandle<()>, CancelToken)>,
 }
+
+/// A sweep of snapshots left behind every this many discoveries (and at start).
+const SWEEP_EVERY: u32 = 10;
 
 impl DiscoveryActor {
     pub fn new(deps: JobDeps) -> Self {
@@ -53,7 +67,52 @@ impl DiscoveryActor {
             stopping: false,
             ticker: None,
             failing: false,
+            since_sweep: 0,
+            sweep: None,
         }
+    }
+
+    /// Looks for snapshots VMware jobs left behind and removes them on a thread.
+    fn sweep(&mut self, ctx: &mut Context<Self>) {
+        if let Some((h, _)) = &self.sweep {
+            if !h.is_finished() {
+                return;
+            }
+            if let Some((h, _)) = self.sweep.take() {
+                let _ = h.join();
+            }
+        }
+        if self.stopping || self.deps.settings.vmware.is_empty() {
+            return;
+        }
+        self.since_sweep = 0;
+        let limit = claim_deadline(&self.deps.settings);
+        tokio::time::timeout(limit, self.deps.db.send(Query::LeftSnapshots))
+            .into_actor(self)
+            .map(|res, act, ctx| {
+                let Ok(Ok(Ok(QueryResult::Snapshots(left)))) = res else { return };
+                if left.is_empty() || act.stopping || act.sweep.is_some() {
+                    return;
+                }
+                let settings = Arc::clone(&act.deps.settings);
+                let report = ctx.address().recipient::<SnapshotSwept>();
+                let cancel = CancelToken::default();
+                let token = cancel.clone();
+                let spawned = std::thread::Builder::new().name("snapshot-sweep".into()).spawn(move || {
+                    for l in left {
+                        if token.is_cancelled() {
+                            break;
+                        }
+                        let result = remove_left_snapshot(&settings, &l, &token);
+                        report.do_send(SnapshotSwept { left: l, result });
+                    }
+                });
+                match spawned {
+                    Ok(h) => act.sweep = Some((h, cancel)),
+                    Err(e) => tracing::warn!(error = %e, "cannot start the snapshot sweep"),
+                }
+            })
+            .spawn(ctx);
     }
 
     fn schedule(&mut self, ctx: &mut Context<Self>) {
@@ -70,6 +129,10 @@ impl DiscoveryActor {
         if self.claiming {
             self.again = true;
             return;
+        }
+        self.since_sweep += 1;
+        if self.since_sweep >= SWEEP_EVERY {
+            self.sweep(ctx);
         }
         // One job per copy slot at most; a job's extra disks queue for slots.
         let room = self.deps.settings.copy.max_concurrent_disks.saturating_sub(self.active.len());
@@ -185,7 +248,32 @@ impl Actor for DiscoveryActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.discover(ctx);
+        self.sweep(ctx);
         self.schedule(ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        if let Some((h, cancel)) = self.sweep.take() {
+            cancel.cancel();
+            let _ = h.join();
+        }
+    }
+}
+
+impl Handler<SnapshotSwept> for DiscoveryActor {
+    type Result = ();
+    fn handle(&mut self, m: SnapshotSwept, _: &mut Context<Self>) {
+        let l = &m.left;
+        match m.result {
+            Ok(()) => {
+                tracing::info!(job_id = %l.job_id, snapshot = %l.snapshot, "removed a snapshot the job left behind");
+                self.deps.db.do_send(Query::ForgetSnapshot(m.left));
+            }
+            Err(e) => tracing::warn!(
+                job_id = %l.job_id, snapshot = %l.snapshot, error = %e,
+                "cannot remove a snapshot the job left behind; trying again later"
+            ),
+        }
     }
 }
 
@@ -240,6 +328,9 @@ impl Handler<StopDiscovery> for DiscoveryActor {
         self.stopping = true;
         if let Some(h) = self.ticker.take() {
             ctx.cancel_future(h);
+        }
+        if let Some((_, cancel)) = &self.sweep {
+            cancel.cancel();
         }
         let waits: Vec<_> = self.active.values().map(|a| a.send(Suspend)).collect();
         Box::pin(async move {

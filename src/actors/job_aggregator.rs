@@ -27,6 +27,7 @@ use super::job_run::{Effect, JobRun, Level};
 use super::job_tracker::JobTracker;
 use super::messages::*;
 use super::timeout_watchdog::TimeoutWatchdog;
+use super::vsphere::{VsphereJob, VsphereWorker, runtime_dir};
 use crate::config::Settings;
 use crate::db::{Disk, Owner};
 use crate::engine::{Copier, Fence};
@@ -60,6 +61,8 @@ pub struct JobAggregator {
     copiers: HashMap<String, Addr<DiskCopier>>,
     suspend_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
     disk_started: HashMap<String, Instant>,
+    /// A VMware job's vSphere worker, started with its first step.
+    vsphere: Option<VsphereWorker>,
 }
 
 impl JobAggregator {
@@ -82,6 +85,7 @@ impl JobAggregator {
             copiers: HashMap::new(),
             suspend_waiters: Vec::new(),
             disk_started: HashMap::new(),
+            vsphere: None,
         }
     }
 
@@ -120,6 +124,7 @@ impl JobAggregator {
                     );
                     self.copiers.insert(disk_id, copier.start());
                 }
+                Effect::Vsphere(step) => self.vsphere_step(step, ctx),
                 Effect::StartTransfer => self.copiers.values().for_each(|c| c.do_send(StartTransfer)),
                 Effect::CancelCopies => self.copiers.values().for_each(|c| c.do_send(CancelCopy)),
                 Effect::Heartbeat(work) => self.deps.watchdog.do_send(Heartbeat { job_id: job_id.clone(), work }),
@@ -136,6 +141,39 @@ impl JobAggregator {
                     ctx.stop();
                 }
             }
+        }
+    }
+
+    /// Hands `step` to the job's vSphere worker, starting it with the first.
+    fn vsphere_step(&mut self, step: VsphereStep, ctx: &mut Context<Self>) {
+        if self.vsphere.is_none() {
+            let vm = self.run.t.vmware.clone();
+            let section = vm.as_ref().and_then(|v| self.deps.settings.vmware.get(&v.vcenter).map(|s| (v, s)));
+            let started = match section {
+                Some((v, vc)) => VsphereWorker::start(
+                    VsphereJob {
+                        job_id: self.run.t.job_id.clone(),
+                        vcenter_name: v.vcenter.clone(),
+                        vcenter: vc.clone(),
+                        vm: v.vm.clone(),
+                        runtime_dir: runtime_dir(&self.deps.settings),
+                    },
+                    ctx.address().recipient(),
+                )
+                .map_err(|e| format!("cannot start the vSphere worker: {e}")),
+                None => Err("not a VMware job with a configured vCenter".to_string()),
+            };
+            match started {
+                Ok(w) => self.vsphere = Some(w),
+                Err(e) => {
+                    let effects = self.run.vsphere(VsphereOutcome::Failed(e));
+                    self.carry_out(effects, ctx);
+                    return;
+                }
+            }
+        }
+        if let Some(w) = &self.vsphere {
+            w.send(step);
         }
     }
 
@@ -194,6 +232,22 @@ impl Actor for JobAggregator {
         });
         let rows = std::mem::take(&mut self.rows);
         let effects = self.run.start(&rows, &self.deps.settings);
+        self.carry_out(effects, ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        // The disks' NBD servers stop with the worker.
+        if let Some(mut w) = self.vsphere.take() {
+            w.stop();
+        }
+    }
+}
+
+impl Handler<VsphereDone> for JobAggregator {
+    type Result = ();
+
+    fn handle(&mut self, m: VsphereDone, ctx: &mut Context<Self>) {
+        let effects = self.run.vsphere(m.0);
         self.carry_out(effects, ctx);
     }
 }

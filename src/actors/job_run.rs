@@ -13,17 +13,18 @@
 //! renewal, or the write fence expired on this machine's clock) gets not one
 //! more row: every write passes [`JobRun::may_write`] when it is decided.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
 use super::job_tracker::JobTracker;
-use super::messages::{CopyFailure, DiskReportKind};
+use super::messages::{AreaQuery, AreasAnswer, CopyFailure, DiskReportKind, VsphereOutcome, VsphereStep};
 use crate::config::Settings;
 use crate::db::{CbtRecord, Disk, DiskUpdate, JobUpdate, NewJobEvent, Owner};
 use crate::engine::{Changes, CopySpec, Event, Fence, Stage, Summary, plan};
 use crate::state::{DiskStatus, JobStatus, Operation, ReplicationType};
+use crate::vmware::{CopyKind, DiskAreas};
 
 /// How long after a renewal (or the claim) was sent the job's write fence stays
 /// open: the lease minus a quarter of it. The database's lease runs from when it
@@ -95,9 +96,32 @@ pub enum Effect {
     CancelCopies,
     /// The job's work counter grew (for the watchdog).
     Heartbeat(u64),
+    /// A VMware job: hand a step to the job's vSphere worker (started with the
+    /// first); its answer comes back to [`JobRun::vsphere`].
+    Vsphere(VsphereStep),
     /// The job is over: stop watching it, release its lease if `release` (after
     /// its last rows), tell discovery, answer whoever waits, stop the actor.
     Stop { release: bool },
+}
+
+/// Where a VMware job's snapshot cleanup is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Cleanup {
+    #[default]
+    NotYet,
+    Running,
+    Done,
+}
+
+/// A VMware job's run: the vSphere steps come first (EnableCBT, Snapshot,
+/// QueryCBT, StartExports), then the copies; the snapshot is removed before
+/// the outcome is written (Cleanup).
+#[derive(Debug, Default)]
+struct VmRun {
+    /// The copy of each unfinished disk, its source and plan still to come.
+    specs: BTreeMap<String, CopySpec>,
+    areas: BTreeMap<String, DiskAreas>,
+    cleanup: Cleanup,
 }
 
 /// The job's run: its tracker, its owner and fence, and how far it got.
@@ -117,6 +141,8 @@ pub struct JobRun {
     finished: bool,
     /// The work counter last reported to the watchdog.
     last_work: u64,
+    /// A VMware job (whose vCenter is configured): its vSphere side.
+    vm: Option<VmRun>,
     out: Vec<Effect>,
 }
 
@@ -133,6 +159,7 @@ impl JobRun {
             transfer_started: false,
             finished: false,
             last_work: 0,
+            vm: None,
             out: Vec::new(),
         }
     }
@@ -178,6 +205,10 @@ impl JobRun {
         let first_op = self.t.operation;
         self.advance(JobStatus::Preparing, first_op);
         self.persist_job();
+        if self.t.vmware.is_some() {
+            self.start_vmware(rows, settings);
+            return self.take();
+        }
         for row in rows.iter().filter(|r| r.sync_status.known() != Some(DiskStatus::Completed)) {
             let spec = match spec_for(self.t.replication_type, row, settings) {
                 Ok(s) => s,
@@ -325,6 +356,265 @@ impl JobRun {
         self.take()
     }
 
+    /// A VMware job's vSphere step ended: the next step, the copies, or the end.
+    /// Answers that arrive after the job began to end are dropped (the cleanup
+    /// takes care of what they made), except the cleanup's own.
+    pub fn vsphere(&mut self, outcome: VsphereOutcome) -> Vec<Effect> {
+        if let VsphereOutcome::CleanedUp(r) = outcome {
+            self.cleaned_up(r);
+            return self.take();
+        }
+        if self.ending.is_some() || self.vm.is_none() {
+            return self.take();
+        }
+        match outcome {
+            VsphereOutcome::Opened { vm, cbt_enabled_now } => {
+                if cbt_enabled_now {
+                    self.event(
+                        None,
+                        Level::Warn,
+                        format!(
+                            "CBT was off on VM {vm}: enabled it; vSphere tracks changes only from the VM's next \
+                             stun (this job's snapshot, a power cycle or a vMotion) on"
+                        ),
+                    );
+                }
+                self.stage(JobStatus::Snapshotting, Operation::Snapshot);
+                let keep = self.t.vmware.as_ref().and_then(|v| v.snapshot.clone());
+                self.out.push(Effect::Vsphere(VsphereStep::Snapshot { keep }));
+            }
+            VsphereOutcome::Snapshotted { snapshot, reused, removed, disks } => {
+                self.snapshotted(snapshot, reused, removed, &disks)
+            }
+            VsphereOutcome::Queried(answers) => self.queried(answers),
+            VsphereOutcome::Exported(answers) => self.exported(answers),
+            VsphereOutcome::Failed(message) => {
+                self.event(None, Level::Error, message.clone());
+                self.end(Ending::Failed(message));
+            }
+            VsphereOutcome::CleanedUp(_) => {}
+        }
+        if self.ending.is_none() {
+            // A step done is progress: a long snapshot is not a stall.
+            self.t.waiting += 1;
+            self.on_progress();
+        }
+        self.take()
+    }
+
+    /// The claim of a VMware job: its vCenter must be configured; the unfinished
+    /// disks' copies wait for the vSphere steps, which start with EnableCBT.
+    fn start_vmware(&mut self, rows: &[Disk], settings: &Settings) {
+        let Some(vc) = self.t.vmware.as_ref().map(|v| v.vcenter.clone()) else { return };
+        if !settings.vmware.contains_key(&vc) {
+            let msg = format!("no [vmware.{vc}] section in the configuration");
+            self.event(None, Level::Error, msg.clone());
+            self.end(Ending::Failed(msg));
+            return;
+        }
+        let mut vm = VmRun::default();
+        for row in rows.iter().filter(|r| r.sync_status.known() != Some(DiskStatus::Completed)) {
+            vm.specs.insert(row.disk_id.clone(), spec_of(row, Changes::Full, settings));
+        }
+        self.vm = Some(vm);
+        self.stage(JobStatus::Preparing, Operation::EnableCbt);
+        if self.vm.as_ref().is_some_and(|v| v.specs.is_empty()) {
+            // Every disk had completed before: only the cleanup is left.
+            self.finish();
+            return;
+        }
+        self.out.push(Effect::Vsphere(VsphereStep::Open));
+    }
+
+    fn snapshotted(&mut self, snapshot: String, reused: bool, removed: Vec<String>, disks: &[(i32, Option<String>)]) {
+        for r in removed {
+            self.event(None, Level::Info, format!("removed snapshot {r}, left behind by an earlier run of this job"));
+        }
+        if let Some(v) = self.t.vmware.as_mut() {
+            v.snapshot = Some(snapshot.clone());
+        }
+        let how = if reused { "kept from the interrupted run" } else { "taken" };
+        self.event(None, Level::Info, format!("snapshot {snapshot} {how}"));
+        let ids: Vec<String> = self.vm.as_ref().map(|v| v.specs.keys().cloned().collect()).unwrap_or_default();
+        let mut queries = Vec::new();
+        let mut failed = None;
+        for id in ids {
+            let Some(d) = self.t.disk_mut(&id) else { continue };
+            let key = d.vmware_key.unwrap_or_default();
+            d.change_id = disks.iter().find(|(k, _)| *k == key).and_then(|(_, c)| c.clone());
+            let (change_id, previous) = (d.change_id.clone(), d.previous_change_id.clone());
+            // A new snapshot: the checkpoints of an earlier run are of another
+            // state of the disk; the copy starts over.
+            let restart = !reused && d.watermark > 0;
+            if restart {
+                d.watermark = 0;
+            }
+            if let Some(spec) = self.vm.as_mut().and_then(|v| v.specs.get_mut(&id))
+                && restart
+            {
+                spec.resume_from = 0;
+            }
+            let since = match (self.t.replication_type, previous) {
+                (ReplicationType::Full, _) => Ok(None),
+                (ReplicationType::Incremental, Some(p)) if !p.trim().is_empty() => Ok(Some(p)),
+                // Never silently a full copy.
+                (ReplicationType::Incremental, _) => {
+                    Err("an incremental VMware copy needs the disk's previous_change_id".to_string())
+                }
+            };
+            let since = match (change_id, since) {
+                (None, _) => {
+                    Err(format!("the snapshot {snapshot} gives disk key {key} no change ID (is CBT active on it?)"))
+                }
+                (Some(_), s) => s,
+            };
+            match since {
+                Ok(since) => {
+                    if restart && let Some(d) = self.t.disks.iter().find(|d| d.disk_id == id) {
+                        let mut u = self.t.disk_update(d);
+                        u.restart = true;
+                        self.write(Effect::Disk(u));
+                    } else {
+                        self.persist_disk(&id);
+                    }
+                    queries.push(AreaQuery { disk_id: id, key, since })
+                }
+                Err(e) => {
+                    self.fail_disk(&id, e.clone());
+                    failed.get_or_insert(format!("disk {id}: {e}"));
+                }
+            }
+        }
+        // The snapshot's id is in this write: a restart finds it.
+        self.stage(JobStatus::Snapshotting, Operation::QueryCbt);
+        match failed {
+            Some(msg) => self.end(Ending::Failed(msg)),
+            None => self.out.push(Effect::Vsphere(VsphereStep::Query { disks: queries })),
+        }
+    }
+
+    fn queried(&mut self, answers: Vec<(String, AreasAnswer)>) {
+        let kind = match self.t.replication_type {
+            ReplicationType::Full => CopyKind::Full,
+            ReplicationType::Incremental => CopyKind::Incremental,
+        };
+        let mut exports = Vec::new();
+        let mut failed = None;
+        for (id, answer) in answers {
+            match answer.and_then(|(cap, raw)| {
+                DiskAreas::new(kind, cap, &raw).map_err(|e| format!("vCenter's changed areas: {e}"))
+            }) {
+                Ok(areas) => {
+                    let key = self.t.disks.iter().find(|d| d.disk_id == id).and_then(|d| d.vmware_key);
+                    exports.push((id.clone(), key.unwrap_or_default()));
+                    if let Some(v) = self.vm.as_mut() {
+                        v.areas.insert(id, areas);
+                    }
+                }
+                Err(e) => {
+                    self.fail_disk(&id, e.clone());
+                    failed.get_or_insert(format!("disk {id}: {e}"));
+                }
+            }
+        }
+        if let Some(msg) = failed {
+            self.end(Ending::Failed(msg));
+            return;
+        }
+        self.stage(JobStatus::Snapshotting, Operation::StartExports);
+        self.out.push(Effect::Vsphere(VsphereStep::Export { disks: exports }));
+    }
+
+    fn exported(&mut self, answers: Vec<(String, Result<String, String>)>) {
+        let mut failed = None;
+        for (id, answer) in answers {
+            let spec = self.vm.as_mut().and_then(|v| {
+                let areas = v.areas.get(&id)?;
+                let mut spec = v.specs.get(&id)?.clone();
+                spec.changes = areas.changes(spec.destination_is_zero);
+                Some(spec)
+            });
+            match (answer, spec) {
+                (Ok(uri), Some(mut spec)) => {
+                    spec.source = uri;
+                    if spec.resume_from > 0 {
+                        self.event(Some(&id), Level::Info, format!("resuming from offset {}", spec.resume_from));
+                    }
+                    self.running.insert(id.clone());
+                    self.out.push(Effect::StartCopy { disk_id: id, spec });
+                }
+                (Ok(_), None) => {}
+                (Err(e), _) => {
+                    self.fail_disk(&id, e.clone());
+                    failed.get_or_insert(format!("disk {id}: {e}"));
+                }
+            }
+        }
+        if let Some(msg) = failed {
+            self.end(Ending::Failed(msg));
+        }
+    }
+
+    /// A VMware job removes its snapshot before its outcome is written (on a
+    /// success, a failure or a cancel). Not on a shutdown (the resumed run keeps
+    /// the snapshot), nor when the job is no longer ours. True: wait for it.
+    fn cleanup_first(&mut self) -> bool {
+        let gone = !self.may_write();
+        let suspended = matches!(self.ending, Some(Ending::Suspended));
+        let Some(vm) = self.vm.as_mut() else { return false };
+        match vm.cleanup {
+            Cleanup::Done => false,
+            Cleanup::Running => !gone,
+            Cleanup::NotYet if gone || suspended => false,
+            Cleanup::NotYet => {
+                vm.cleanup = Cleanup::Running;
+                if self.ending.is_none() {
+                    self.advance(JobStatus::Finalizing, Operation::Finalize);
+                    self.advance(JobStatus::Finalizing, Operation::PersistChangeIds);
+                }
+                self.stage(self.t.status, Operation::Cleanup);
+                let snapshot = self.t.vmware.as_ref().and_then(|v| v.snapshot.clone());
+                self.out.push(Effect::Vsphere(VsphereStep::Cleanup { snapshot }));
+                true
+            }
+        }
+    }
+
+    fn cleaned_up(&mut self, result: Result<Option<String>, String>) {
+        let Some(vm) = self.vm.as_mut() else { return };
+        if vm.cleanup != Cleanup::Running {
+            return;
+        }
+        vm.cleanup = Cleanup::Done;
+        match result {
+            Ok(Some(s)) => {
+                if let Some(v) = self.t.vmware.as_mut() {
+                    v.snapshot = None;
+                }
+                self.event(None, Level::Info, format!("snapshot {s} removed"));
+            }
+            Ok(None) => {}
+            Err(e) => self.event(
+                None,
+                Level::Warn,
+                format!("cannot remove the job's snapshot ({e}); the daemon tries again when it starts"),
+            ),
+        }
+        self.finish();
+    }
+
+    /// A disk that cannot be copied: its row says why (one line).
+    fn fail_disk(&mut self, disk_id: &str, message: String) {
+        if let Some(d) = self.t.disk_mut(disk_id) {
+            d.status = DiskStatus::Failed;
+            d.error = Some(message.clone());
+            d.copying = false;
+            d.throughput = 0;
+        }
+        self.persist_disk(disk_id);
+        self.event(Some(disk_id), Level::Error, message);
+    }
+
     // --------------------------------------------------------- decisions ----
 
     fn take(&mut self) -> Vec<Effect> {
@@ -434,16 +724,20 @@ impl JobRun {
 
     /// Decides and writes the outcome, and stops; once.
     fn finish(&mut self) {
-        if std::mem::replace(&mut self.finished, true) {
+        if self.finished || self.cleanup_first() {
             return;
         }
+        self.finished = true;
         let now = Some(Utc::now().naive_utc());
         let mut final_update: Option<JobUpdate> = None;
         match self.ending.clone() {
             None => {
-                // Every disk completed: its data is flushed and its change ID written.
-                self.advance(JobStatus::Finalizing, Operation::Finalize);
-                self.advance(JobStatus::Finalizing, Operation::PersistChangeIds);
+                // Every disk completed: its data is flushed and its change ID written
+                // (a VMware job said so before its cleanup).
+                if self.t.operation != Operation::Cleanup {
+                    self.advance(JobStatus::Finalizing, Operation::Finalize);
+                    self.advance(JobStatus::Finalizing, Operation::PersistChangeIds);
+                }
                 self.t.status = JobStatus::Completed;
                 let mut u = self.t.job_update(&self.owner);
                 u.completed_at = now;
@@ -514,6 +808,13 @@ impl JobRun {
         if self.ending.is_none() && self.t.all_copied() {
             self.advance(JobStatus::Finalizing, Operation::Finalize);
         }
+    }
+
+    /// A VMware stage: `op`, with `status` unless the job is past it already (a
+    /// resumed job that was streaming stays so while it looks at its snapshot).
+    fn stage(&mut self, status: JobStatus, op: Operation) {
+        let status = if self.t.status.can_become(status) { status } else { self.t.status };
+        self.advance(status, op);
     }
 
     /// Moves the job to `status`/`op` if that is a legal step, and says so.
@@ -593,7 +894,13 @@ pub fn spec_for(kind: ReplicationType, row: &Disk, settings: &Settings) -> Resul
             _ => return Err("incremental copy needs dirty_bitmap or changed_areas; the disk has neither".into()),
         },
     };
-    Ok(CopySpec {
+    Ok(spec_of(row, changes, settings))
+}
+
+/// The copy of a disk row with `changes`; a VMware disk's source is set once
+/// its NBD server runs.
+fn spec_of(row: &Disk, changes: Changes, settings: &Settings) -> CopySpec {
+    CopySpec {
         source: row.source_uri.clone(),
         target: row.target_uri.clone(),
         changes,
@@ -603,7 +910,7 @@ pub fn spec_for(kind: ReplicationType, row: &Disk, settings: &Settings) -> Resul
         resume_from: row.resume_offset.max(0) as u64,
         verify: settings.copy.verify,
         tuning: settings.tuning(),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -706,6 +1013,7 @@ mod tests {
                 Effect::StartCopy { disk_id, .. } => Some(format!("start {disk_id}")),
                 Effect::StartTransfer => Some("transfer".into()),
                 Effect::CancelCopies => Some("cancel".into()),
+                Effect::Vsphere(step) => Some(format!("vsphere {}", step_name(step))),
                 Effect::Stop { release } => Some(if *release { "stop, release" } else { "stop, keep lease" }.into()),
                 _ => None,
             })
@@ -1007,5 +1315,210 @@ mod tests {
         assert!(writes(&b).contains(&"job finalizing".to_string()));
         let done = run.report("b", ok(100), None);
         assert_eq!(last_job(&done).and_then(|u| u.status), Some(JobStatus::Completed));
+    }
+    // ---- VMware jobs ----------------------------------------------------
+
+    fn step_name(step: &VsphereStep) -> &'static str {
+        match step {
+            VsphereStep::Open => "open",
+            VsphereStep::Snapshot { .. } => "snapshot",
+            VsphereStep::Query { .. } => "query",
+            VsphereStep::Export { .. } => "export",
+            VsphereStep::Cleanup { .. } => "cleanup",
+        }
+    }
+
+    fn vm_settings() -> Settings {
+        let mut s = Settings::defaults();
+        let vc = crate::config::Vcenter {
+            url: "https://vc.example/sdk".into(),
+            user: "u".into(),
+            password_file: "/etc/pw".into(),
+            thumbprint: String::new(),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            task_timeout: Duration::from_secs(1),
+            nbd_command: None,
+        };
+        s.vmware.insert("vc".into(), vc);
+        s
+    }
+
+    /// A VMware job of `kind` with one disk `a` (key 2000, a fresh target),
+    /// claimed: its first step asked.
+    fn vm_run(kind: ReplicationType, previous: Option<&str>) -> (JobRun, Vec<Effect>) {
+        let mut j = job(kind);
+        j.vmware_vcenter = Some("vc".into());
+        j.vmware_vm = Some("/DC0/vm/web".into());
+        let mut d = disk("a", DiskStatus::Pending, 0);
+        d.source_uri = String::new();
+        d.vmware_disk_key = Some(2000);
+        d.destination_is_zero = true;
+        d.previous_change_id = previous.map(str::to_string);
+        let rows = [d];
+        let t = JobTracker::new(&j, &rows, "r1".into()).unwrap();
+        let owner = Owner { node: "n1".into(), run: "r1".into() };
+        let mut run = JobRun::new(t, owner, Fence::until(Instant::now() + HOUR));
+        let effects = run.start(&rows, &vm_settings());
+        (run, effects)
+    }
+
+    fn snapshotted(reused: bool) -> VsphereOutcome {
+        VsphereOutcome::Snapshotted {
+            snapshot: "snapshot-7".into(),
+            reused,
+            removed: vec![],
+            disks: vec![(2000, Some("52 aa/2".into()))],
+        }
+    }
+
+    fn area(start: u64, length: u64) -> plan::Area {
+        plan::Area { start, length }
+    }
+
+    /// A VMware job whose disk `a` is copying from its NBD server.
+    fn vm_copying() -> JobRun {
+        let (mut run, _) = vm_run(ReplicationType::Full, None);
+        run.vsphere(VsphereOutcome::Opened { vm: "vm-42".into(), cbt_enabled_now: false });
+        run.vsphere(snapshotted(false));
+        run.vsphere(VsphereOutcome::Queried(vec![("a".into(), Ok((1 << 20, vec![area(0, 65536)])))]));
+        run.vsphere(VsphereOutcome::Exported(vec![("a".into(), Ok("nbd+unix:///?socket=/s".into()))]));
+        run.report("a", DiskReportKind::Planned(planned(65536)), None);
+        run.report("a", DiskReportKind::Started, None);
+        run
+    }
+
+    #[test]
+    fn vmware_a_job_goes_through_the_vsphere_stages_copies_and_cleans_up_before_it_completes() {
+        let (mut run, e) = vm_run(ReplicationType::Full, None);
+        assert_eq!(actions(&e), ["vsphere open"]);
+        assert_eq!((run.t.status, run.t.operation), (JobStatus::Preparing, Operation::EnableCbt));
+
+        let e = run.vsphere(VsphereOutcome::Opened { vm: "vm-42".into(), cbt_enabled_now: true });
+        assert!(logs(&e).iter().any(|l| l.contains("CBT was off on VM vm-42") && l.contains("next")), "{e:?}");
+        assert_eq!(actions(&e), ["vsphere snapshot"]);
+        assert_eq!((run.t.status, run.t.operation), (JobStatus::Snapshotting, Operation::Snapshot));
+
+        let e = run.vsphere(snapshotted(false));
+        assert_eq!(last_job(&e).and_then(|u| u.vmware_snapshot.clone()), Some(Some("snapshot-7".into())));
+        let query = e
+            .iter()
+            .find_map(|e| if let Effect::Vsphere(VsphereStep::Query { disks }) = e { Some(disks) } else { None });
+        assert_eq!(query, Some(&vec![AreaQuery { disk_id: "a".into(), key: 2000, since: None }]), "full: \"*\"");
+        assert_eq!(run.t.operation, Operation::QueryCbt);
+        assert_eq!(disk_rows(&e, "a").last().and_then(|u| u.change_id.clone()), Some("52 aa/2".into()));
+
+        let e = run.vsphere(VsphereOutcome::Queried(vec![("a".into(), Ok((1 << 20, vec![area(0, 65536)])))]));
+        assert_eq!(actions(&e), ["vsphere export"]);
+        assert_eq!(run.t.operation, Operation::StartExports);
+
+        let e = run.vsphere(VsphereOutcome::Exported(vec![("a".into(), Ok("nbd+unix:///?socket=/s".into()))]));
+        let spec =
+            e.iter().find_map(|e| if let Effect::StartCopy { spec, .. } = e { Some(spec) } else { None }).unwrap();
+        assert_eq!(spec.source, "nbd+unix:///?socket=/s");
+        assert_eq!(spec.changes, Changes::ChangedAreas(vec![area(0, 65536)]), "planned from vCenter's areas");
+
+        run.report("a", DiskReportKind::Planned(planned(65536)), None);
+        run.report("a", DiskReportKind::Started, None);
+        let e = run.report("a", ok(65536), None);
+        assert_eq!(disk_rows(&e, "a")[0].disk_change_id.as_deref(), Some("52 aa/2"), "after the flush");
+        assert_eq!(actions(&e), ["vsphere cleanup"], "the snapshot goes before the outcome");
+        assert_eq!((run.t.status, run.t.operation), (JobStatus::Finalizing, Operation::Cleanup));
+        assert_eq!(outcome(&e).0, Some(JobStatus::Finalizing));
+
+        let e = run.vsphere(VsphereOutcome::CleanedUp(Ok(Some("snapshot-7".into()))));
+        assert_eq!(outcome(&e).0, Some(JobStatus::Completed));
+        assert_eq!(last_job(&e).and_then(|u| u.vmware_snapshot.clone()), Some(None), "forgotten once removed");
+        assert_eq!(actions(&e), ["stop, release"]);
+    }
+
+    #[test]
+    fn vmware_an_invalid_change_id_fails_the_disk_and_the_snapshot_is_still_removed() {
+        let (mut run, _) = vm_run(ReplicationType::Incremental, Some("52 aa/1"));
+        run.vsphere(VsphereOutcome::Opened { vm: "vm-42".into(), cbt_enabled_now: false });
+        let e = run.vsphere(snapshotted(false));
+        let query = e
+            .iter()
+            .find_map(|e| if let Effect::Vsphere(VsphereStep::Query { disks }) = e { Some(disks) } else { None });
+        assert_eq!(query.unwrap()[0].since.as_deref(), Some("52 aa/1"), "incremental: since the previous change ID");
+        let line = "vCenter sim: change ID '52 aa/1' of disk Hard disk 1 (key 2000) is not valid any more";
+        let e = run.vsphere(VsphereOutcome::Queried(vec![("a".into(), Err(line.into()))]));
+        assert_eq!(disk_rows(&e, "a")[0].error_message, Some(Some(line.into())));
+        assert_eq!(actions(&e), ["vsphere cleanup"], "no copy, never a full one");
+        let e = run.vsphere(VsphereOutcome::CleanedUp(Ok(Some("snapshot-7".into()))));
+        assert_eq!(outcome(&e), (Some(JobStatus::Failed), Some(format!("disk a: {line}").as_str())));
+    }
+
+    #[test]
+    fn vmware_an_incremental_disk_without_a_previous_change_id_is_never_copied_in_full() {
+        let (mut run, _) = vm_run(ReplicationType::Incremental, None);
+        run.vsphere(VsphereOutcome::Opened { vm: "vm-42".into(), cbt_enabled_now: false });
+        let e = run.vsphere(snapshotted(false));
+        assert_eq!(actions(&e), ["vsphere cleanup"]);
+        assert!(logs(&e).iter().any(|l| l.contains("needs the disk's previous_change_id")), "{e:?}");
+    }
+
+    #[test]
+    fn vmware_a_cancel_during_the_snapshot_removes_it_then_writes_cancelled() {
+        let (mut run, _) = vm_run(ReplicationType::Full, None);
+        run.vsphere(VsphereOutcome::Opened { vm: "vm-42".into(), cbt_enabled_now: false });
+        let e = run.cancel();
+        assert_eq!(actions(&e), ["vsphere cleanup"], "the worker removes what its snapshot step made");
+        assert!(
+            run.vsphere(snapshotted(false)).iter().all(|e| matches!(e, Effect::Log { .. })),
+            "late answers are dropped"
+        );
+        let e = run.vsphere(VsphereOutcome::CleanedUp(Ok(Some("snapshot-7".into()))));
+        assert_eq!(outcome(&e).0, Some(JobStatus::Cancelled));
+        assert_eq!(actions(&e), ["stop, release"]);
+    }
+
+    #[test]
+    fn vmware_a_job_naming_an_unconfigured_vcenter_fails_at_the_claim() {
+        let mut j = job(ReplicationType::Full);
+        j.vmware_vcenter = Some("elsewhere".into());
+        j.vmware_vm = Some("/DC0/vm/web".into());
+        let mut d = disk("a", DiskStatus::Pending, 0);
+        d.vmware_disk_key = Some(2000);
+        let t = JobTracker::new(&j, std::slice::from_ref(&d), "r1".into()).unwrap();
+        let mut run =
+            JobRun::new(t, Owner { node: "n1".into(), run: "r1".into() }, Fence::until(Instant::now() + HOUR));
+        let e = run.start(&[d], &vm_settings());
+        assert_eq!(outcome(&e), (Some(JobStatus::Failed), Some("no [vmware.elsewhere] section in the configuration")));
+        assert_eq!(actions(&e), ["stop, release"], "no vSphere step, nothing to clean up");
+        // A VMware disk without a device key cannot be run at all.
+        let mut keyless = disk("a", DiskStatus::Pending, 0);
+        keyless.source_uri = String::new();
+        let err = JobTracker::new(&j, &[keyless], "r1".into()).unwrap_err();
+        assert_eq!(err, "disk 'a' of a VMware job has no vmware_disk_key");
+    }
+
+    #[test]
+    fn vmware_a_shutdown_keeps_the_snapshot_for_the_resumed_run() {
+        let mut run = vm_copying();
+        assert_eq!(actions(&run.suspend()), ["cancel"]);
+        let e = run.report("a", cancelled(), None);
+        assert_eq!(actions(&e), ["stop, release"], "no cleanup");
+        assert_eq!(last_job(&e).and_then(|u| u.vmware_snapshot.clone()), Some(Some("snapshot-7".into())));
+    }
+
+    #[test]
+    fn vmware_a_resumed_job_keeps_its_checkpoint_only_on_its_own_snapshot() {
+        for (reused, offset) in [(true, 4096), (false, 0)] {
+            let (mut run, _) = vm_run(ReplicationType::Full, None);
+            run.t.disk_mut("a").unwrap().watermark = 4096;
+            if let Some(v) = run.vm.as_mut() {
+                v.specs.get_mut("a").unwrap().resume_from = 4096;
+            }
+            run.vsphere(VsphereOutcome::Opened { vm: "vm-42".into(), cbt_enabled_now: false });
+            let e = run.vsphere(snapshotted(reused));
+            let restart = disk_rows(&e, "a").iter().any(|u| u.restart && u.resume_offset == Some(0));
+            assert_eq!(restart, !reused, "a new snapshot resets the checkpoint");
+            run.vsphere(VsphereOutcome::Queried(vec![("a".into(), Ok((1 << 20, vec![area(0, 65536)])))]));
+            let e = run.vsphere(VsphereOutcome::Exported(vec![("a".into(), Ok("nbd+unix:///?socket=/s".into()))]));
+            let spec =
+                e.iter().find_map(|e| if let Effect::StartCopy { spec, .. } = e { Some(spec) } else { None }).unwrap();
+            assert_eq!(spec.resume_from, offset, "reused: {reused}");
+        }
     }
 }

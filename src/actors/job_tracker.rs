@@ -19,6 +19,8 @@ use crate::state::{DiskStatus, JobStatus, Operation, ReplicationType};
 pub struct DiskTrack {
     pub disk_id: String,
     pub label: Option<String>,
+    /// The virtual disk's device key, in a VMware job.
+    pub vmware_key: Option<i32>,
     pub change_id: Option<String>,
     pub previous_change_id: Option<String>,
     pub status: DiskStatus,
@@ -58,6 +60,7 @@ impl DiskTrack {
         Self {
             disk_id: d.disk_id.clone(),
             label: d.label.clone(),
+            vmware_key: d.vmware_disk_key,
             change_id: d.change_id.clone(),
             previous_change_id: d.previous_change_id.clone(),
             // A disk that did not complete starts over (from its checkpoint).
@@ -132,6 +135,18 @@ impl DiskTrack {
     }
 }
 
+/// What a VMware job names: the vCenter (a `[vmware.NAME]` section), the VM,
+/// and the snapshot the daemon made for it, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmwareJob {
+    pub vcenter: String,
+    /// Inventory path or instance UUID.
+    pub vm: String,
+    /// The snapshot's managed object id, from the row (an earlier run's) or
+    /// taken by this run; `None` once removed.
+    pub snapshot: Option<String>,
+}
+
 /// The job's state and arithmetic.
 #[derive(Debug, Clone)]
 pub struct JobTracker {
@@ -141,6 +156,8 @@ pub struct JobTracker {
     pub status: JobStatus,
     pub operation: Operation,
     pub disks: Vec<DiskTrack>,
+    /// A VMware job: the daemon drives vSphere and serves the disks itself.
+    pub vmware: Option<VmwareJob>,
     pub started_at: Option<chrono::NaiveDateTime>,
     pub last_progress_at: Option<chrono::NaiveDateTime>,
     /// Last 10 % milestone announced.
@@ -169,6 +186,13 @@ impl JobTracker {
         if disks.is_empty() {
             return Err("the job has no disks".into());
         }
+        let vmware = match (job.vmware_vcenter.as_deref().map(str::trim), job.vmware_vm.as_deref().map(str::trim)) {
+            (None | Some(""), _) => None,
+            (Some(_), None | Some("")) => return Err("a VMware job needs vmware_vm (inventory path or UUID)".into()),
+            (Some(vc), Some(vm)) => {
+                Some(VmwareJob { vcenter: vc.to_string(), vm: vm.to_string(), snapshot: job.vmware_snapshot.clone() })
+            }
+        };
         let mut tracks = Vec::with_capacity(disks.len());
         for d in disks {
             let Some(st) = d.sync_status.known() else {
@@ -176,7 +200,11 @@ impl JobTracker {
                 return Err(format!("disk '{}' has an unknown sync_status '{word}'", d.disk_id));
             };
             if st != DiskStatus::Completed {
-                if d.source_uri.trim().is_empty() {
+                if vmware.is_some() {
+                    if d.vmware_disk_key.is_none() {
+                        return Err(format!("disk '{}' of a VMware job has no vmware_disk_key", d.disk_id));
+                    }
+                } else if d.source_uri.trim().is_empty() {
                     return Err(format!("disk '{}' has no source URI", d.disk_id));
                 }
                 if d.target_uri.trim().is_empty() {
@@ -186,6 +214,7 @@ impl JobTracker {
             tracks.push(DiskTrack::from_row(d, st));
         }
         let operation = match replication_type {
+            _ if vmware.is_some() => Operation::EnableCbt,
             ReplicationType::Full => Operation::Discover,
             ReplicationType::Incremental => Operation::QueryCbt,
         };
@@ -196,6 +225,7 @@ impl JobTracker {
             status,
             operation,
             disks: tracks,
+            vmware,
             started_at: job.started_at,
             last_progress_at: job.last_progress_at,
             milestone: 0,
@@ -302,6 +332,7 @@ impl JobTracker {
             last_progress_at: self.last_progress_at,
             started_at: self.started_at,
             completed_at: None,
+            vmware_snapshot: self.vmware.as_ref().map(|v| v.snapshot.clone()),
         }
     }
 
@@ -318,7 +349,9 @@ impl JobTracker {
             throughput_bps: Some(d.throughput as i64),
             error_message: d.error.clone().map(Some),
             disk_change_id: None,
+            change_id: self.vmware.as_ref().and(d.change_id.clone()),
             resume_offset: Some(d.watermark as i64),
+            restart: false,
         }
     }
 }
@@ -334,6 +367,9 @@ pub(super) mod tests {
             id: "job-1".into(),
             vm_name: "vm1".into(),
             vm_path: None,
+            vmware_vcenter: None,
+            vmware_vm: None,
+            vmware_snapshot: None,
             replication_type: kind.into(),
             status: JobStatus::Pending.into(),
             current_operation: None,
@@ -362,6 +398,7 @@ pub(super) mod tests {
             job_id: "job-1".into(),
             disk_id: id.into(),
             label: None,
+            vmware_disk_key: None,
             source_uri: "nbd://s/".into(),
             target_uri: "nbd://t/".into(),
             destination_is_zero: false,

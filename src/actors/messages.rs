@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::db::{CbtRecord, DbError, Disk, DiskUpdate, Job, JobEvent, JobUpdate, NewDisk, NewJob, NewJobEvent, Owner};
+use crate::db::{
+    CbtRecord, DbError, Disk, DiskUpdate, Job, JobEvent, JobUpdate, LeftSnapshot, NewDisk, NewJob, NewJobEvent, Owner,
+};
 use crate::engine::{Event, Snapshot, Summary, copy::PlanInfo};
 use crate::state::JobStatus;
 
@@ -133,6 +135,10 @@ pub enum Query {
         job_id: String,
         limit: i64,
     },
+    /// Discovery's sweep: snapshots VMware jobs left behind.
+    LeftSnapshots,
+    /// Discovery's sweep: the snapshot was removed; clear the job's column.
+    ForgetSnapshot(LeftSnapshot),
 }
 
 // Sent one at a time; boxing the loaded job would buy nothing.
@@ -146,6 +152,7 @@ pub enum QueryResult {
     Counts(Vec<(String, i64)>),
     Status(JobStatus),
     Events(Vec<JobEvent>),
+    Snapshots(Vec<LeftSnapshot>),
 }
 
 /// Anyone → DbWriter: counters for /metrics.
@@ -187,6 +194,71 @@ pub enum DiskReportKind {
     /// The engine stopped. `Err` carries the error text, and whether it was a
     /// cancellation we asked for.
     Finished(Result<Summary, CopyFailure>),
+}
+
+// ----------------------------------------------------------------- vSphere --
+
+/// JobAggregator → its job's vSphere worker (a thread, over a channel): one
+/// step of a VMware job, decided by `JobRun`. Steps run in order; each answers
+/// with one [`VsphereDone`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum VsphereStep {
+    /// Log in, find the VM, turn CBT on if it is off.
+    Open,
+    /// The job's snapshot: `keep` (an earlier run's, from the row) if it still
+    /// exists, else a new one; other snapshots this job left behind are removed.
+    Snapshot { keep: Option<String> },
+    /// The areas to copy of each disk: `"*"` (`since` = `None`, a full copy) or
+    /// changed since the disk's previous change ID.
+    Query { disks: Vec<AreaQuery> },
+    /// Start an NBD server for each disk (`disk_id`, device key) on the
+    /// snapshot, on a Unix socket of its own.
+    Export { disks: Vec<(String, i32)> },
+    /// Stop the NBD servers and remove the job's snapshot: the one this worker
+    /// took or kept, else `snapshot` (the row's, from an earlier run).
+    Cleanup { snapshot: Option<String> },
+}
+
+/// One disk of a [`VsphereStep::Query`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AreaQuery {
+    pub disk_id: String,
+    pub key: i32,
+    pub since: Option<String>,
+}
+
+/// Discovery's sweep thread → DiscoveryActor: a snapshot a job left behind
+/// was removed (or why not).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct SnapshotSwept {
+    pub left: LeftSnapshot,
+    pub result: Result<(), String>,
+}
+
+/// One disk's answer to [`VsphereStep::Query`]: its capacity and areas.
+pub type AreasAnswer = Result<(u64, Vec<crate::engine::plan::Area>), String>;
+
+/// The vSphere worker → JobAggregator: how a [`VsphereStep`] went.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct VsphereDone(pub VsphereOutcome);
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum VsphereOutcome {
+    /// Logged in, the VM found; `cbt_enabled_now`: CBT was off and was turned on.
+    Opened { vm: String, cbt_enabled_now: bool },
+    /// The snapshot (`reused`: an earlier run's), and each disk's device key
+    /// with the change ID the snapshot gives it.
+    Snapshotted { snapshot: String, reused: bool, removed: Vec<String>, disks: Vec<(i32, Option<String>)> },
+    /// Per disk: its capacity and areas, or why not (one line).
+    Queried(Vec<(String, AreasAnswer)>),
+    /// Per disk: its NBD source URI, or why not (one line).
+    Exported(Vec<(String, Result<String, String>)>),
+    /// The snapshot that was removed (`None`: there was none), or why not.
+    CleanedUp(Result<Option<String>, String>),
+    /// A step failed as a whole (one line naming the vCenter and what failed).
+    Failed(String),
 }
 
 #[derive(Debug, Clone)]

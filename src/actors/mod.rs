@@ -9,6 +9,7 @@
 //! - `throttle`: the DbWriter's throttle and the merge of pending updates
 //! - `db_exec`: the DbWriter's executor thread (the connection) and its deadline guard
 //! - `timeout_watchdog`: fails jobs that stopped making progress
+//! - `vsphere`: a VMware job's worker thread: the vSphere steps its `JobRun` decides
 //!
 //! The logic of each is a plain struct (`JobTracker` and `JobRun`, `Throttle`,
 //! `StallTracker`, `DiskSlots`) that unit tests drive; the actors are thin shells
@@ -25,6 +26,7 @@ pub mod job_tracker;
 pub mod messages;
 pub mod throttle;
 pub mod timeout_watchdog;
+pub mod vsphere;
 
 /// What a caught panic said, for a log line or an error message.
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

@@ -128,6 +128,7 @@ pub fn merge_job(older: JobUpdate, newer: JobUpdate) -> JobUpdate {
         last_progress_at: newer.last_progress_at.or(older.last_progress_at),
         started_at: newer.started_at.or(older.started_at),
         completed_at: newer.completed_at.or(older.completed_at),
+        vmware_snapshot: newer.vmware_snapshot.or(older.vmware_snapshot),
     }
 }
 
@@ -145,7 +146,11 @@ pub fn merge_disk(older: PersistDisk, newer: PersistDisk) -> PersistDisk {
         throughput_bps: newer.throughput_bps.or(older.throughput_bps),
         error_message: newer.error_message.or(older.error_message),
         disk_change_id: newer.disk_change_id.or(older.disk_change_id),
-        resume_offset: newer.resume_offset.max(older.resume_offset),
+        change_id: newer.change_id.or(older.change_id),
+        // A restart (a copy that starts over) sets its offset as it is; later
+        // offsets of the same run only grow from there.
+        resume_offset: if newer.restart { newer.resume_offset } else { newer.resume_offset.max(older.resume_offset) },
+        restart: newer.restart || older.restart,
     };
     PersistDisk { owner, update }
 }

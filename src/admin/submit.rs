@@ -8,7 +8,11 @@
 //! target is an NBD URI the engine accepts; an incremental disk has exactly one
 //! change source (a dirty bitmap or changed areas), a full disk has none; changed
 //! areas parse as the engine parses them and have no empty or overflowing range.
-//! Lengths match the columns, so the database never refuses what passed here.
+//! A VMware job names a vCenter (a `[vmware.NAME]` section's name) and a VM;
+//! its disks name a device key and a target but no source (the daemon serves
+//! them), and an incremental one its previous change ID instead of a change
+//! source. Lengths match the columns, so the database never refuses what
+//! passed here.
 //! Whether the job id is taken is the database's to say.
 
 use chrono::{DateTime, Utc};
@@ -77,15 +81,86 @@ pub fn validate(req: SubmitRequest, id: impl FnOnce() -> String) -> Result<Submi
     if req.disks.len() > MAX_DISKS {
         return Err(AdminError::InvalidRequest(format!("a job has at most {MAX_DISKS} disks")));
     }
+    let (vmware_vcenter, vmware_vm) = match req.vmware {
+        None => (None, None),
+        Some(v) => {
+            let name_ok = !v.vcenter.is_empty()
+                && v.vcenter.len() <= 64
+                && v.vcenter.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !name_ok {
+                return Err(AdminError::InvalidRequest(format!(
+                    "vmware.vcenter '{}' must be a [vmware.NAME] section's name: 1 to 64 letters, digits, '-' or '_'",
+                    v.vcenter
+                )));
+            }
+            if v.vm.trim().is_empty() {
+                return Err(AdminError::InvalidRequest("vmware.vm must name the VM (inventory path or UUID)".into()));
+            }
+            check_len("vmware.vm", &v.vm, 1024)?;
+            (Some(v.vcenter), Some(v.vm.trim().to_string()))
+        }
+    };
     let mut disks: Vec<NewDisk> = Vec::with_capacity(req.disks.len());
     for d in req.disks {
-        let disk = validate_disk(d, kind)?;
+        let disk = if vmware_vcenter.is_some() { validate_vmware_disk(d, kind)? } else { validate_disk(d, kind)? };
         if disks.iter().any(|other| other.disk_id == disk.disk_id) {
             return Err(AdminError::DuplicateDisk(disk.disk_id));
         }
         disks.push(disk);
     }
-    Ok(Submission { job: NewJob { id, vm_name: req.vm_name, vm_path, replication_type: kind, nbd_export_name }, disks })
+    let job = NewJob {
+        id,
+        vm_name: req.vm_name,
+        vm_path,
+        replication_type: kind,
+        nbd_export_name,
+        vmware_vcenter,
+        vmware_vm,
+    };
+    Ok(Submission { job, disks })
+}
+
+/// A disk of a VMware job: a device key and a target; the source is the
+/// daemon's, the changes are vCenter's (an incremental disk names the change
+/// ID its target is consistent with).
+fn validate_vmware_disk(d: DiskRequest, kind: ReplicationType) -> Result<NewDisk, AdminError> {
+    let id = d.disk_id;
+    if id.is_empty() {
+        return Err(AdminError::InvalidRequest("disk_id must not be empty".into()));
+    }
+    check_len("disk_id", &id, 64)?;
+    let label = given(d.label);
+    check_len_opt("label", &label, 255)?;
+    let Some(key) = d.vmware_disk_key.filter(|k| *k >= 0) else {
+        return Err(AdminError::InvalidRequest(format!("disk '{id}' of a VMware job needs vmware_disk_key")));
+    };
+    if !d.source.is_empty() {
+        return Err(AdminError::InvalidRequest(format!(
+            "disk '{id}' of a VMware job has no source: the daemon serves it"
+        )));
+    }
+    validate_uri(Role::Target, &d.target).map_err(|e| AdminError::InvalidUri(format!("disk '{id}': {e}")))?;
+    if d.dirty_bitmap.is_some() || d.changed_areas.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(AdminError::UnexpectedChangeSource(id));
+    }
+    let previous_change_id = given(d.previous_change_id);
+    check_len_opt("previous_change_id", &previous_change_id, 255)?;
+    if kind == ReplicationType::Incremental && previous_change_id.is_none() {
+        return Err(AdminError::InvalidRequest(format!(
+            "disk '{id}': an incremental VMware copy needs previous_change_id"
+        )));
+    }
+    Ok(NewDisk {
+        disk_id: id,
+        label,
+        vmware_disk_key: Some(key),
+        source_uri: String::new(),
+        target_uri: d.target,
+        destination_is_zero: d.destination_is_zero,
+        keep_allocated: d.keep_allocated,
+        previous_change_id,
+        ..NewDisk::default()
+    })
 }
 
 fn validate_disk(d: DiskRequest, kind: ReplicationType) -> Result<NewDisk, AdminError> {
@@ -94,6 +169,9 @@ fn validate_disk(d: DiskRequest, kind: ReplicationType) -> Result<NewDisk, Admin
         return Err(AdminError::InvalidRequest("disk_id must not be empty".into()));
     }
     check_len("disk_id", &id, 64)?;
+    if d.vmware_disk_key.is_some() {
+        return Err(AdminError::InvalidRequest(format!("disk '{id}': vmware_disk_key needs a VMware job (vmware)")));
+    }
     let label = given(d.label);
     check_len_opt("label", &label, 255)?;
     for (role, uri) in [(Role::Source, &d.source), (Role::Target, &d.target)] {
@@ -119,6 +197,7 @@ fn validate_disk(d: DiskRequest, kind: ReplicationType) -> Result<NewDisk, Admin
     Ok(NewDisk {
         disk_id: id,
         label,
+        vmware_disk_key: None,
         source_uri: d.source,
         target_uri: d.target,
         destination_is_zero: d.destination_is_zero,
@@ -222,6 +301,40 @@ mod tests {
         assert_eq!(s.disks[1].dirty_bitmap.as_deref(), Some("bitmap0"));
         // No changes since last time is a legal, empty incremental copy.
         assert!(run(body("incremental", json!([disk(json!({"changed_areas": []}))]))).is_ok());
+    }
+
+    #[test]
+    fn a_vmware_job_names_its_vcenter_and_vm_and_its_disks_keys() {
+        let vmdisk = |key: i32, extra: serde_json::Value| {
+            let mut d = json!({"disk_id": format!("disk-{key}"), "vmware_disk_key": key,
+                               "target": "nbd://10.0.0.1:10809/vol-1"});
+            for (k, v) in extra.as_object().unwrap() {
+                d[k] = v.clone();
+            }
+            d
+        };
+        let job = |kind: &str, disks: serde_json::Value| {
+            json!({"id": "job-1", "vm_name": "web", "replication_type": kind,
+                   "vmware": {"vcenter": "vc1", "vm": "/DC0/vm/web"}, "disks": disks})
+        };
+        let s = run(job("full", json!([vmdisk(2000, json!({})), vmdisk(2001, json!({}))]))).unwrap();
+        assert_eq!((s.job.vmware_vcenter.as_deref(), s.job.vmware_vm.as_deref()), (Some("vc1"), Some("/DC0/vm/web")));
+        assert_eq!(s.disks.iter().map(|d| d.vmware_disk_key).collect::<Vec<_>>(), vec![Some(2000), Some(2001)]);
+        assert!(s.disks.iter().all(|d| d.source_uri.is_empty()));
+        let s = run(job("incremental", json!([vmdisk(2000, json!({"previous_change_id": "52 aa/1"}))]))).unwrap();
+        assert_eq!(s.disks[0].previous_change_id.as_deref(), Some("52 aa/1"));
+
+        // Never a silent full copy; no source; no other change source; a key.
+        check(job("incremental", json!([vmdisk(2000, json!({}))])), "invalid_request");
+        check(job("full", json!([vmdisk(2000, json!({"source": "nbd://s/"}))])), "invalid_request");
+        check(job("full", json!([vmdisk(2000, json!({"dirty_bitmap": "b"}))])), "unexpected_change_source");
+        check(job("full", json!([{"disk_id": "disk-2000", "target": "nbd://t/"}])), "invalid_request");
+        check(job("full", json!([vmdisk(2000, json!({"target": "http://x/"}))])), "invalid_uri");
+        let mut bad = job("full", json!([vmdisk(2000, json!({}))]));
+        bad["vmware"]["vcenter"] = json!("vc 1");
+        check(bad, "invalid_request");
+        // A key without a VMware job is a mistake.
+        check(body("full", json!([disk(json!({"vmware_disk_key": 2000}))])), "invalid_request");
     }
 
     #[test]

@@ -54,11 +54,17 @@ pub fn job_detail(j: &Job, disks: &[Disk], events: &[JobEvent]) -> JobDetail {
     JobDetail {
         job: job_summary(j),
         vm_path: j.vm_path.clone(),
+        vmware: j.vmware_vcenter.as_ref().map(|vc| VmwareView {
+            vcenter: vc.clone(),
+            vm: j.vmware_vm.clone(),
+            snapshot: j.vmware_snapshot.clone(),
+        }),
         disks: disks
             .iter()
             .map(|d| DiskDetail {
                 disk_id: d.disk_id.clone(),
                 label: d.label.clone(),
+                vmware_disk_key: d.vmware_disk_key,
                 source: d.source_uri.clone(),
                 target: d.target_uri.clone(),
                 destination_is_zero: d.destination_is_zero,
@@ -236,6 +242,9 @@ mod tests {
             id: "job-123".into(),
             vm_name: "vm1".into(),
             vm_path: None,
+            vmware_vcenter: None,
+            vmware_vm: None,
+            vmware_snapshot: None,
             replication_type: ReplicationType::Incremental.into(),
             status: JobStatus::Streaming.into(),
             current_operation: Some("Transfer".into()),
@@ -264,6 +273,7 @@ mod tests {
             job_id: "job-123".into(),
             disk_id: id.into(),
             label: Some("Hard disk 1".into()),
+            vmware_disk_key: None,
             source_uri: "nbd+unix:///?socket=/s".into(),
             target_uri: target.into(),
             destination_is_zero: false,

@@ -32,7 +32,21 @@ pub struct SubmitRequest {
     pub replication_type: String,
     #[serde(default)]
     pub nbd_export_name: Option<String>,
+    /// A VMware job: the daemon drives vSphere and serves the disks itself
+    /// (the disks then name a device key instead of a source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmware: Option<VmwareRequest>,
     pub disks: Vec<DiskRequest>,
+}
+
+/// The VMware source of a [`SubmitRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmwareRequest {
+    /// The name of a `[vmware.NAME]` section of the daemon's configuration.
+    pub vcenter: String,
+    /// Inventory path (`/DC/vm/folder/name`) or instance UUID.
+    pub vm: String,
 }
 
 /// One disk of a [`SubmitRequest`].
@@ -42,8 +56,12 @@ pub struct DiskRequest {
     pub disk_id: String,
     #[serde(default)]
     pub label: Option<String>,
-    /// Source NBD URI.
+    /// Source NBD URI; none in a VMware job.
+    #[serde(default)]
     pub source: String,
+    /// A VMware job: the virtual disk's device key (2000, 2001, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmware_disk_key: Option<i32>,
     /// Target NBD URI.
     pub target: String,
     #[serde(default)]
@@ -136,9 +154,21 @@ pub struct JobDetail {
     #[serde(flatten)]
     pub job: JobSummary,
     pub vm_path: Option<String>,
+    /// A VMware job: its vCenter (section name), VM, and the snapshot the
+    /// daemon holds for it (null once removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmware: Option<VmwareView>,
     pub disks: Vec<DiskDetail>,
     /// Newest first.
     pub events: Vec<EventView>,
+}
+
+/// The VMware side of a [`JobDetail`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmwareView {
+    pub vcenter: String,
+    pub vm: Option<String>,
+    pub snapshot: Option<String>,
 }
 
 /// One disk row.
@@ -146,6 +176,9 @@ pub struct JobDetail {
 pub struct DiskDetail {
     pub disk_id: String,
     pub label: Option<String>,
+    /// A VMware job's device key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmware_disk_key: Option<i32>,
     pub source: String,
     pub target: String,
     pub destination_is_zero: bool,

@@ -1,7 +1,8 @@
 //! `blockrepl vmware-check`: tries a configured vCenter the way a VMware job
 //! will (certificate pinned to the thumbprint, login with the password file)
-//! and, given a VM, lists its disks as a job would name them. For an operator
-//! setting up `[vmware.NAME]`; it changes nothing in vSphere.
+//! and, given a VM, lists its disks as a job would name them, and its
+//! snapshots. For an operator setting up `[vmware.NAME]`; it changes nothing
+//! in vSphere.
 
 use std::path::PathBuf;
 
@@ -36,6 +37,9 @@ pub fn run(args: VmwareCheckArgs) -> anyhow::Result<()> {
     let endpoint = Endpoint::from_config(&args.name, vc)?;
     let client = Client::connect(endpoint, CancelToken::default())?;
     let vm = args.vm.as_deref().map(|v| client.find_vm(&VmRef::parse(v))).transpose()?;
+    // The VM's snapshots: a VMware job's is named `blockrepl-JOB` and removed
+    // when the job ends.
+    let snapshots = vm.as_ref().map(|v| client.snapshots(&v.moref)).transpose()?.unwrap_or_default();
     let about = client.about();
     if args.json {
         let out = serde_json::json!({
@@ -47,6 +51,10 @@ pub fn run(args: VmwareCheckArgs) -> anyhow::Result<()> {
                 "version": about.version,
             },
             "vm": vm,
+            "snapshots": snapshots
+                .iter()
+                .map(|s| serde_json::json!({"moref": s.moref.value, "name": s.name, "created": s.created}))
+                .collect::<Vec<_>>(),
         });
         println!("{out}");
         return Ok(());
@@ -64,6 +72,9 @@ pub fn run(args: VmwareCheckArgs) -> anyhow::Result<()> {
                 d.file,
                 d.change_id.as_deref().unwrap_or("-")
             );
+        }
+        for s in &snapshots {
+            println!("  snapshot {}  {}  {}", s.moref.value, s.name, s.created);
         }
     }
     Ok(())

@@ -34,7 +34,12 @@ pub fn update_disk(conn: &mut MysqlConnection, owner: &Owner, update: &DiskUpdat
         update.throughput_bps.map(|v| d::throughput_bps.eq(v)),
         update.error_message.as_ref().map(|m| d::error_message.eq(m.as_deref())),
         update.disk_change_id.as_deref().map(|id| d::disk_change_id.eq(id)),
-        update.resume_offset.map(|o| d::resume_offset.eq(greatest("resume_offset", o))),
+        update.change_id.as_deref().map(|id| d::change_id.eq(id)),
+        update.resume_offset.map(|o| match update.restart {
+            // An integer, so formatting it into the statement is safe.
+            true => d::resume_offset.eq(sql::<BigInt>(&o.to_string())),
+            false => d::resume_offset.eq(greatest("resume_offset", o)),
+        }),
         // Always set, so an update is never empty and always marks the row touched.
         d::updated_at.eq(sql::<Datetime>("UTC_TIMESTAMP(6)")),
     );
@@ -124,6 +129,8 @@ mod tests {
             vm_path: None,
             replication_type: ReplicationType::Incremental,
             nbd_export_name: None,
+            vmware_vcenter: None,
+            vmware_vm: None,
         };
         let disk = |id: &str| NewDisk {
             disk_id: id.into(),

@@ -27,7 +27,8 @@ use diesel::sql_types::{BigInt, Bool, Datetime, Nullable};
 
 use super::DbError;
 use super::models::{
-    Disk, Job, JobUpdate, NewDisk, NewJob, Owner, Word, live_statuses, percent_to_decimal, status_values, to_micros,
+    Disk, Job, JobUpdate, LeftSnapshot, NewDisk, NewJob, Owner, Word, live_statuses, percent_to_decimal, status_values,
+    to_micros,
 };
 use super::schema::replication_jobs as j;
 use super::schema::vm_disks as d;
@@ -85,14 +86,17 @@ fn pending_or_run_before() -> SqlLiteral<Bool> {
     sql(&format!("(BINARY replication_jobs.status IN ({list}) OR replication_jobs.owner_run IS NOT NULL)"))
 }
 
-/// Ready to run: at least one disk, each with a source and a target; or
-/// incomplete for longer than [`INCOMPLETE_GRACE`] (claimed so that it fails
-/// with a message, see the aggregator's validation).
+/// Ready to run: at least one disk, each with a source (in a VMware job: a
+/// device key; the daemon serves the disk itself) and a target; or incomplete
+/// for longer than [`INCOMPLETE_GRACE`] (claimed so that it fails with a
+/// message, see the aggregator's validation).
 fn ready_or_overdue() -> SqlLiteral<Bool> {
     sql(&format!(
         "((EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id) \
            AND NOT EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id \
-             AND (vm_disks.source_uri IS NULL OR vm_disks.source_uri = '' \
+             AND (IF(replication_jobs.vmware_vcenter IS NULL, \
+                     vm_disks.source_uri IS NULL OR vm_disks.source_uri = '', \
+                     vm_disks.vmware_disk_key IS NULL) \
                   OR vm_disks.target_uri IS NULL OR vm_disks.target_uri = ''))) \
           OR replication_jobs.created_at < UTC_TIMESTAMP(6) - INTERVAL {} SECOND)",
         INCOMPLETE_GRACE.as_secs()
@@ -111,6 +115,8 @@ pub fn insert_job(conn: &mut MysqlConnection, job: &NewJob, disks: &[NewDisk]) -
                 j::replication_type.eq(job.replication_type.as_str()),
                 j::status.eq(JobStatus::Pending.as_db()),
                 j::nbd_export_name.eq(&job.nbd_export_name),
+                j::vmware_vcenter.eq(&job.vmware_vcenter),
+                j::vmware_vm.eq(&job.vmware_vm),
             ))
             .execute(conn)
             .map_err(|e| match e {
@@ -126,6 +132,7 @@ pub fn insert_job(conn: &mut MysqlConnection, job: &NewJob, disks: &[NewDisk]) -
                     d::job_id.eq(&job.id),
                     d::disk_id.eq(&disk.disk_id),
                     d::label.eq(&disk.label),
+                    d::vmware_disk_key.eq(disk.vmware_disk_key),
                     d::source_uri.eq(&disk.source_uri),
                     d::target_uri.eq(&disk.target_uri),
                     d::destination_is_zero.eq(disk.destination_is_zero),
@@ -334,6 +341,7 @@ pub fn update_job(conn: &mut MysqlConnection, update: &JobUpdate) -> Result<(), 
         update.last_progress_at.map(|t| j::last_progress_at.eq(to_micros(t))),
         update.started_at.map(|t| j::started_at.eq(to_micros(t))),
         update.completed_at.map(|t| j::completed_at.eq(to_micros(t))),
+        update.vmware_snapshot.as_ref().map(|s| j::vmware_snapshot.eq(s.as_deref())),
         // Always set, so an update is never empty and always marks the row touched.
         j::updated_at.eq(utc_now()),
     );
@@ -344,6 +352,45 @@ pub fn update_job(conn: &mut MysqlConnection, update: &JobUpdate) -> Result<(), 
     }
     .map_err(DbError::query(format!("updating job '{}'", update.id)))?;
     if updated == 1 { Ok(()) } else { Err(refusal(conn, &update.id, update.owner.as_ref(), update.status)?) }
+}
+
+/// The snapshots VMware jobs left behind: jobs that ended, hold no live lease,
+/// and still name a snapshot (see [`LeftSnapshot`]).
+pub fn left_snapshots(conn: &mut MysqlConnection) -> Result<Vec<LeftSnapshot>, DbError> {
+    let ended = [JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled];
+    // id, vCenter, VM, snapshot, run
+    type Row = (String, Option<String>, Option<String>, Option<String>, Option<String>);
+    let rows: Vec<Row> = j::table
+        .select((j::id, j::vmware_vcenter, j::vmware_vm, j::vmware_snapshot, j::owner_run))
+        .filter(status_is(&ended))
+        .filter(j::vmware_snapshot.is_not_null())
+        .filter(claimable())
+        .order(j::id.asc())
+        .load(conn)
+        .map_err(DbError::query("finding snapshots left behind"))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(job_id, vc, vm, snap, run)| {
+            Some(LeftSnapshot { job_id, vcenter: vc?, vm: vm?, snapshot: snap?, owner_run: run? })
+        })
+        .collect())
+}
+
+/// Forgets a left snapshot once it was removed: only while the job is still
+/// ended, unowned, last run by the same run, and names the same snapshot (the
+/// write's fence; the job has no live owner). Returns whether it did.
+pub fn forget_snapshot(conn: &mut MysqlConnection, left: &LeftSnapshot) -> Result<bool, DbError> {
+    let ended = [JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled];
+    let updated = diesel::update(j::table)
+        .filter(j::id.eq(&left.job_id))
+        .filter(status_is(&ended))
+        .filter(claimable())
+        .filter(j::owner_run.eq(&left.owner_run))
+        .filter(j::vmware_snapshot.eq(&left.snapshot))
+        .set((j::vmware_snapshot.eq(None::<String>), j::updated_at.eq(utc_now())))
+        .execute(conn)
+        .map_err(DbError::query(format!("forgetting the snapshot of job '{}'", left.job_id)))?;
+    Ok(updated == 1)
 }
 
 /// `GREATEST(column, value)`: the comparison and the write are one atomic step,
@@ -442,6 +489,8 @@ mod tests {
             vm_path: None,
             replication_type: ReplicationType::Full,
             nbd_export_name: Some(format!("migration-vol-{id}")),
+            vmware_vcenter: None,
+            vmware_vm: None,
         }
     }
 
@@ -524,6 +573,52 @@ mod tests {
         let b2 = claim_one(&mut conn, "node-b", "job-1");
         assert!(!renew_lease(&mut conn, "job-1", &b, MINUTE).unwrap(), "an earlier run of node-b");
         assert!(renew_lease(&mut conn, "job-1", &b2, MINUTE).unwrap());
+    }
+
+    #[test]
+    fn a_vmware_job_is_ready_with_device_keys_and_targets_and_no_sources() {
+        let (_db, mut conn) = fresh("claim_vmware");
+        let vm =
+            |id: &str| NewJob { vmware_vcenter: Some("vc1".into()), vmware_vm: Some("/DC/vm/x".into()), ..new_job(id) };
+        let keyed = |n: u32| NewDisk { source_uri: String::new(), vmware_disk_key: Some(2000 + n as i32), ..disk(n) };
+        insert_job(&mut conn, &vm("vm-ready"), &[keyed(0), keyed(1)]).unwrap();
+        insert_job(&mut conn, &vm("vm-no-key"), &[keyed(0), NewDisk { vmware_disk_key: None, ..keyed(1) }]).unwrap();
+        insert_job(&mut conn, &vm("vm-no-target"), &[NewDisk { target_uri: String::new(), ..keyed(0) }]).unwrap();
+        assert_eq!(claim(&mut conn, "n", 10, &[]), ["vm-ready"]);
+        let (job, disks) = load_job(&mut conn, "vm-ready").unwrap();
+        assert_eq!((job.vmware_vcenter.as_deref(), job.vmware_vm.as_deref()), (Some("vc1"), Some("/DC/vm/x")));
+        assert_eq!(disks.iter().map(|d| d.vmware_disk_key).collect::<Vec<_>>(), [Some(2000), Some(2001)]);
+    }
+
+    #[test]
+    fn snapshots_left_by_ended_jobs_are_listed_and_forgotten_once() {
+        let (db, mut conn) = fresh("left_snapshots");
+        let vm =
+            |id: &str| NewJob { vmware_vcenter: Some("vc1".into()), vmware_vm: Some("/DC/vm/x".into()), ..new_job(id) };
+        for id in ["ended", "running", "clean", "leased"] {
+            insert_job(&mut conn, &vm(id), &[disk(1)]).unwrap();
+        }
+        db.execute(
+            "UPDATE replication_jobs SET vmware_snapshot = 'snapshot-1', owner_run = 'r1', status = 'failed' WHERE id = 'ended';
+             UPDATE replication_jobs SET vmware_snapshot = 'snapshot-2', owner_run = 'r2', status = 'streaming' WHERE id = 'running';
+             UPDATE replication_jobs SET owner_run = 'r3', status = 'completed' WHERE id = 'clean';
+             UPDATE replication_jobs SET vmware_snapshot = 'snapshot-4', owner_run = 'r4', status = 'cancelled',
+               owner_node = 'other', lease_expires_at = UTC_TIMESTAMP(6) + INTERVAL 1 HOUR WHERE id = 'leased';",
+        );
+        let left = left_snapshots(&mut conn).unwrap();
+        let want = LeftSnapshot {
+            job_id: "ended".into(),
+            vcenter: "vc1".into(),
+            vm: "/DC/vm/x".into(),
+            snapshot: "snapshot-1".into(),
+            owner_run: "r1".into(),
+        };
+        assert_eq!(left, std::slice::from_ref(&want), "only ended, unowned jobs that still name a snapshot");
+        let other_run = LeftSnapshot { owner_run: "r9".into(), ..want.clone() };
+        assert!(!forget_snapshot(&mut conn, &other_run).unwrap(), "fenced by the job's last run");
+        assert!(forget_snapshot(&mut conn, &want).unwrap());
+        assert!(!forget_snapshot(&mut conn, &want).unwrap(), "once");
+        assert!(left_snapshots(&mut conn).unwrap().is_empty());
     }
 
     #[test]

@@ -39,11 +39,13 @@ pub use self::{
     error::{DbError, redact_url},
     events::{insert_events, recent_events},
     jobs::{
-        cancel_job, claim_jobs, count_jobs_by_status, find_job, insert_job, list_jobs, load_job, release_lease,
-        renew_lease, update_job,
+        cancel_job, claim_jobs, count_jobs_by_status, find_job, forget_snapshot, insert_job, left_snapshots, list_jobs,
+        load_job, release_lease, renew_lease, update_job,
     },
     migrate::migrate,
-    models::{CbtRecord, Disk, DiskUpdate, Job, JobEvent, JobUpdate, NewDisk, NewJob, NewJobEvent, Owner},
+    models::{
+        CbtRecord, Disk, DiskUpdate, Job, JobEvent, JobUpdate, LeftSnapshot, NewDisk, NewJob, NewJobEvent, Owner,
+    },
     node::lock_node,
 };
 // Rows carry `Word`s; code outside `db` names the type only in tests so far.

@@ -29,6 +29,14 @@ pub struct Job {
     pub id: String,
     pub vm_name: String,
     pub vm_path: Option<String>,
+    /// A VMware job: the `[vmware.NAME]` section of the configuration naming
+    /// the vCenter. `None`: the disks name their NBD sources themselves.
+    pub vmware_vcenter: Option<String>,
+    /// The VM of a VMware job: its inventory path or instance UUID.
+    pub vmware_vm: Option<String>,
+    /// The snapshot (managed object id, `snapshot-42`) the daemon made for the
+    /// job; cleared once it is removed.
+    pub vmware_snapshot: Option<String>,
     pub replication_type: Word<ReplicationType>,
     /// `replicating` in the row reads as `Pending`.
     pub status: Word<JobStatus>,
@@ -68,6 +76,9 @@ pub struct Disk {
     /// The orchestrator's name for the disk, e.g. `disk-2000`.
     pub disk_id: String,
     pub label: Option<String>,
+    /// The virtual disk's device key (2000, ...) in a VMware job.
+    pub vmware_disk_key: Option<i32>,
+    /// Empty in a VMware job: the daemon serves the disk itself.
     pub source_uri: String,
     pub target_uri: String,
     /// The target reads as zeros (a fresh volume), so zero extents are skipped.
@@ -106,6 +117,9 @@ pub struct NewJob {
     pub vm_path: Option<String>,
     pub replication_type: ReplicationType,
     pub nbd_export_name: Option<String>,
+    /// A VMware job: the vCenter's section name and the VM.
+    pub vmware_vcenter: Option<String>,
+    pub vmware_vm: Option<String>,
 }
 
 /// A disk of a [`NewJob`].
@@ -113,6 +127,7 @@ pub struct NewJob {
 pub struct NewDisk {
     pub disk_id: String,
     pub label: Option<String>,
+    pub vmware_disk_key: Option<i32>,
     pub source_uri: String,
     pub target_uri: String,
     pub destination_is_zero: bool,
@@ -154,6 +169,8 @@ pub struct JobUpdate {
     pub last_progress_at: Option<NaiveDateTime>,
     pub started_at: Option<NaiveDateTime>,
     pub completed_at: Option<NaiveDateTime>,
+    /// A VMware job's snapshot: `Some(None)` clears it (removed).
+    pub vmware_snapshot: Option<Option<String>>,
 }
 
 /// What to change in one disk; `None` leaves a column alone.
@@ -173,8 +190,26 @@ pub struct DiskUpdate {
     /// `Some(None)` clears the message (a retried disk), `Some(Some(m))` sets it.
     pub error_message: Option<Option<String>>,
     pub disk_change_id: Option<String>,
-    /// The durable watermark; never lowers the stored `resume_offset`.
+    /// The change ID this copy makes the target consistent with (a VMware
+    /// disk's, read from the job's snapshot).
+    pub change_id: Option<String>,
+    /// The durable watermark; never lowers the stored `resume_offset`...
     pub resume_offset: Option<i64>,
+    /// ...unless this is set: a copy that starts over (a new snapshot) sets
+    /// `resume_offset` as it is.
+    pub restart: bool,
+}
+
+/// A snapshot a VMware job left behind: the job ended (its own cleanup failed,
+/// or it was ended in the database while it ran) with `vmware_snapshot` set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftSnapshot {
+    pub job_id: String,
+    pub vcenter: String,
+    pub vm: String,
+    pub snapshot: String,
+    /// The run that took it, and last owned the job.
+    pub owner_run: String,
 }
 
 /// One `cbt_history` row: the audit record of one disk's copy in one job.

@@ -47,6 +47,12 @@ diesel::table! {
         vm_name -> Varchar,
         #[max_length = 1024]
         vm_path -> Nullable<Varchar>,
+        #[max_length = 64]
+        vmware_vcenter -> Nullable<Varchar>,
+        #[max_length = 1024]
+        vmware_vm -> Nullable<Varchar>,
+        #[max_length = 64]
+        vmware_snapshot -> Nullable<Varchar>,
         #[max_length = 16]
         replication_type -> Varchar,
         #[max_length = 32]
@@ -84,6 +90,7 @@ diesel::table! {
         disk_id -> Varchar,
         #[max_length = 255]
         label -> Nullable<Varchar>,
+        vmware_disk_key -> Nullable<Integer>,
         source_uri -> Text,
         target_uri -> Text,
         destination_is_zero -> Bool,

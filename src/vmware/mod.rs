@@ -12,8 +12,9 @@
 //!   caller's retry policy.
 //!
 //! Nothing here knows about actors, the database or the admin socket: a job's
-//! life (which stage runs when, retries, cleanup) is the daemon's business,
-//! and each piece here is one blocking call it can make from a worker thread.
+//! life (which stage runs when, retries, cleanup) is the daemon's business
+//! (`actors::job_run` decides, `actors::vsphere` calls), and each piece here is
+//! one blocking call it can make from a worker thread.
 //!
 //! Why this stack: a complete vSphere SDK crate costs about 12 minutes and 8 GB
 //! to build here, for the dozen calls we make. The client is instead written
@@ -24,8 +25,8 @@
 //! 2.5 CPU-minutes in a clean test build (mostly ring's C code and rustls),
 //! so one to one and a half minutes on two cores.
 
-// Until the daemon runs VMware jobs, only `vmware-check` and the tests use most
-// of this module.
+// A few pieces wait for callers outside the tests (`areas::allocated_extents`,
+// for when the engine takes a plan from given extents; `Client::about`'s fields).
 #![cfg_attr(not(test), allow(dead_code, unused_imports))]
 
 pub mod areas;

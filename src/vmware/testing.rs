@@ -2,6 +2,7 @@
 //! the integration tests).
 
 pub use testkit::vcsim;
+pub use testkit::vcsim::pattern;
 
 use std::path::Path;
 use std::time::Duration;
@@ -35,11 +36,6 @@ pub fn client(sim: &Vcsim) -> Client {
 /// A temporary directory for one test.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("blockrepl-vmware-").tempdir().unwrap()
-}
-
-/// Writes `len` bytes of a pattern that differs by `seed` (never all zeros).
-pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1).collect()
 }
 
 /// The file's bytes equal the other's.

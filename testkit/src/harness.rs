@@ -417,8 +417,20 @@ impl Daemon {
         d
     }
 
+    /// Like `start`, with `extra` (TOML sections, e.g. `[vmware.NAME]`) added to
+    /// the configuration.
+    pub fn start_extra(dir: &Path, db_url: &str, env: &[(&str, &str)], extra: &str) -> Daemon {
+        let mut d = Self::configure_extra(dir, db_url, env, &[], extra);
+        d.spawn();
+        d
+    }
+
     /// Writes the configuration (see `start`) without starting the daemon.
     pub fn configure(dir: &Path, db_url: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
+        Self::configure_extra(dir, db_url, env, wrapper, "")
+    }
+
+    fn configure_extra(dir: &Path, db_url: &str, env: &[(&str, &str)], wrapper: &[&str], extra: &str) -> Daemon {
         // Node ids are unique per live daemon on one database server (the test
         // server is shared by every test): one per configured daemon.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -430,7 +442,7 @@ impl Daemon {
              [node]\nid = \"{node}\"\n\
              [discovery]\ninterval = \"1s\"\nlease = \"30s\"\n\
              [copy]\ncheckpoint_interval = \"1s\"\n\
-             [log]\ntarget = \"stderr\"\nlevel = \"info\"\n",
+             [log]\ntarget = \"stderr\"\nlevel = \"info\"\n{extra}",
             Self::admin_socket_in(dir).display()
         );
         Self::configure_with(dir, &config, &node, env, wrapper)

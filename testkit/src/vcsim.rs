@@ -187,6 +187,12 @@ impl Drop for Vcsim {
     }
 }
 
+/// `len` bytes of a pattern that differs by `seed` (never all zeros), to
+/// write into a disk.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1).collect()
+}
+
 /// Block numbers (sorted) as merged `(start, length)` areas, cut at `capacity`.
 pub fn merge_blocks(blocks: &[u64], capacity: u64) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();

@@ -1,0 +1,1 @@
+ALTER TABLE vm_disks DROP COLUMN IF EXISTS vmware_disk_key;
