@@ -30,6 +30,9 @@ pub struct Job {
     pub vm_name: String,
     pub vm_path: Option<String>,
     pub replication_type: Word<ReplicationType>,
+    /// Run incremental disks even when their `previous_change_id` does not
+    /// continue the recorded chain (the orchestrator's explicit choice).
+    pub skip_change_check: bool,
     /// `replicating` in the row reads as `Pending`.
     pub status: Word<JobStatus>,
     /// Kept as text: the orchestrator writes its own stages here too (see
@@ -52,6 +55,9 @@ pub struct Job {
     pub lease_expires_at: Option<NaiveDateTime>,
     /// The run (claim) that holds the lease, or last held it.
     pub owner_run: Option<String>,
+    /// Which attempt of the job this is (1 for a new job; a job queued again
+    /// after it ended is a new attempt, a resumed run is not).
+    pub attempt: i32,
     pub last_progress_at: Option<NaiveDateTime>,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
@@ -106,6 +112,8 @@ pub struct NewJob {
     pub vm_path: Option<String>,
     pub replication_type: ReplicationType,
     pub nbd_export_name: Option<String>,
+    /// See [`Job::skip_change_check`].
+    pub skip_change_check: bool,
 }
 
 /// A disk of a [`NewJob`].
@@ -177,17 +185,23 @@ pub struct DiskUpdate {
     pub resume_offset: Option<i64>,
 }
 
-/// One `cbt_history` row: the audit record of one disk's copy in one job.
+/// One `cbt_history` row: the audit record of one disk's copy in one attempt
+/// of a job that ended (completed, failed or cancelled).
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
 #[diesel(table_name = cbt_history, check_for_backend(Mysql))]
 pub struct CbtRecord {
     pub job_id: String,
     pub disk_id: String,
+    /// The job's attempt (`replication_jobs.attempt`) the copy belonged to.
+    pub attempt: i32,
     pub change_id: Option<String>,
     pub previous_change_id: Option<String>,
     pub sync_type: ReplicationType,
-    /// The number of changed ranges (incremental) or data extents (full) copied.
+    /// The number of ranges the copy reads after merging adjacent ones (changed
+    /// ranges for an incremental copy, allocated data ranges for a full one), as
+    /// planned; 0 when the disk ended before it was planned.
     pub blocks_changed: i64,
+    /// Bytes of the planned ranges copied: all of them on success, so far otherwise.
     pub bytes_transferred: i64,
     pub sync_duration_seconds: f64,
     pub sync_success: bool,
