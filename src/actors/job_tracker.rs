@@ -48,6 +48,9 @@ pub struct DiskTrack {
     pub retries: u64,
     /// The request the engine has long waited on, if any (for the watchdog's message).
     pub waiting_on: Option<String>,
+    /// How long this run's copy of the disk ran, once it finished (for its
+    /// CBT history row).
+    pub copy_seconds: Option<f64>,
 }
 
 impl DiskTrack {
@@ -79,6 +82,7 @@ impl DiskTrack {
             error: None,
             retries: 0,
             waiting_on: None,
+            copy_seconds: None,
         }
     }
 
@@ -137,6 +141,12 @@ impl DiskTrack {
 pub struct JobTracker {
     pub job_id: String,
     pub correlation_id: String,
+    /// The VM the job copies (its disks' change-ID chains are the VM's).
+    pub vm_name: String,
+    /// Which attempt of the job this run belongs to (for CBT history).
+    pub attempt: i32,
+    /// The orchestrator allowed incremental disks whose chain is broken.
+    pub skip_change_check: bool,
     pub replication_type: ReplicationType,
     pub status: JobStatus,
     pub operation: Operation,
@@ -192,6 +202,9 @@ impl JobTracker {
         let mut t = Self {
             job_id: job.id.clone(),
             correlation_id,
+            vm_name: job.vm_name.clone(),
+            attempt: job.attempt,
+            skip_change_check: job.skip_change_check,
             replication_type,
             status,
             operation,
@@ -335,6 +348,7 @@ pub(super) mod tests {
             vm_name: "vm1".into(),
             vm_path: None,
             replication_type: kind.into(),
+            skip_change_check: false,
             status: JobStatus::Pending.into(),
             current_operation: None,
             progress_percent: 0.0,
@@ -348,6 +362,7 @@ pub(super) mod tests {
             owner_node: None,
             lease_expires_at: None,
             owner_run: None,
+            attempt: 1,
             last_progress_at: None,
             created_at: now,
             updated_at: now,

@@ -85,7 +85,15 @@ pub fn validate(req: SubmitRequest, id: impl FnOnce() -> String) -> Result<Submi
         }
         disks.push(disk);
     }
-    Ok(Submission { job: NewJob { id, vm_name: req.vm_name, vm_path, replication_type: kind, nbd_export_name }, disks })
+    let job = NewJob {
+        id,
+        vm_name: req.vm_name,
+        vm_path,
+        replication_type: kind,
+        nbd_export_name,
+        skip_change_check: req.skip_change_check,
+    };
+    Ok(Submission { job, disks })
 }
 
 fn validate_disk(d: DiskRequest, kind: ReplicationType) -> Result<NewDisk, AdminError> {
@@ -222,6 +230,17 @@ mod tests {
         assert_eq!(s.disks[1].dirty_bitmap.as_deref(), Some("bitmap0"));
         // No changes since last time is a legal, empty incremental copy.
         assert!(run(body("incremental", json!([disk(json!({"changed_areas": []}))]))).is_ok());
+    }
+
+    #[test]
+    fn skip_change_check_is_off_unless_asked_for() {
+        let areas = json!([disk(json!({"changed_areas": []}))]);
+        assert!(!run(body("incremental", areas.clone())).unwrap().job.skip_change_check);
+        let mut v = body("incremental", areas);
+        v["skip_change_check"] = json!(true);
+        assert!(run(v.clone()).unwrap().job.skip_change_check);
+        v["skip_change_check"] = json!("yes");
+        check(v, "invalid_request");
     }
 
     #[test]
