@@ -2,7 +2,9 @@
 //!
 //! [`DbWriter`] is an async actor that never blocks: it receives progress,
 //! throttles it per job and per disk with [`Throttle`] (`throttle.rs`, which also
-//! merges pending updates), coalesces it to the latest state, and every tick
+//! merges pending updates), drops a state that changes no value of what it last
+//! wrote for the row ([`Written`]: a stalled copy leaves `updated_at` alone),
+//! coalesces it to the latest state, and every tick
 //! hands one batch to the executor (`db_exec`), the one thread that owns the
 //! connection and does the blocking diesel calls, each under a deadline. At most
 //! one batch is in flight, so while the database is slow or away, updates pile
