@@ -12,6 +12,11 @@ CREATE TABLE replication_jobs (
     vmware_vm              VARCHAR(1024) NULL,
     vmware_snapshot        VARCHAR(64)  NULL,
     replication_type       VARCHAR(16)  NOT NULL DEFAULT 'full',
+    -- The orchestrator's explicit consent to run an incremental disk whose
+    -- previous_change_id is not the change_id of the last successful sync recorded
+    -- in cbt_history for the same vm_name and disk_id (in an earlier job). Without
+    -- it such a disk fails before anything is written to its target.
+    skip_change_check      BOOLEAN      NOT NULL DEFAULT FALSE,
     status                 VARCHAR(32)  NOT NULL DEFAULT 'pending',
     current_operation      VARCHAR(32)  NULL,
     progress_percent       DECIMAL(5,2) NOT NULL DEFAULT 0.00,
@@ -27,6 +32,10 @@ CREATE TABLE replication_jobs (
     -- The run (claim) that holds or last held the lease: every write of job state
     -- names owner_node and owner_run in its WHERE.
     owner_run              VARCHAR(64)  NULL,
+    -- 1 for a new job. A claim adds one when the job was run before and is
+    -- pending again (the orchestrator queued it again after it failed or was
+    -- cancelled); a run resumed after a crash or a stop is the same attempt.
+    attempt                INT          NOT NULL DEFAULT 1,
     last_progress_at       DATETIME(6)  NULL,
     created_at             DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
     updated_at             DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
@@ -70,10 +79,21 @@ CREATE TABLE vm_disks (
     CONSTRAINT fk_disks_job FOREIGN KEY (job_id) REFERENCES replication_jobs (id) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
+-- One row per disk per attempt that ended (replication_jobs.attempt): completed
+-- (sync_success = 1, written only after the target's final flush), failed or
+-- cancelled (sync_success = 0, with the bytes transferred so far). A run resumed
+-- after a crash or a stop is the same attempt and adds no row; an attempt stopped
+-- by a shutdown or a lost lease has not ended and has no row yet. A disk that had
+-- completed in an earlier attempt is not copied again and gets no row.
+-- blocks_changed: the number of ranges the copy reads after merging adjacent
+-- ones (changed ranges for an incremental copy, allocated data ranges for a full
+-- one), as planned; 0 when the disk ended before it was planned.
+-- sync_duration_seconds: how long the disk's copy ran in the run that ended it.
 CREATE TABLE cbt_history (
     id                    BIGINT       NOT NULL AUTO_INCREMENT,
     job_id                VARCHAR(64)  NOT NULL,
     disk_id               VARCHAR(64)  NOT NULL,
+    attempt               INT          NOT NULL DEFAULT 1,
     change_id             VARCHAR(255) NULL,
     previous_change_id    VARCHAR(255) NULL,
     sync_type             VARCHAR(16)  NOT NULL,
@@ -83,7 +103,8 @@ CREATE TABLE cbt_history (
     sync_success          BOOLEAN      NOT NULL DEFAULT FALSE,
     created_at            DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
     PRIMARY KEY (id),
-    UNIQUE KEY uq_cbt_job_disk (job_id, disk_id),
+    UNIQUE KEY uq_cbt_job_disk_attempt (job_id, disk_id, attempt),
+    KEY idx_cbt_disk_success (disk_id, sync_success, created_at),
     CONSTRAINT fk_cbt_job FOREIGN KEY (job_id) REFERENCES replication_jobs (id) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 

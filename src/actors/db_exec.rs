@@ -249,6 +249,7 @@ impl DbExec {
                                 db::insert_job(c, &job, &disks).map(|()| QueryResult::Done)?
                             }
                             Query::Cancel { job_id } => QueryResult::Status(db::cancel_job(c, &job_id)?),
+                            Query::History { job_id } => QueryResult::History(db::load_cbt(c, &job_id)?),
                             Query::Events { job_id, limit } => {
                                 QueryResult::Events(db::recent_events(c, &job_id, limit)?)
                             }
@@ -269,7 +270,23 @@ fn claim(c: &mut diesel::MysqlConnection, m: &ClaimJobs) -> Result<Vec<Claimed>,
     let mut claimed = Vec::with_capacity(ids.len());
     for (id, owner) in ids {
         match db::load_job(c, &id) {
-            Ok((job, disks)) => claimed.push(Claimed { job, disks, owner }),
+            Ok((job, disks)) => {
+                let chain = if job.replication_type.known() == Some(crate::state::ReplicationType::Incremental) {
+                    match db::last_change_ids(c, &job.id, &job.vm_name) {
+                        Ok(chain) => chain,
+                        // The claimed jobs stay ours until their leases expire.
+                        Err(e) if e.is_unavailable() => return Err(e),
+                        Err(e) => {
+                            tracing::error!(job_id = %id, error = %e, "cannot read the change-ID chain; failing the job");
+                            fail_claimed(c, &id, &owner, &format!("cannot read the change-ID chain: {e}"));
+                            continue;
+                        }
+                    }
+                } else {
+                    Default::default()
+                };
+                claimed.push(Claimed { job, disks, owner, chain })
+            }
             // The claimed jobs stay ours until their leases expire.
             Err(e) if e.is_unavailable() => return Err(e),
             Err(e) => {

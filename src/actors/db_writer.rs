@@ -2,7 +2,9 @@
 //!
 //! [`DbWriter`] is an async actor that never blocks: it receives progress,
 //! throttles it per job and per disk with [`Throttle`] (`throttle.rs`, which also
-//! merges pending updates), coalesces it to the latest state, and every tick
+//! merges pending updates), drops a state that changes no value of what it last
+//! wrote for the row ([`Written`]: a stalled copy leaves `updated_at` alone),
+//! coalesces it to the latest state, and every tick
 //! hands one batch to the executor (`db_exec`), the one thread that owns the
 //! connection and does the blocking diesel calls, each under a deadline. At most
 //! one batch is in flight, so while the database is slow or away, updates pile
@@ -19,7 +21,7 @@ use actix::prelude::*;
 use tokio::time::Instant;
 
 use super::messages::*;
-use super::throttle::{Key, Throttle, disk_mark, job_mark, merge_disk, merge_job};
+use super::throttle::{Key, Throttle, Written, disk_mark, job_mark, merge_disk, merge_job};
 use crate::config::Settings;
 use crate::db::{DbError, JobUpdate};
 
@@ -35,6 +37,8 @@ pub struct DbWriter {
     batches: Recipient<Batch>,
     exec: Recipient<Exec>,
     throttle: Throttle,
+    /// What was last handed to the database per row: unchanged rows are not rewritten.
+    written: Written,
     retry_interval: Duration,
     jobs: BTreeMap<String, JobUpdate>,
     disks: BTreeMap<(String, String), PersistDisk>,
@@ -58,6 +62,7 @@ impl DbWriter {
             batches,
             exec,
             throttle: Throttle::new(settings.progress.min_percent_step, settings.progress.min_interval),
+            written: Written::default(),
             retry_interval: settings.database.retry_interval,
             jobs: BTreeMap::new(),
             disks: BTreeMap::new(),
@@ -94,6 +99,9 @@ impl DbWriter {
             .collect();
         for k in due_disks {
             if let Some(u) = self.disks.remove(&k) {
+                // A state that changes no value of the row is dropped unwritten.
+                let Some(state) = self.written.disk_change(&u) else { continue };
+                self.written.wrote_disk(state);
                 let key = Key::Disk(k.0, k.1);
                 self.throttle.wrote(&key, disk_mark(&u.update), now);
                 batch.push(Write::Disk(u));
@@ -108,14 +116,21 @@ impl DbWriter {
             .collect();
         for k in due_jobs {
             if let Some(u) = self.jobs.remove(&k) {
+                let Some(state) = self.written.job_change(&u) else { continue };
                 let terminal = u.status.is_some_and(|s| s.is_terminal());
                 let key = Key::Job(k);
                 self.throttle.wrote(&key, job_mark(&u), now);
                 if terminal {
                     self.throttle.forget(&key);
+                    self.written.forget_job(&u.id);
+                } else {
+                    self.written.wrote_job(state);
                 }
                 batch.push(Write::Job(u));
             }
+        }
+        for r in &self.releases {
+            self.written.forget_job(&r.job_id);
         }
         batch.append(&mut self.releases.drain(..).map(Write::Release).collect());
         if batch.is_empty() {
@@ -179,6 +194,7 @@ impl DbWriter {
                         None => u,
                     };
                     self.throttle.retry(&key);
+                    self.written.forget(&key);
                     self.jobs.insert(merged.id.clone(), merged);
                 }
                 Write::Disk(u) => {
@@ -187,7 +203,9 @@ impl DbWriter {
                         Some(newer) => merge_disk(u, newer),
                         None => u,
                     };
-                    self.throttle.retry(&Key::Disk(k.0.clone(), k.1.clone()));
+                    let key = Key::Disk(k.0.clone(), k.1.clone());
+                    self.throttle.retry(&key);
+                    self.written.forget(&key);
                     self.disks.insert(k, merged);
                 }
                 Write::Record(r) => records.push_back(r),

@@ -208,7 +208,15 @@ impl DiscoveryActor {
             Ok(t) => {
                 tracing::info!(job_id = %id, correlation_id = %c.owner.run, disks = c.disks.len(), "claimed job");
                 let fence = Fence::until(fence_deadline(sent, lease));
-                let agg = JobAggregator::new(t, c.disks, c.owner, fence, self.deps.clone(), ctx.address().recipient());
+                let agg = JobAggregator::new(
+                    t,
+                    c.disks,
+                    c.chain,
+                    c.owner,
+                    fence,
+                    self.deps.clone(),
+                    ctx.address().recipient(),
+                );
                 self.active.insert(id, agg.start());
                 true
             }

@@ -14,7 +14,7 @@
 //! confirmed. When it expires, the copies stop sending to their targets at once,
 //! and the aggregator stops without writing another row of the job.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -58,6 +58,8 @@ pub struct JobAggregator {
     run: JobRun,
     /// The claim's disk rows, until the copies are started.
     rows: Vec<Disk>,
+    /// The claim's change-ID chain of each disk (see `Claimed::chain`).
+    chain: BTreeMap<String, Option<String>>,
     copiers: HashMap<String, Addr<DiskCopier>>,
     suspend_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
     disk_started: HashMap<String, Instant>,
@@ -67,11 +69,13 @@ pub struct JobAggregator {
 
 impl JobAggregator {
     /// The aggregator of a claimed job: `t` its tracker (whose correlation id is
-    /// the run of `owner`), `rows` its disks, `fence` open until the claim's lease
-    /// deadline.
+    /// the run of `owner`), `rows` its disks, `chain` their change-ID chains,
+    /// `fence` open until the claim's lease deadline.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         t: JobTracker,
         rows: Vec<Disk>,
+        chain: BTreeMap<String, Option<String>>,
         owner: Owner,
         fence: Fence,
         deps: JobDeps,
@@ -82,6 +86,7 @@ impl JobAggregator {
             discovery,
             run: JobRun::new(t, owner, fence),
             rows,
+            chain,
             copiers: HashMap::new(),
             suspend_waiters: Vec::new(),
             disk_started: HashMap::new(),
@@ -231,7 +236,8 @@ impl Actor for JobAggregator {
             act.carry_out(effects, ctx);
         });
         let rows = std::mem::take(&mut self.rows);
-        let effects = self.run.start(&rows, &self.deps.settings);
+        let chain = std::mem::take(&mut self.chain);
+        let effects = self.run.start(&rows, &self.deps.settings, &chain);
         self.carry_out(effects, ctx);
     }
 

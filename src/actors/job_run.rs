@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
-use super::job_tracker::JobTracker;
+use super::chain;
+use super::job_tracker::{DiskTrack, JobTracker};
 use super::messages::{AreaQuery, AreasAnswer, CopyFailure, DiskReportKind, VsphereOutcome, VsphereStep};
 use crate::config::Settings;
 use crate::db::{CbtRecord, Disk, DiskUpdate, JobUpdate, NewJobEvent, Owner};
@@ -195,8 +196,16 @@ impl JobRun {
     // ------------------------------------------------------------ events ----
 
     /// The claim: `preparing`, and a copy for every disk not yet completed (or
-    /// the end, if none is left or a disk cannot be copied).
-    pub fn start(&mut self, rows: &[Disk], settings: &Settings) -> Vec<Effect> {
+    /// the end, if none is left or a disk cannot be copied). `chain`: for each
+    /// disk, the change ID of its last successful sync in an earlier job (see
+    /// `db::last_change_ids`); an incremental disk that does not continue it
+    /// fails here, before any copy starts, unless the job skips the check.
+    pub fn start(
+        &mut self,
+        rows: &[Disk],
+        settings: &Settings,
+        chain: &BTreeMap<String, Option<String>>,
+    ) -> Vec<Effect> {
         if self.t.started_at.is_none() {
             self.t.started_at = Some(Utc::now().naive_utc());
         }
@@ -205,29 +214,32 @@ impl JobRun {
         let first_op = self.t.operation;
         self.advance(JobStatus::Preparing, first_op);
         self.persist_job();
-        if self.t.vmware.is_some() {
+        // Every disk is checked before anything starts, so that a disk that
+        // cannot be copied as its rows say (a broken change-ID chain, a missing
+        // change source) fails the job before vSphere is asked or a target is
+        // opened.
+        let unfinished: Vec<&Disk> =
+            rows.iter().filter(|r| r.sync_status.known() != Some(DiskStatus::Completed)).collect();
+        let vmware = self.t.vmware.is_some();
+        let mut specs = Vec::new();
+        for row in &unfinished {
+            // A VMware disk's change source is vCenter, asked later.
+            let spec = if vmware { Ok(None) } else { spec_for(self.t.replication_type, row, settings).map(Some) };
+            match spec.and_then(|spec| self.chain_continues(row, chain).map(|()| spec)) {
+                Ok(spec) => specs.extend(spec.map(|s| (row.disk_id.clone(), s))),
+                Err(e) => return self.fail_at_claim(&row.disk_id, e),
+            }
+        }
+        if vmware {
             self.start_vmware(rows, settings);
             return self.take();
         }
-        for row in rows.iter().filter(|r| r.sync_status.known() != Some(DiskStatus::Completed)) {
-            let spec = match spec_for(self.t.replication_type, row, settings) {
-                Ok(s) => s,
-                Err(e) => {
-                    if let Some(d) = self.t.disk_mut(&row.disk_id) {
-                        d.status = DiskStatus::Failed;
-                        d.error = Some(e.clone());
-                    }
-                    self.persist_disk(&row.disk_id);
-                    self.event(Some(&row.disk_id), Level::Error, e.clone());
-                    self.end(Ending::Failed(format!("disk {}: {e}", row.disk_id)));
-                    return self.take();
-                }
-            };
+        for (disk_id, spec) in specs {
             if spec.resume_from > 0 {
-                self.event(Some(&row.disk_id), Level::Info, format!("resuming from offset {}", spec.resume_from));
+                self.event(Some(&disk_id), Level::Info, format!("resuming from offset {}", spec.resume_from));
             }
-            self.running.insert(row.disk_id.clone());
-            self.out.push(Effect::StartCopy { disk_id: row.disk_id.clone(), spec });
+            self.running.insert(disk_id.clone());
+            self.out.push(Effect::StartCopy { disk_id, spec });
         }
         if self.running.is_empty() {
             // Every disk had completed before (a resumed job that crashed at the end).
@@ -399,6 +411,29 @@ impl JobRun {
             self.t.waiting += 1;
             self.on_progress();
         }
+        self.take()
+    }
+
+    /// Whether an incremental disk's `previous_change_id` continues the chain
+    /// recorded for its VM and disk (see `chain`), unless the job skips the check.
+    fn chain_continues(&self, row: &Disk, chain: &BTreeMap<String, Option<String>>) -> Result<(), String> {
+        if self.t.replication_type != ReplicationType::Incremental || self.t.skip_change_check {
+            return Ok(());
+        }
+        let recorded = chain.get(&row.disk_id).map(Option::as_deref);
+        chain::check(&self.t.vm_name, &row.disk_id, row.previous_change_id.as_deref(), recorded)
+    }
+
+    /// A disk that cannot be copied as its rows say fails the job at the claim,
+    /// before anything is written to a target.
+    fn fail_at_claim(&mut self, disk_id: &str, e: String) -> Vec<Effect> {
+        if let Some(d) = self.t.disk_mut(disk_id) {
+            d.status = DiskStatus::Failed;
+            d.error = Some(e.clone());
+        }
+        self.persist_disk(disk_id);
+        self.event(Some(disk_id), Level::Error, e.clone());
+        self.end(Ending::Failed(format!("disk {disk_id}: {e}")));
         self.take()
     }
 
@@ -623,6 +658,9 @@ impl JobRun {
 
     fn on_finished(&mut self, disk_id: &str, result: Result<Summary, CopyFailure>, secs: Option<f64>) {
         self.running.remove(disk_id);
+        if let Some(d) = self.t.disk_mut(disk_id) {
+            d.copy_seconds = secs;
+        }
         match result {
             Ok(summary) => {
                 if !self.disk_completed(disk_id, &summary, secs) {
@@ -689,6 +727,7 @@ impl JobRun {
         self.write(Effect::Cbt(CbtRecord {
             job_id: self.t.job_id.clone(),
             disk_id: disk_id.to_string(),
+            attempt: self.t.attempt,
             change_id: d.change_id.clone(),
             previous_change_id: d.previous_change_id.clone(),
             sync_type: self.t.replication_type,
@@ -762,6 +801,18 @@ impl JobRun {
                     }
                     self.persist_disk(&id);
                 }
+                // The attempt ended: one history row for every disk it did not
+                // complete, with what it got done.
+                let ended: Vec<CbtRecord> = self
+                    .t
+                    .disks
+                    .iter()
+                    .filter(|d| matches!(d.status, DiskStatus::Failed | DiskStatus::Cancelled))
+                    .map(|d| self.unfinished_record(d))
+                    .collect();
+                for r in ended {
+                    self.write(Effect::Cbt(r));
+                }
                 self.t.status = js;
                 let mut u = self.t.job_update(&self.owner);
                 u.error_message = Some(msg.clone());
@@ -800,6 +851,23 @@ impl JobRun {
         }
         let release = self.may_write();
         self.out.push(Effect::Stop { release });
+    }
+
+    /// The CBT history row of a disk whose attempt ended without completing it:
+    /// the planned bytes it got done and how long its copy ran.
+    fn unfinished_record(&self, d: &DiskTrack) -> CbtRecord {
+        CbtRecord {
+            job_id: self.t.job_id.clone(),
+            disk_id: d.disk_id.clone(),
+            attempt: self.t.attempt,
+            change_id: d.change_id.clone(),
+            previous_change_id: d.previous_change_id.clone(),
+            sync_type: self.t.replication_type,
+            blocks_changed: d.blocks as i64,
+            bytes_transferred: d.shown_done() as i64,
+            sync_duration_seconds: d.copy_seconds.unwrap_or(0.0),
+            sync_success: false,
+        }
     }
 
     /// Moves the job to `finalizing` once no disk is copying any more (the rest
@@ -931,7 +999,7 @@ mod tests {
     /// A run of `rows` that was claimed and started its copies.
     fn started(rows: &[Disk], settings: &Settings) -> (JobRun, Vec<Effect>) {
         let mut run = run_of(ReplicationType::Full, rows);
-        let effects = run.start(rows, settings);
+        let effects = run.start(rows, settings, &BTreeMap::new());
         (run, effects)
     }
 
@@ -1126,7 +1194,7 @@ mod tests {
         // Incremental with neither a dirty bitmap nor changed areas: never a full copy.
         let rows = two_disks();
         let mut run = run_of(ReplicationType::Incremental, &rows);
-        let effects = run.start(&rows, &Settings::defaults());
+        let effects = run.start(&rows, &Settings::defaults(), &BTreeMap::new());
         assert_eq!(actions(&effects), ["stop, release"], "nothing started, nothing to wait for");
         assert_eq!(
             outcome(&effects),
@@ -1347,7 +1415,14 @@ mod tests {
     /// A VMware job of `kind` with one disk `a` (key 2000, a fresh target),
     /// claimed: its first step asked.
     fn vm_run(kind: ReplicationType, previous: Option<&str>) -> (JobRun, Vec<Effect>) {
+        vm_run_with(kind, previous, false)
+    }
+
+    /// [`vm_run`], with the change-ID chain recorded as `previous` continues it,
+    /// and the job's `skip_change_check`.
+    fn vm_run_with(kind: ReplicationType, previous: Option<&str>, skip: bool) -> (JobRun, Vec<Effect>) {
         let mut j = job(kind);
+        j.skip_change_check = skip;
         j.vmware_vcenter = Some("vc".into());
         j.vmware_vm = Some("/DC0/vm/web".into());
         let mut d = disk("a", DiskStatus::Pending, 0);
@@ -1359,7 +1434,8 @@ mod tests {
         let t = JobTracker::new(&j, &rows, "r1".into()).unwrap();
         let owner = Owner { node: "n1".into(), run: "r1".into() };
         let mut run = JobRun::new(t, owner, Fence::until(Instant::now() + HOUR));
-        let effects = run.start(&rows, &vm_settings());
+        let chain = previous.map(|p| ("a".to_string(), Some(p.to_string()))).into_iter().collect();
+        let effects = run.start(&rows, &vm_settings(), &chain);
         (run, effects)
     }
 
@@ -1451,7 +1527,12 @@ mod tests {
 
     #[test]
     fn vmware_an_incremental_disk_without_a_previous_change_id_is_never_copied_in_full() {
-        let (mut run, _) = vm_run(ReplicationType::Incremental, None);
+        // The chain check refuses it at the claim, before vSphere is asked...
+        let (_, e) = vm_run(ReplicationType::Incremental, None);
+        assert_eq!(actions(&e), ["stop, release"]);
+        assert!(outcome(&e).1.is_some_and(|m| m.contains("previous_change_id is not set")), "{e:?}");
+        // ...and with the check skipped, the VMware path still does.
+        let (mut run, _) = vm_run_with(ReplicationType::Incremental, None, true);
         run.vsphere(VsphereOutcome::Opened { vm: "vm-42".into(), cbt_enabled_now: false });
         let e = run.vsphere(snapshotted(false));
         assert_eq!(actions(&e), ["vsphere cleanup"]);
@@ -1483,7 +1564,7 @@ mod tests {
         let t = JobTracker::new(&j, std::slice::from_ref(&d), "r1".into()).unwrap();
         let mut run =
             JobRun::new(t, Owner { node: "n1".into(), run: "r1".into() }, Fence::until(Instant::now() + HOUR));
-        let e = run.start(&[d], &vm_settings());
+        let e = run.start(&[d], &vm_settings(), &BTreeMap::new());
         assert_eq!(outcome(&e), (Some(JobStatus::Failed), Some("no [vmware.elsewhere] section in the configuration")));
         assert_eq!(actions(&e), ["stop, release"], "no vSphere step, nothing to clean up");
         // A VMware disk without a device key cannot be run at all.
@@ -1520,5 +1601,126 @@ mod tests {
                 e.iter().find_map(|e| if let Effect::StartCopy { spec, .. } = e { Some(spec) } else { None }).unwrap();
             assert_eq!(spec.resume_from, offset, "reused: {reused}");
         }
+    }
+
+    /// The CBT history rows among `effects`.
+    fn cbt_rows(effects: &[Effect]) -> Vec<&CbtRecord> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Cbt(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// An incremental disk `id` with changed areas, relative to `previous`.
+    fn incremental(id: &str, previous: Option<&str>) -> Disk {
+        Disk {
+            changed_areas: Some(r#"[{"start": 0, "length": 4096}]"#.into()),
+            previous_change_id: previous.map(str::to_string),
+            change_id: Some("cid-2".into()),
+            ..disk(id, DiskStatus::Pending, 0)
+        }
+    }
+
+    fn chain(recorded: &[(&str, Option<&str>)]) -> BTreeMap<String, Option<String>> {
+        recorded.iter().map(|(d, c)| (d.to_string(), c.map(str::to_string))).collect()
+    }
+
+    #[test]
+    fn an_incremental_disk_that_breaks_its_chain_fails_at_the_claim_without_a_copy() {
+        let rows = [incremental("a", Some("cid-0")), incremental("b", Some("cid-1"))];
+        let mut run = run_of(ReplicationType::Incremental, &rows);
+        let effects = run.start(&rows, &Settings::defaults(), &chain(&[("a", Some("cid-1")), ("b", Some("cid-1"))]));
+        assert_eq!(actions(&effects), ["stop, release"], "no copy started: nothing reaches a target");
+        let (status, msg) = outcome(&effects);
+        assert_eq!(status, Some(JobStatus::Failed));
+        let msg = msg.unwrap();
+        assert!(msg.starts_with("disk a: change ID chain broken: previous_change_id is 'cid-0'"), "{msg}");
+        assert!(msg.contains("recorded change_id 'cid-1'"), "{msg}");
+        // The attempt ended: rows for both disks, neither a success.
+        let rows = cbt_rows(&effects);
+        assert_eq!(
+            rows.iter().map(|r| (r.disk_id.as_str(), r.sync_success)).collect::<Vec<_>>(),
+            [("a", false), ("b", false)]
+        );
+        assert!(rows.iter().all(|r| r.bytes_transferred == 0 && r.attempt == 1));
+        assert!(disk_rows(&effects, "a").iter().all(|u| u.disk_change_id.is_none()));
+    }
+
+    #[test]
+    fn an_incremental_disk_without_a_recorded_base_fails_at_the_claim() {
+        let rows = [incremental("a", Some("cid-1"))];
+        let mut run = run_of(ReplicationType::Incremental, &rows);
+        let effects = run.start(&rows, &Settings::defaults(), &BTreeMap::new());
+        assert_eq!(actions(&effects), ["stop, release"]);
+        assert!(outcome(&effects).1.unwrap().contains("no successful sync of vm 'vm1' disk 'a' is recorded"));
+    }
+
+    #[test]
+    fn an_incremental_disk_that_continues_its_chain_is_copied() {
+        let rows = [incremental("a", Some("cid-1"))];
+        let mut run = run_of(ReplicationType::Incremental, &rows);
+        let effects = run.start(&rows, &Settings::defaults(), &chain(&[("a", Some("cid-1"))]));
+        assert_eq!(actions(&effects), ["start a"]);
+    }
+
+    #[test]
+    fn skip_change_check_copies_despite_a_broken_chain() {
+        let rows = [incremental("a", Some("cid-0"))];
+        let mut run = run_of(ReplicationType::Incremental, &rows);
+        run.t.skip_change_check = true;
+        let effects = run.start(&rows, &Settings::defaults(), &chain(&[("a", Some("cid-1"))]));
+        assert_eq!(actions(&effects), ["start a"]);
+    }
+
+    #[test]
+    fn a_failed_attempt_records_each_disk_it_did_not_complete_with_its_bytes_so_far() {
+        let mut run = copying(&[
+            disk("a", DiskStatus::Pending, 0),
+            disk("b", DiskStatus::Pending, 0),
+            disk("c", DiskStatus::Pending, 0),
+        ]);
+        run.t.attempt = 2;
+        let c = run.report("c", ok(100), Some(1.0));
+        assert_eq!(cbt_rows(&c).len(), 1, "c's success row, at once");
+        run.report("a", DiskReportKind::Progress(snap(40, 100, 0)), None);
+        let a = run.report("a", failed("read at offset 40: I/O error", false, false), Some(3.5));
+        assert!(cbt_rows(&a).is_empty(), "the attempt has not ended while b copies");
+        run.report("b", DiskReportKind::Progress(snap(70, 100, 0)), None);
+        let b = run.report("b", cancelled(), Some(4.0));
+        let rows: Vec<_> = cbt_rows(&b)
+            .iter()
+            .map(|r| {
+                (
+                    r.disk_id.as_str(),
+                    r.attempt,
+                    r.sync_success,
+                    r.bytes_transferred,
+                    r.sync_duration_seconds,
+                    r.blocks_changed,
+                )
+            })
+            .collect();
+        assert_eq!(rows, [("a", 2, false, 40, 3.5, 1), ("b", 2, false, 70, 4.0, 1)], "c completed: no second row");
+        assert_eq!(outcome(&b).0, Some(JobStatus::Failed));
+    }
+
+    #[test]
+    fn a_cancelled_attempt_records_its_disks_and_a_shutdown_records_none() {
+        let mut run = copying(&two_disks());
+        run.cancel();
+        run.report("a", cancelled(), None);
+        let b = run.report("b", cancelled(), None);
+        assert_eq!(
+            cbt_rows(&b).iter().map(|r| (r.disk_id.as_str(), r.sync_success)).collect::<Vec<_>>(),
+            [("a", false), ("b", false)]
+        );
+        let mut run = copying(&two_disks());
+        let mut all = run.suspend();
+        all.extend(run.report("a", cancelled(), None));
+        all.extend(run.report("b", cancelled(), None));
+        assert!(cbt_rows(&all).is_empty(), "a stopped run resumes the same attempt: no row yet");
     }
 }

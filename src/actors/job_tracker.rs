@@ -50,6 +50,9 @@ pub struct DiskTrack {
     pub retries: u64,
     /// The request the engine has long waited on, if any (for the watchdog's message).
     pub waiting_on: Option<String>,
+    /// How long this run's copy of the disk ran, once it finished (for its
+    /// CBT history row).
+    pub copy_seconds: Option<f64>,
 }
 
 impl DiskTrack {
@@ -82,6 +85,7 @@ impl DiskTrack {
             error: None,
             retries: 0,
             waiting_on: None,
+            copy_seconds: None,
         }
     }
 
@@ -152,6 +156,12 @@ pub struct VmwareJob {
 pub struct JobTracker {
     pub job_id: String,
     pub correlation_id: String,
+    /// The VM the job copies (its disks' change-ID chains are the VM's).
+    pub vm_name: String,
+    /// Which attempt of the job this run belongs to (for CBT history).
+    pub attempt: i32,
+    /// The orchestrator allowed incremental disks whose chain is broken.
+    pub skip_change_check: bool,
     pub replication_type: ReplicationType,
     pub status: JobStatus,
     pub operation: Operation,
@@ -221,6 +231,9 @@ impl JobTracker {
         let mut t = Self {
             job_id: job.id.clone(),
             correlation_id,
+            vm_name: job.vm_name.clone(),
+            attempt: job.attempt,
+            skip_change_check: job.skip_change_check,
             replication_type,
             status,
             operation,
@@ -371,6 +384,7 @@ pub(super) mod tests {
             vmware_vm: None,
             vmware_snapshot: None,
             replication_type: kind.into(),
+            skip_change_check: false,
             status: JobStatus::Pending.into(),
             current_operation: None,
             progress_percent: 0.0,
@@ -384,6 +398,7 @@ pub(super) mod tests {
             owner_node: None,
             lease_expires_at: None,
             owner_run: None,
+            attempt: 1,
             last_progress_at: None,
             created_at: now,
             updated_at: now,

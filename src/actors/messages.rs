@@ -3,6 +3,7 @@
 //! means. Messages carry plain data (engine snapshots, db rows); nothing here does
 //! I/O.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ pub struct PersistJob(pub JobUpdate);
 /// JobAggregator → DbWriter: one disk's latest figures, its durable watermark
 /// (`resume_offset`, never lowered) included, written only while `owner` holds
 /// the job. Throttled and coalesced like [`PersistJob`].
-#[derive(Message, Debug, Clone)]
+#[derive(Message, Debug, Clone, PartialEq)]
 #[rtype(result = "()")]
 pub struct PersistDisk {
     pub owner: Owner,
@@ -81,6 +82,9 @@ pub struct Claimed {
     pub job: Job,
     pub disks: Vec<Disk>,
     pub owner: Owner,
+    /// For an incremental job: the change ID of each disk's last successful
+    /// sync in an earlier job (`db::last_change_ids`); empty for a full one.
+    pub chain: BTreeMap<String, Option<String>>,
 }
 
 /// JobAggregator → DbWriter: extend our lease. `Ok(false)`: stop, the job is
@@ -139,6 +143,10 @@ pub enum Query {
     LeftSnapshots,
     /// Discovery's sweep: the snapshot was removed; clear the job's column.
     ForgetSnapshot(LeftSnapshot),
+    /// The CBT history rows of a job.
+    History {
+        job_id: String,
+    },
 }
 
 // Sent one at a time; boxing the loaded job would buy nothing.
@@ -153,6 +161,7 @@ pub enum QueryResult {
     Status(JobStatus),
     Events(Vec<JobEvent>),
     Snapshots(Vec<LeftSnapshot>),
+    History(Vec<CbtRecord>),
 }
 
 /// Anyone → DbWriter: counters for /metrics.

@@ -1,6 +1,7 @@
 //! The daemon's actors (actix), one file each, exchanging the messages of
 //! `messages.rs`:
 //!
+//! - `chain`: whether an incremental disk continues its change-ID chain (a pure check)
 //! - `discovery`: claims ready jobs, starts a JobAggregator for each
 //! - `job_aggregator`: one per job; carries out what its `JobRun` decides, renews its lease
 //! - `job_tracker`, `job_run`: a job's figures, and its decisions as values (plain structs)
@@ -16,6 +17,7 @@
 //! around them.
 //! Nothing here knows about sockets or the command line.
 
+pub mod chain;
 pub mod db_exec;
 pub mod db_writer;
 pub mod discovery;

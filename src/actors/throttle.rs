@@ -90,6 +90,66 @@ impl Throttle {
     }
 }
 
+/// What was last handed to the database, per row. The aggregator sends a row's
+/// full state with every report, also while nothing changes (a stalled copy);
+/// a pending state that changes none of the values last written is dropped, so
+/// a row (and its `updated_at`) is rewritten only when one of its values
+/// changed. The throttle decides how often a changed row is written; this
+/// decides whether there is anything to write.
+#[derive(Debug, Default)]
+pub struct Written {
+    jobs: HashMap<String, JobUpdate>,
+    disks: HashMap<(String, String), PersistDisk>,
+}
+
+impl Written {
+    /// `u` on top of what was last written for its job: the row's new state if
+    /// `u` changes any value in it (or nothing was written yet), else `None`.
+    pub fn job_change(&self, u: &JobUpdate) -> Option<JobUpdate> {
+        match self.jobs.get(&u.id) {
+            None => Some(u.clone()),
+            Some(w) => Some(merge_job(w.clone(), u.clone())).filter(|state| state != w),
+        }
+    }
+
+    /// [`Written::job_change`] for a disk (its owner included: a new run's
+    /// first state is always written).
+    pub fn disk_change(&self, u: &PersistDisk) -> Option<PersistDisk> {
+        match self.disks.get(&(u.update.job_id.clone(), u.update.disk_id.clone())) {
+            None => Some(u.clone()),
+            Some(w) => Some(merge_disk(w.clone(), u.clone())).filter(|state| state != w),
+        }
+    }
+
+    /// `state` (from [`Written::job_change`]) was handed to the database.
+    pub fn wrote_job(&mut self, state: JobUpdate) {
+        self.jobs.insert(state.id.clone(), state);
+    }
+
+    pub fn wrote_disk(&mut self, state: PersistDisk) {
+        self.disks.insert((state.update.job_id.clone(), state.update.disk_id.clone()), state);
+    }
+
+    /// The database may not hold what was last handed over (the write failed):
+    /// the next state of the row is written whatever it is.
+    pub fn forget(&mut self, key: &Key) {
+        match key {
+            Key::Job(j) => {
+                self.jobs.remove(j);
+            }
+            Key::Disk(j, d) => {
+                self.disks.remove(&(j.clone(), d.clone()));
+            }
+        }
+    }
+
+    /// The job ended or was released here: nothing more of it to compare.
+    pub fn forget_job(&mut self, job_id: &str) {
+        self.jobs.remove(job_id);
+        self.disks.retain(|(j, _), _| j != job_id);
+    }
+}
+
 /// The throttle's view of a job update. The aggregator always sends the full
 /// state (status, operation, figures), so a missing field means "unchanged".
 pub fn job_mark(u: &JobUpdate) -> Mark {
@@ -239,6 +299,56 @@ mod tests {
         assert_eq!(m.status, Some(JobStatus::Streaming));
         assert_eq!(m.current_operation, Some(Operation::Transfer));
         assert_eq!(m.progress_percent, Some(12.0));
+    }
+
+    fn figures(percent: f64, speed: i64) -> JobUpdate {
+        JobUpdate {
+            id: "j".into(),
+            status: Some(JobStatus::Streaming),
+            current_operation: Some(Operation::Transfer),
+            progress_percent: Some(percent),
+            transfer_speed_bps: Some(speed),
+            ..JobUpdate::default()
+        }
+    }
+
+    #[test]
+    fn a_state_that_changes_no_value_is_not_written_again() {
+        let mut w = Written::default();
+        let first = w.job_change(&figures(10.0, 5)).expect("the first state is written");
+        w.wrote_job(first);
+        // A stalled copy repeats its state: nothing to write, however often.
+        assert_eq!(w.job_change(&figures(10.0, 5)), None);
+        assert_eq!(w.job_change(&JobUpdate { id: "j".into(), ..JobUpdate::default() }), None, "an empty update");
+        // Any value that moves is a change, and the state to remember is the merge.
+        let moved = w.job_change(&JobUpdate { transfer_speed_bps: Some(0), ..figures(10.0, 5) }).unwrap();
+        assert_eq!((moved.progress_percent, moved.transfer_speed_bps), (Some(10.0), Some(0)));
+        w.wrote_job(moved);
+        assert_eq!(w.job_change(&figures(10.0, 0)), None);
+        // After a failed write (or the job's end) the next state is written whatever it is.
+        w.forget(&Key::Job("j".into()));
+        assert!(w.job_change(&figures(10.0, 0)).is_some());
+    }
+
+    #[test]
+    fn a_disk_state_is_compared_with_its_owner() {
+        let owner = |run: &str| crate::db::Owner { node: "n".into(), run: run.into() };
+        let disk = |run: &str, done: i64| PersistDisk {
+            owner: owner(run),
+            update: DiskUpdate {
+                job_id: "j".into(),
+                disk_id: "d".into(),
+                bytes_synced: Some(done),
+                ..DiskUpdate::default()
+            },
+        };
+        let mut w = Written::default();
+        w.wrote_disk(w.disk_change(&disk("r1", 5)).unwrap());
+        assert_eq!(w.disk_change(&disk("r1", 5)), None);
+        assert!(w.disk_change(&disk("r1", 6)).is_some());
+        assert!(w.disk_change(&disk("r2", 5)).is_some(), "a new run writes its first state");
+        w.forget_job("j");
+        assert!(w.disk_change(&disk("r1", 5)).is_some());
     }
 
     #[test]

@@ -462,8 +462,12 @@ async fn progress(req: HttpRequest, st: web::Data<State>) -> Result<HttpResponse
     let now = Utc::now().naive_utc();
     match st.find(&key).await {
         Ok((job, disks)) => {
+            let history = match st.query(Query::History { job_id: job.id.clone() }).await? {
+                QueryResult::History(h) => h,
+                _ => return Err(unexpected()),
+            };
             let live = st.live(&job.id).await?;
-            Ok(HttpResponse::Ok().json(view::progress(&job, &disks, live.as_ref(), now)))
+            Ok(HttpResponse::Ok().json(view::progress(&job, &disks, &history, live.as_ref(), now)))
         }
         // A job this node runs can still be followed while the database is away.
         Err(AdminError::DatabaseUnavailable(e)) => match st.live(&key).await? {

@@ -116,6 +116,7 @@ pub fn validate(req: SubmitRequest, id: impl FnOnce() -> String) -> Result<Submi
         nbd_export_name,
         vmware_vcenter,
         vmware_vm,
+        skip_change_check: req.skip_change_check,
     };
     Ok(Submission { job, disks })
 }
@@ -335,6 +336,17 @@ mod tests {
         check(bad, "invalid_request");
         // A key without a VMware job is a mistake.
         check(body("full", json!([disk(json!({"vmware_disk_key": 2000}))])), "invalid_request");
+    }
+
+    #[test]
+    fn skip_change_check_is_off_unless_asked_for() {
+        let areas = json!([disk(json!({"changed_areas": []}))]);
+        assert!(!run(body("incremental", areas.clone())).unwrap().job.skip_change_check);
+        let mut v = body("incremental", areas);
+        v["skip_change_check"] = json!(true);
+        assert!(run(v.clone()).unwrap().job.skip_change_check);
+        v["skip_change_check"] = json!("yes");
+        check(v, "invalid_request");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use chrono::{NaiveDateTime, SecondsFormat};
 
 use super::wire::*;
 use crate::actors::messages::{LiveDisk, LiveJob};
-use crate::db::{Disk, Job, JobEvent};
+use crate::db::{CbtRecord, Disk, Job, JobEvent};
 use crate::state::{DiskStatus, JobStatus, ReplicationType};
 
 /// A UTC time as RFC 3339 with a `Z`, to the second.
@@ -33,6 +33,8 @@ pub fn job_summary(j: &Job) -> JobSummary {
         id: j.id.clone(),
         vm_name: j.vm_name.clone(),
         replication_type: j.replication_type.shown(ReplicationType::as_str),
+        skip_change_check: j.skip_change_check,
+        attempt: j.attempt,
         status: j.status.shown(JobStatus::as_api),
         stage: j.current_operation.clone(),
         percent: pct(j.progress_percent),
@@ -115,9 +117,33 @@ fn export_name(job: &Job, index: usize, d: &Disk) -> String {
         .unwrap_or_else(|| format!("{}-{}", job.id, d.disk_id))
 }
 
-/// The progress of a job from its row and disks, overlaid with `live` when this
-/// node runs it. `now` stands for `updated_at` of a live view.
-pub fn progress(job: &Job, disks: &[Disk], live: Option<&LiveJob>, now: NaiveDateTime) -> Progress {
+/// A disk's change IDs and the newest of its `history` rows (its latest ended
+/// attempt in this job), if any.
+fn disk_cbt(kind: String, d: &Disk, history: &[CbtRecord]) -> DiskCbt {
+    let last = history.iter().filter(|r| r.disk_id == d.disk_id).max_by_key(|r| r.attempt);
+    DiskCbt {
+        kind,
+        previous_change_id: d.previous_change_id.clone(),
+        change_id: d.change_id.clone(),
+        disk_change_id: d.disk_change_id.clone(),
+        attempt: last.map(|r| r.attempt),
+        sync_success: last.map(|r| r.sync_success),
+        blocks_changed: last.map(|r| bytes(r.blocks_changed)),
+        bytes_transferred: last.map(|r| bytes(r.bytes_transferred)),
+        sync_duration_seconds: last.map(|r| r.sync_duration_seconds),
+    }
+}
+
+/// The progress of a job from its row, disks and CBT history, overlaid with
+/// `live` when this node runs it. `now` stands for `updated_at` of a live view.
+pub fn progress(
+    job: &Job,
+    disks: &[Disk],
+    history: &[CbtRecord],
+    live: Option<&LiveJob>,
+    now: NaiveDateTime,
+) -> Progress {
+    let kind = || job.replication_type.shown(ReplicationType::as_str);
     let live_disk = |id: &str| live.and_then(|l| l.disks.iter().find(|d| d.disk_id == id));
     let change_ids = disks.iter().find(|d| d.change_id.is_some() || d.previous_change_id.is_some());
     Progress {
@@ -141,7 +167,7 @@ pub fn progress(job: &Job, disks: &[Disk], live: Option<&LiveJob>, now: NaiveDat
             },
         },
         cbt: Cbt {
-            kind: job.replication_type.shown(ReplicationType::as_str),
+            kind: kind(),
             previous_change_id: change_ids.and_then(|d| d.previous_change_id.clone()),
             change_id: change_ids.and_then(|d| d.change_id.clone()),
         },
@@ -163,7 +189,12 @@ pub fn progress(job: &Job, disks: &[Disk], live: Option<&LiveJob>, now: NaiveDat
         disks: disks
             .iter()
             .map(|d| match live_disk(&d.disk_id) {
-                Some(l) => disk_progress(l, d.label.clone().or_else(|| l.label.clone()), d.error_message.clone()),
+                Some(l) => disk_progress(
+                    l,
+                    d.label.clone().or_else(|| l.label.clone()),
+                    d.error_message.clone(),
+                    disk_cbt(kind(), d, history),
+                ),
                 None => DiskProgress {
                     id: d.disk_id.clone(),
                     label: d.label.clone(),
@@ -173,6 +204,7 @@ pub fn progress(job: &Job, disks: &[Disk], live: Option<&LiveJob>, now: NaiveDat
                     percent: pct(d.sync_progress_percent),
                     status: d.sync_status.shown(DiskStatus::as_api),
                     error: d.error_message.clone(),
+                    cbt: disk_cbt(kind(), d, history),
                 },
             })
             .collect(),
@@ -185,7 +217,7 @@ pub fn progress(job: &Job, disks: &[Disk], live: Option<&LiveJob>, now: NaiveDat
     }
 }
 
-fn disk_progress(l: &LiveDisk, label: Option<String>, error: Option<String>) -> DiskProgress {
+fn disk_progress(l: &LiveDisk, label: Option<String>, error: Option<String>, cbt: DiskCbt) -> DiskProgress {
     DiskProgress {
         id: l.disk_id.clone(),
         label,
@@ -195,6 +227,7 @@ fn disk_progress(l: &LiveDisk, label: Option<String>, error: Option<String>) -> 
         percent: pct(l.percent),
         status: l.status.as_api().to_string(),
         error,
+        cbt,
     }
 }
 
@@ -221,7 +254,25 @@ pub fn live_progress(l: &LiveJob, now: NaiveDateTime) -> Progress {
             change_id: change_ids.and_then(|d| d.change_id.clone()),
         },
         nbd: Nbd { exports: Vec::new() },
-        disks: l.disks.iter().map(|d| disk_progress(d, d.label.clone(), None)).collect(),
+        disks: l
+            .disks
+            .iter()
+            .map(|d| {
+                // Without the database: the change IDs the aggregator keeps, no history.
+                let cbt = DiskCbt {
+                    kind: l.replication_type.as_str().to_string(),
+                    previous_change_id: d.previous_change_id.clone(),
+                    change_id: d.change_id.clone(),
+                    disk_change_id: None,
+                    attempt: None,
+                    sync_success: None,
+                    blocks_changed: None,
+                    bytes_transferred: None,
+                    sync_duration_seconds: None,
+                };
+                disk_progress(d, d.label.clone(), None, cbt)
+            })
+            .collect(),
         eta_seconds: l.eta_seconds,
         error: None,
         source: "live".to_string(),
@@ -246,6 +297,7 @@ mod tests {
             vmware_vm: None,
             vmware_snapshot: None,
             replication_type: ReplicationType::Incremental.into(),
+            skip_change_check: false,
             status: JobStatus::Streaming.into(),
             current_operation: Some("Transfer".into()),
             progress_percent: 37.0,
@@ -259,6 +311,7 @@ mod tests {
             owner_node: Some("a1".into()),
             lease_expires_at: None,
             owner_run: None,
+            attempt: 1,
             last_progress_at: None,
             created_at: at(11, 59, 0),
             updated_at: at(12, 0, 10),
@@ -304,7 +357,19 @@ mod tests {
     #[test]
     fn progress_from_the_database_has_the_spec_shape() {
         let disks = [disk("disk-0", "nbd+unix:///?socket=/d"), disk("disk-1", "nbd://h/vol%201")];
-        let p = progress(&job(), &disks, None, at(13, 0, 0));
+        let history = [CbtRecord {
+            job_id: "job-123".into(),
+            disk_id: "disk-1".into(),
+            attempt: 2,
+            change_id: Some("456-def".into()),
+            previous_change_id: Some("123-abc".into()),
+            sync_type: ReplicationType::Incremental,
+            blocks_changed: 3,
+            bytes_transferred: 4096,
+            sync_duration_seconds: 1.5,
+            sync_success: false,
+        }];
+        let p = progress(&job(), &disks, &history, None, at(13, 0, 0));
         let v = serde_json::to_value(&p).unwrap();
         let expected = serde_json::json!({
             "job_id": "job-123", "stage": "Transfer", "status": "Streaming",
@@ -317,9 +382,15 @@ mod tests {
                 {"name": "vol 1", "device": "nbd://h/vol%201", "connected": false, "started_at": null}]},
             "disks": [
                 {"id": "disk-0", "label": "Hard disk 1", "planned_bytes": 987654321, "bytes_transferred": 345678901,
-                 "throughput_bps": 54321098, "percent": 35.0, "status": "Streaming", "error": null},
+                 "throughput_bps": 54321098, "percent": 35.0, "status": "Streaming", "error": null,
+                 "cbt": {"type": "incremental", "previous_change_id": "123-abc", "change_id": "456-def",
+                         "disk_change_id": null, "attempt": null, "sync_success": null, "blocks_changed": null,
+                         "bytes_transferred": null, "sync_duration_seconds": null}},
                 {"id": "disk-1", "label": "Hard disk 1", "planned_bytes": 987654321, "bytes_transferred": 345678901,
-                 "throughput_bps": 54321098, "percent": 35.0, "status": "Streaming", "error": null}],
+                 "throughput_bps": 54321098, "percent": 35.0, "status": "Streaming", "error": null,
+                 "cbt": {"type": "incremental", "previous_change_id": "123-abc", "change_id": "456-def",
+                         "disk_change_id": null, "attempt": 2, "sync_success": false, "blocks_changed": 3,
+                         "bytes_transferred": 4096, "sync_duration_seconds": 1.5}}],
             "eta_seconds": 8, "error": null, "source": "database"
         });
         assert_eq!(v, expected);
@@ -355,7 +426,7 @@ mod tests {
             }],
         };
         let disks = [disk("disk-0", "nbd+unix:///?socket=/d"), disk("disk-9", "nbd+unix:///?socket=/e")];
-        let p = progress(&job(), &disks, Some(&live), at(13, 0, 0));
+        let p = progress(&job(), &disks, &[], Some(&live), at(13, 0, 0));
         assert_eq!(
             (p.status.as_str(), p.stage.as_deref(), p.source.as_str()),
             ("Finalizing", Some("Finalize"), "live")
@@ -399,7 +470,7 @@ mod tests {
             (Some("initializing"), Some("differential"))
         );
         assert_eq!(v["disks"][0]["status"], "syncing");
-        let p = progress(&j, &[d], None, at(12, 0, 0));
+        let p = progress(&j, &[d], &[], None, at(12, 0, 0));
         assert_eq!((p.status.as_str(), p.disks[0].status.as_str()), ("initializing", "syncing"));
     }
 }

@@ -36,6 +36,10 @@ pub struct SubmitRequest {
     /// (the disks then name a device key instead of a source).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmware: Option<VmwareRequest>,
+    /// Run incremental disks even when their `previous_change_id` does not
+    /// continue the change-ID chain recorded for the VM's disk.
+    #[serde(default)]
+    pub skip_change_check: bool,
     pub disks: Vec<DiskRequest>,
 }
 
@@ -131,6 +135,10 @@ pub struct JobSummary {
     pub id: String,
     pub vm_name: String,
     pub replication_type: String,
+    /// Incremental disks run even when their change-ID chain is broken.
+    pub skip_change_check: bool,
+    /// 1 for a new job; one more each time it is queued again after it ended.
+    pub attempt: i32,
     pub status: String,
     /// `current_operation`; null until the job is started.
     pub stage: Option<String>,
@@ -245,7 +253,8 @@ pub struct Aggregate {
 }
 
 /// The change IDs the job moves the target between (those of its first disk
-/// that has any: an orchestrator gives all disks of a VM the same pair).
+/// that has any), kept for older readers: change IDs are per disk, see
+/// [`DiskProgress::cbt`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cbt {
     #[serde(rename = "type")]
@@ -281,6 +290,29 @@ pub struct DiskProgress {
     pub percent: f64,
     pub status: String,
     pub error: Option<String>,
+    /// This disk's change IDs and the CBT history of its latest ended attempt.
+    pub cbt: DiskCbt,
+}
+
+/// The change-ID side of one disk (VMware change IDs are per disk): what the
+/// copy moves the target between, what the target was last made consistent with,
+/// and the `cbt_history` row of the disk's latest attempt in this job that ended
+/// (all `null` while none has).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskCbt {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub previous_change_id: Option<String>,
+    pub change_id: Option<String>,
+    /// `change_id`, once the copy succeeded and the target was flushed.
+    pub disk_change_id: Option<String>,
+    pub attempt: Option<i32>,
+    pub sync_success: Option<bool>,
+    /// The number of ranges the copy read after merging adjacent ones (changed
+    /// ranges, or allocated data ranges for a full copy).
+    pub blocks_changed: Option<u64>,
+    pub bytes_transferred: Option<u64>,
+    pub sync_duration_seconds: Option<f64>,
 }
 
 /// `POST /api/v1/jobs/{id}/cancel`: `202` when this node stops the running job

@@ -10,10 +10,12 @@
 //! percentage down. Disk status transitions are the JobAggregator's business and
 //! are not guarded here; job status transitions are (see `jobs`).
 
+use std::collections::BTreeMap;
+
 use diesel::dsl::sql;
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool, Datetime, Double, Nullable, Text};
+use diesel::sql_types::{BigInt, Bool, Datetime, Double, Integer, Nullable, Text};
 
 use super::DbError;
 use super::jobs::{greatest, greatest_percent, refusal};
@@ -63,22 +65,25 @@ pub fn update_disk(conn: &mut MysqlConnection, owner: &Owner, update: &DiskUpdat
     })
 }
 
-/// Writes the CBT history row of one disk of one job, if `owner` holds the job,
-/// replacing the row a previous run of the same job wrote: a resumed job never
-/// adds a second row. Returns whether `owner` held the job.
+/// Writes the CBT history row of one disk for one attempt of its job, if
+/// `owner` holds the job, replacing a row the same attempt wrote before: an
+/// attempt never has two rows for a disk, a new attempt adds one. Returns
+/// whether `owner` held the job.
 pub fn record_cbt(conn: &mut MysqlConnection, owner: &Owner, record: &CbtRecord) -> Result<bool, DbError> {
     // INSERT ... SELECT from the job's row: nothing is inserted unless the owner
     // holds it, in the same statement.
     let written = diesel::sql_query(
-        "INSERT INTO cbt_history (job_id, disk_id, change_id, previous_change_id, sync_type, blocks_changed, \
-           bytes_transferred, sync_duration_seconds, sync_success) \
-         SELECT id, ?, ?, ?, ?, ?, ?, ?, ? FROM replication_jobs WHERE id = ? AND owner_node = ? AND owner_run = ? \
+        "INSERT INTO cbt_history (job_id, disk_id, attempt, change_id, previous_change_id, sync_type, \
+           blocks_changed, bytes_transferred, sync_duration_seconds, sync_success) \
+         SELECT id, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM replication_jobs \
+           WHERE id = ? AND owner_node = ? AND owner_run = ? \
          ON DUPLICATE KEY UPDATE change_id = VALUES(change_id), previous_change_id = VALUES(previous_change_id), \
            sync_type = VALUES(sync_type), blocks_changed = VALUES(blocks_changed), \
            bytes_transferred = VALUES(bytes_transferred), sync_duration_seconds = VALUES(sync_duration_seconds), \
            sync_success = VALUES(sync_success)",
     )
     .bind::<Text, _>(&record.disk_id)
+    .bind::<Integer, _>(record.attempt)
     .bind::<Nullable<Text>, _>(&record.change_id)
     .bind::<Nullable<Text>, _>(&record.previous_change_id)
     .bind::<Text, _>(record.sync_type.as_str())
@@ -97,13 +102,48 @@ pub fn record_cbt(conn: &mut MysqlConnection, owner: &Owner, record: &CbtRecord)
     Ok(written > 0)
 }
 
-/// The CBT history of a job, one record per disk, in disk id order.
-// For the admin API's view of one job, which does not read it yet.
-#[cfg_attr(not(test), allow(dead_code))]
+/// The base of each disk's change-ID chain: for every disk of job `job`, the
+/// `change_id` of the last successful sync (`sync_success = 1`, newest
+/// `created_at`) that `cbt_history` records for the same disk id of a job of the
+/// same VM (`replication_jobs.vm_name`), other than `job` itself. A disk without
+/// such a row is absent; a row without a change ID maps to `None`.
+pub fn last_change_ids(
+    conn: &mut MysqlConnection,
+    job: &str,
+    vm_name: &str,
+) -> Result<BTreeMap<String, Option<String>>, DbError> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        disk_id: String,
+        #[diesel(sql_type = Nullable<Text>)]
+        change_id: Option<String>,
+    }
+    let rows: Vec<Row> = diesel::sql_query(
+        "SELECT c.disk_id, c.change_id FROM cbt_history c JOIN replication_jobs j ON j.id = c.job_id \
+         WHERE j.vm_name = ? AND c.job_id <> ? AND c.sync_success \
+           AND c.disk_id IN (SELECT disk_id FROM vm_disks WHERE job_id = ?) \
+         ORDER BY c.created_at DESC, c.id DESC",
+    )
+    .bind::<Text, _>(vm_name)
+    .bind::<Text, _>(job)
+    .bind::<Text, _>(job)
+    .load(conn)
+    .map_err(DbError::query(format!("reading the change-ID chain of the disks of job '{job}'")))?;
+    let mut last = BTreeMap::new();
+    for Row { disk_id, change_id } in rows {
+        // Newest first: the first row of a disk is its last sync.
+        last.entry(disk_id).or_insert(change_id);
+    }
+    Ok(last)
+}
+
+/// The CBT history of a job, one record per disk and attempt, in disk id and
+/// attempt order.
 pub fn load_cbt(conn: &mut MysqlConnection, job: &str) -> Result<Vec<CbtRecord>, DbError> {
     c::table
         .filter(c::job_id.eq(job))
-        .order(c::disk_id.asc())
+        .order((c::disk_id.asc(), c::attempt.asc()))
         .select(CbtRecord::as_select())
         .load(conn)
         .map_err(DbError::query(format!("loading CBT history of job '{job}'")))
@@ -131,6 +171,7 @@ mod tests {
             nbd_export_name: None,
             vmware_vcenter: None,
             vmware_vm: None,
+            skip_change_check: false,
         };
         let disk = |id: &str| NewDisk {
             disk_id: id.into(),
@@ -222,11 +263,12 @@ mod tests {
     }
 
     #[test]
-    fn recording_cbt_twice_leaves_one_row_with_the_latest_values() {
+    fn recording_cbt_twice_in_one_attempt_leaves_one_row_with_the_latest_values() {
         let (db, mut conn) = setup("cbt");
         let first = CbtRecord {
             job_id: "j".into(),
             disk_id: "disk-1".into(),
+            attempt: 1,
             change_id: Some("52 aa-1/7".into()),
             previous_change_id: Some("52 aa-1/6".into()),
             sync_type: ReplicationType::Incremental,
@@ -251,7 +293,45 @@ mod tests {
         for who in [Owner { run: "r0".into(), ..owner() }, Owner { node: "m".into(), ..owner() }] {
             assert!(!record_cbt(&mut conn, &who, &stale).unwrap());
         }
-        assert_eq!(load_cbt(&mut conn, "j").unwrap(), [second, other]);
+        assert_eq!(load_cbt(&mut conn, "j").unwrap(), [second.clone(), other.clone()]);
+
+        // The job queued again: its next attempt adds a row of its own.
+        let retried = CbtRecord { attempt: 2, bytes_transferred: 5, ..second.clone() };
+        record_cbt(&mut conn, &owner(), &retried).unwrap();
+        assert_eq!(load_cbt(&mut conn, "j").unwrap(), [second, retried, other]);
+    }
+
+    /// Inserts job `id` of `vm` with `disks`, owned by [`owner`], and a history
+    /// row `(disk, change_id, success)` for each of `synced`, in order.
+    fn synced(db: &super::super::testing::mariadb::TestDb, id: &str, vm: &str, synced: &[(&str, Option<&str>, bool)]) {
+        db.execute(&format!(
+            "INSERT INTO replication_jobs (id, vm_name, owner_node, owner_run) VALUES ('{id}', '{vm}', 'n', 'r1')"
+        ));
+        for (disk, change_id, ok) in synced {
+            let cid = change_id.map_or("NULL".to_string(), |c| format!("'{c}'"));
+            db.execute(&format!(
+                "INSERT IGNORE INTO vm_disks (job_id, disk_id, source_uri, target_uri) VALUES ('{id}', '{disk}', 's', 't');
+                 INSERT INTO cbt_history (job_id, disk_id, attempt, change_id, sync_type, sync_success)
+                   SELECT '{id}', '{disk}', COUNT(*) + 1, {cid}, 'full', {ok} FROM cbt_history WHERE job_id = '{id}' AND disk_id = '{disk}'"
+            ));
+        }
+    }
+
+    #[test]
+    fn the_chain_base_is_the_last_successful_sync_of_the_same_vm_and_disk_in_another_job() {
+        let (db, mut conn) = setup("chain");
+        // Job `j` (vm, disk-1 and disk-2) is the one being checked.
+        synced(&db, "old", "vm", &[("disk-1", Some("cid-1"), true), ("disk-2", Some("cid-x"), true)]);
+        synced(&db, "newer", "vm", &[("disk-1", Some("cid-2"), true), ("disk-1", Some("cid-3"), false)]);
+        synced(&db, "other-vm", "vm2", &[("disk-1", Some("cid-9"), true), ("disk-2", Some("cid-9"), true)]);
+        synced(&db, "no-id", "vm", &[("disk-2", None, true)]);
+        synced(&db, "elsewhere", "vm", &[("disk-3", Some("cid-7"), true)]);
+        // The job's own rows (an earlier attempt) never count.
+        db.execute("INSERT INTO cbt_history (job_id, disk_id, change_id, sync_type, sync_success) VALUES ('j', 'disk-1', 'cid-own', 'full', 1)");
+        let expected: BTreeMap<String, Option<String>> =
+            [("disk-1".to_string(), Some("cid-2".to_string())), ("disk-2".to_string(), None)].into();
+        assert_eq!(last_change_ids(&mut conn, "j", "vm").unwrap(), expected);
+        assert!(last_change_ids(&mut conn, "j", "vm3").unwrap().is_empty(), "no sync of this vm");
     }
 
     #[test]

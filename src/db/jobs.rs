@@ -86,6 +86,16 @@ fn pending_or_run_before() -> SqlLiteral<Bool> {
     sql(&format!("(BINARY replication_jobs.status IN ({list}) OR replication_jobs.owner_run IS NOT NULL)"))
 }
 
+/// A job a daemon ran before that is `pending` again: the orchestrator queued it
+/// again after it ended, and its claim starts a new attempt (`attempt + 1`, the
+/// last attempt's error and completion time cleared). A run that crashed or was
+/// stopped left its job in a later status (`preparing` at least: a run writes it
+/// first), and resuming it continues the same attempt.
+fn queued_again() -> String {
+    let list = status_values(&[JobStatus::Pending]).iter().map(|v| format!("'{v}'")).collect::<Vec<_>>().join(", ");
+    format!("(BINARY replication_jobs.status IN ({list}) AND replication_jobs.owner_run IS NOT NULL)")
+}
+
 /// Ready to run: at least one disk, each with a source (in a VMware job: a
 /// device key; the daemon serves the disk itself) and a target; or incomplete
 /// for longer than [`INCOMPLETE_GRACE`] (claimed so that it fails with a
@@ -113,6 +123,7 @@ pub fn insert_job(conn: &mut MysqlConnection, job: &NewJob, disks: &[NewDisk]) -
                 j::vm_name.eq(&job.vm_name),
                 j::vm_path.eq(&job.vm_path),
                 j::replication_type.eq(job.replication_type.as_str()),
+                j::skip_change_check.eq(job.skip_change_check),
                 j::status.eq(JobStatus::Pending.as_db()),
                 j::nbd_export_name.eq(&job.nbd_export_name),
                 j::vmware_vcenter.eq(&job.vmware_vcenter),
@@ -195,7 +206,17 @@ pub fn claim_jobs(
             .filter(status_is(&live))
             .filter(claimable())
             .filter(pending_or_run_before())
+            // MariaDB assigns left to right, each expression seeing the columns
+            // as assigned so far: the new-attempt test reads the old `owner_run`,
+            // so these come before it.
             .set((
+                j::attempt
+                    .eq(sql::<diesel::sql_types::Integer>(&format!("IF({}, attempt + 1, attempt)", queued_again()))),
+                j::error_message.eq(sql::<Nullable<diesel::sql_types::Text>>(&format!(
+                    "IF({}, NULL, error_message)",
+                    queued_again()
+                ))),
+                j::completed_at.eq(sql::<Nullable<Datetime>>(&format!("IF({}, NULL, completed_at)", queued_again()))),
                 j::owner_node.eq(&owner.node),
                 j::owner_run.eq(&owner.run),
                 j::lease_expires_at.eq(lease_expiry(lease)),
@@ -217,7 +238,10 @@ pub fn renew_lease(conn: &mut MysqlConnection, id: &str, owner: &Owner, lease: D
         .filter(j::id.eq(id))
         .filter(owned_by(owner))
         .filter(status_is(&live_statuses()))
-        .set(j::lease_expires_at.eq(lease_expiry(lease)))
+        // Naming `updated_at` keeps its ON UPDATE from firing: a renewal is no
+        // change of the job, and an orchestrator's "no update for N minutes"
+        // query must see a stalled job as stalled.
+        .set((j::lease_expires_at.eq(lease_expiry(lease)), j::updated_at.eq(j::updated_at)))
         .execute(conn)
         .map_err(DbError::query(format!("renewing the lease on job '{id}'")))?;
     Ok(updated == 1)
@@ -491,6 +515,7 @@ mod tests {
             nbd_export_name: Some(format!("migration-vol-{id}")),
             vmware_vcenter: None,
             vmware_vm: None,
+            skip_change_check: false,
         }
     }
 
@@ -619,6 +644,47 @@ mod tests {
         assert!(forget_snapshot(&mut conn, &want).unwrap());
         assert!(!forget_snapshot(&mut conn, &want).unwrap(), "once");
         assert!(left_snapshots(&mut conn).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_lease_renewal_leaves_updated_at_alone() {
+        let (db, mut conn) = fresh("renew_updated_at");
+        db.execute(ORCHESTRATOR_INSERT);
+        let a = claim_one(&mut conn, "node-a", "job-1");
+        db.execute(
+            "UPDATE replication_jobs SET updated_at = '2020-01-01 00:00:00', lease_expires_at = UTC_TIMESTAMP(6)",
+        );
+        assert!(renew_lease(&mut conn, "job-1", &a, MINUTE).unwrap());
+        let (job, _) = load_job(&mut conn, "job-1").unwrap();
+        assert_near(job.lease_expires_at.unwrap(), now() + TimeDelta::seconds(60));
+        assert_eq!(job.updated_at.to_string(), "2020-01-01 00:00:00", "a renewal is no change of the job");
+    }
+
+    #[test]
+    fn a_job_queued_again_after_it_ended_is_claimed_as_a_new_attempt() {
+        let (db, mut conn) = fresh("attempts");
+        db.execute(ORCHESTRATOR_INSERT);
+        let attempt = |conn: &mut MysqlConnection| load_job(conn, "job-1").unwrap().0.attempt;
+        claim_one(&mut conn, "node-a", "job-1");
+        assert_eq!(attempt(&mut conn), 1, "a new job");
+        // The run crashed mid-copy; another node resumes it: the same attempt.
+        db.execute(
+            "UPDATE replication_jobs SET status = 'streaming', lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND",
+        );
+        claim_one(&mut conn, "node-b", "job-1");
+        assert_eq!(attempt(&mut conn), 1, "a resumed run");
+        // It failed and was released; the orchestrator queues it again.
+        for (n, word) in [(2, "pending"), (3, "replicating")] {
+            db.execute(&format!(
+                "UPDATE replication_jobs SET status = 'failed', error_message = 'boom', completed_at = UTC_TIMESTAMP(6),
+                   owner_node = NULL, lease_expires_at = NULL;
+                 UPDATE replication_jobs SET status = '{word}' WHERE id = 'job-1';"
+            ));
+            claim_one(&mut conn, "node-a", "job-1");
+            let (job, _) = load_job(&mut conn, "job-1").unwrap();
+            assert_eq!((job.attempt, job.error_message, job.completed_at), (n, None, None), "queued again as {word}");
+            assert_eq!(job.owner_node.as_deref(), Some("node-a"));
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ use diesel::prelude::*;
 use diesel::sql_types::Integer;
 
 pub use self::{
-    disks::{record_cbt, update_disk},
+    disks::{last_change_ids, load_cbt, record_cbt, update_disk},
     error::{DbError, redact_url},
     events::{insert_events, recent_events},
     jobs::{
@@ -51,9 +51,6 @@ pub use self::{
 // Rows carry `Word`s; code outside `db` names the type only in tests so far.
 #[allow(unused_imports)]
 pub use self::models::Word;
-// CBT history is read by tests only so far.
-#[allow(unused_imports)]
-pub use self::disks::load_cbt;
 
 /// Opens a connection and makes its session work in UTC, so that the schema's
 /// `CURRENT_TIMESTAMP(6)` defaults and `ON UPDATE` clauses store UTC like

@@ -38,6 +38,9 @@ pub struct Job {
     /// job; cleared once it is removed.
     pub vmware_snapshot: Option<String>,
     pub replication_type: Word<ReplicationType>,
+    /// Run incremental disks even when their `previous_change_id` does not
+    /// continue the recorded chain (the orchestrator's explicit choice).
+    pub skip_change_check: bool,
     /// `replicating` in the row reads as `Pending`.
     pub status: Word<JobStatus>,
     /// Kept as text: the orchestrator writes its own stages here too (see
@@ -60,6 +63,9 @@ pub struct Job {
     pub lease_expires_at: Option<NaiveDateTime>,
     /// The run (claim) that holds the lease, or last held it.
     pub owner_run: Option<String>,
+    /// Which attempt of the job this is (1 for a new job; a job queued again
+    /// after it ended is a new attempt, a resumed run is not).
+    pub attempt: i32,
     pub last_progress_at: Option<NaiveDateTime>,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
@@ -120,6 +126,8 @@ pub struct NewJob {
     /// A VMware job: the vCenter's section name and the VM.
     pub vmware_vcenter: Option<String>,
     pub vmware_vm: Option<String>,
+    /// See [`Job::skip_change_check`].
+    pub skip_change_check: bool,
 }
 
 /// A disk of a [`NewJob`].
@@ -212,17 +220,23 @@ pub struct LeftSnapshot {
     pub owner_run: String,
 }
 
-/// One `cbt_history` row: the audit record of one disk's copy in one job.
+/// One `cbt_history` row: the audit record of one disk's copy in one attempt
+/// of a job that ended (completed, failed or cancelled).
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
 #[diesel(table_name = cbt_history, check_for_backend(Mysql))]
 pub struct CbtRecord {
     pub job_id: String,
     pub disk_id: String,
+    /// The job's attempt (`replication_jobs.attempt`) the copy belonged to.
+    pub attempt: i32,
     pub change_id: Option<String>,
     pub previous_change_id: Option<String>,
     pub sync_type: ReplicationType,
-    /// The number of changed ranges (incremental) or data extents (full) copied.
+    /// The number of ranges the copy reads after merging adjacent ones (changed
+    /// ranges for an incremental copy, allocated data ranges for a full one), as
+    /// planned; 0 when the disk ended before it was planned.
     pub blocks_changed: i64,
+    /// Bytes of the planned ranges copied: all of them on success, so far otherwise.
     pub bytes_transferred: i64,
     pub sync_duration_seconds: f64,
     pub sync_success: bool,

@@ -7,6 +7,7 @@ diesel::table! {
         job_id -> Varchar,
         #[max_length = 64]
         disk_id -> Varchar,
+        attempt -> Integer,
         #[max_length = 255]
         change_id -> Nullable<Varchar>,
         #[max_length = 255]
@@ -55,6 +56,7 @@ diesel::table! {
         vmware_snapshot -> Nullable<Varchar>,
         #[max_length = 16]
         replication_type -> Varchar,
+        skip_change_check -> Bool,
         #[max_length = 32]
         status -> Varchar,
         #[max_length = 32]
@@ -73,6 +75,7 @@ diesel::table! {
         lease_expires_at -> Nullable<Datetime>,
         #[max_length = 64]
         owner_run -> Nullable<Varchar>,
+        attempt -> Integer,
         last_progress_at -> Nullable<Datetime>,
         created_at -> Datetime,
         updated_at -> Datetime,

@@ -205,10 +205,12 @@ fn after_kill_9_a_restart_resumes_from_the_last_checkpoint() {
     assert_eq!(total(&reads), (768 << 20) - checkpoint, "everything after it is");
     assert!(daemon.log_text().contains(&format!("resuming from offset {checkpoint}")));
     assert_eq!(num(job(&db, "job-k", "bytes_transferred")) as u64, 768 << 20);
+    // The resumed run is the same attempt: one history row, its success.
     assert_eq!(
-        one(&db, "SELECT CAST(COUNT(*) AS CHAR) AS v FROM cbt_history WHERE job_id='job-k'").as_deref(),
-        Some("1")
+        db.column("SELECT CONCAT_WS(' ', attempt, sync_success) AS v FROM cbt_history WHERE job_id='job-k'"),
+        [Some("1 1".to_string())]
     );
+    assert_eq!(job(&db, "job-k", "attempt").as_deref(), Some("1"));
     let clean = Server::nbdkit(d.path(), "clean", &plugin.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(checksum(&clean.uri()), checksum(&dst.uri()), "the target is byte-identical to the source");
 }

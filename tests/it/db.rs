@@ -80,6 +80,24 @@ fn every_migration_can_be_undone_and_redone() {
     assert_eq!(db.tables(), TABLES);
 }
 
+/// The attempt and change-check migrations (issue 12) find a database that has
+/// their columns and keys already (one a DBA made from `schema.sql`, or a second
+/// run) and change nothing.
+#[test]
+fn the_attempt_and_change_check_migrations_are_idempotent() {
+    let db = with_schema_sql("it_idempotent");
+    let before: Vec<String> = TABLES.iter().map(|t| db.show_create_table(t)).collect();
+    for dir in migrations().iter().filter(|d| {
+        let name = d.file_name().unwrap().to_string_lossy().into_owned();
+        name.starts_with("2025-09-01-000008_") || name.starts_with("2025-09-01-000009_")
+    }) {
+        db.execute(&read(&dir.join("up.sql")));
+        db.execute(&read(&dir.join("up.sql")));
+    }
+    let after: Vec<String> = TABLES.iter().map(|t| db.show_create_table(t)).collect();
+    assert_eq!(after, before);
+}
+
 #[test]
 fn the_orchestrators_insert_gets_the_documented_defaults() {
     let db = with_schema_sql("it_orchestrator");

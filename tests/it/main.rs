@@ -13,6 +13,7 @@ mod admin;
 mod copy;
 mod daemon;
 mod db;
+mod history;
 mod peers;
 mod trust;
 mod vmware;

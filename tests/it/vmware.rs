@@ -130,10 +130,15 @@ struct VmDisk<'a> {
 
 /// Queues a VMware job of the simulator's VM by SQL, as an orchestrator does.
 fn queue_vm(db: &TestDb, id: &str, kind: &str, sim: &Vcsim, disks: &[VmDisk<'_>]) {
+    queue_vm_with(db, id, kind, false, sim, disks);
+}
+
+/// [`queue_vm`], with the job's `skip_change_check`.
+fn queue_vm_with(db: &TestDb, id: &str, kind: &str, skip_check: bool, sim: &Vcsim, disks: &[VmDisk<'_>]) {
     let mut sql = format!(
-        "INSERT INTO replication_jobs (id, vm_name, replication_type, status, vmware_vcenter, vmware_vm) \
-         VALUES ('{id}', '{}', '{kind}', 'pending', 'sim', '{}');",
-        sim.vm_name, sim.vm_path
+        "INSERT INTO replication_jobs (id, vm_name, replication_type, skip_change_check, status, vmware_vcenter, \
+           vmware_vm) VALUES ('{id}', '{}', '{kind}', {}, 'pending', 'sim', '{}');",
+        sim.vm_name, skip_check as u8, sim.vm_path
     );
     for d in disks {
         let previous = d.previous.as_ref().map_or("NULL".to_string(), |p| format!("'{p}'"));
@@ -249,14 +254,18 @@ fn an_invalid_previous_change_id_fails_the_disk_naming_it() {
     let (file, t) = target(d, "t0", sim.disks[0].capacity, &[]);
     let stale = "52 de ad be ef 00 00 00-00 00 00 00 00 00 00 01/99";
     let disks = [VmDisk { key: sim.disks[0].key, target: &t, previous: Some(stale.into()), zero: false }];
-    queue_vm(&db, "vm-bad", "incremental", &sim, &disks);
-    wait_status(&db, "vm-bad", "failed", &daemon);
-    let err = disk(&db, "vm-bad", "disk-2000", "error_message").unwrap_or_default();
-    assert!(err.contains(stale) && !err.contains('\n'), "one line naming the change ID: {err}");
-    assert!(job(&db, "vm-bad", "error_message").unwrap_or_default().contains(stale));
-    assert!(std::fs::read(&file).unwrap().iter().all(|&b| b == 0), "never a silent full copy");
-    assert_eq!(disk(&db, "vm-bad", "disk-2000", "disk_change_id"), None);
-    assert!(snapshots(&daemon, &sim).is_empty(), "the snapshot is removed on failure");
+    // No sync of this VM's disk is recorded: the chain check refuses it at the
+    // claim. Skipping that check, vCenter refuses the change ID itself.
+    for (id, skip, what) in [("vm-unchained", false, "change ID chain broken"), ("vm-bad", true, "not valid")] {
+        queue_vm_with(&db, id, "incremental", skip, &sim, &disks);
+        wait_status(&db, id, "failed", &daemon);
+        let err = disk(&db, id, "disk-2000", "error_message").unwrap_or_default();
+        assert!(err.contains(stale) && err.contains(what) && !err.contains('\n'), "one line naming the ID: {err}");
+        assert!(job(&db, id, "error_message").unwrap_or_default().contains(stale));
+        assert!(std::fs::read(&file).unwrap().iter().all(|&b| b == 0), "never a silent full copy");
+        assert_eq!(disk(&db, id, "disk-2000", "disk_change_id"), None);
+        assert!(snapshots(&daemon, &sim).is_empty(), "the snapshot is removed on failure");
+    }
 }
 
 #[test]
