@@ -85,16 +85,24 @@ fn pending_or_run_before() -> SqlLiteral<Bool> {
     sql(&format!("(BINARY replication_jobs.status IN ({list}) OR replication_jobs.owner_run IS NOT NULL)"))
 }
 
-/// Ready to run: at least one disk, each with a source and a target; or
-/// incomplete for longer than [`INCOMPLETE_GRACE`] (claimed so that it fails
-/// with a message, see the aggregator's validation).
+/// Ready to run: at least one disk, each with a source and a target; or a
+/// `pending` job incomplete for longer than [`INCOMPLETE_GRACE`] (claimed so
+/// that it fails with a message, see the aggregator's validation).
+///
+/// Only `pending`: `replicating` is what older orchestrators write once the
+/// target exports exist, so a `replicating` row that is incomplete was never
+/// meant for blockrepl. It is the older system's own row (a database adopted
+/// with its rows, whose disks have no `source_uri`/`target_uri`), and is left
+/// alone, never failed (docs/orchestrator.md, "Older status words").
 fn ready_or_overdue() -> SqlLiteral<Bool> {
     sql(&format!(
         "((EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id) \
            AND NOT EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id \
              AND (vm_disks.source_uri IS NULL OR vm_disks.source_uri = '' \
                   OR vm_disks.target_uri IS NULL OR vm_disks.target_uri = ''))) \
-          OR replication_jobs.created_at < UTC_TIMESTAMP(6) - INTERVAL {} SECOND)",
+          OR (BINARY replication_jobs.status = '{}' \
+              AND replication_jobs.created_at < UTC_TIMESTAMP(6) - INTERVAL {} SECOND))",
+        JobStatus::Pending.as_db(),
         INCOMPLETE_GRACE.as_secs()
     ))
 }
@@ -558,9 +566,14 @@ mod tests {
             "UPDATE replication_jobs SET created_at = created_at - INTERVAL {} SECOND WHERE id LIKE 'no-%'",
             INCOMPLETE_GRACE.as_secs() + 1
         ));
+        // Except in `replicating`: an incomplete row in that word is an older
+        // system's own, left alone however old.
+        db.execute("UPDATE replication_jobs SET status = 'replicating' WHERE id = 'no-source'");
         let mut overdue = claim(&mut conn, "n", 10, &[]);
         overdue.sort();
-        assert_eq!(overdue, ["no-disks", "no-source", "no-target"]);
+        assert_eq!(overdue, ["no-disks", "no-target"]);
+        let owner = db.column("SELECT IFNULL(owner_node, '-') AS v FROM replication_jobs WHERE id = 'no-source'");
+        assert_eq!(owner, [Some("-".to_string())]);
     }
 
     #[test]

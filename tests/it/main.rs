@@ -10,6 +10,7 @@
 use testkit::{harness, mariadb, vcsim};
 
 mod admin;
+mod adopt;
 mod copy;
 mod daemon;
 mod db;
