@@ -14,6 +14,7 @@ mod adopt;
 mod copy;
 mod daemon;
 mod db;
+mod orchestrator;
 mod peers;
 mod trust;
 mod vmware;
