@@ -85,25 +85,32 @@ fn pending_or_run_before() -> SqlLiteral<Bool> {
     sql(&format!("(BINARY replication_jobs.status IN ({list}) OR replication_jobs.owner_run IS NOT NULL)"))
 }
 
-/// Ready to run: at least one disk, each with a source and a target; or a
-/// `pending` job incomplete for longer than [`INCOMPLETE_GRACE`] (claimed so
-/// that it fails with a message, see the aggregator's validation).
+/// Ready to run: at least one disk, each with a source and a target; or
+/// incomplete for longer than [`INCOMPLETE_GRACE`] (claimed so that it fails
+/// with a message, see the aggregator's validation), unless it is not
+/// blockrepl's.
 ///
-/// Only `pending`: `replicating` is what older orchestrators write once the
-/// target exports exist, so a `replicating` row that is incomplete was never
-/// meant for blockrepl. It is the older system's own row (a database adopted
-/// with its rows, whose disks have no `source_uri`/`target_uri`), and is left
-/// alone, never failed (docs/orchestrator.md, "Older status words").
+/// Not blockrepl's, so never claimed, not even to be failed: a job with a disk
+/// that has neither a `source_uri` nor a `target_uri` (a disk row written for
+/// another program: an older system's rows in an adopted database get empty
+/// ones), and a `replicating` job without disks (older orchestrators write
+/// `replicating` only once the target exports exist, so one without disks is
+/// the older system's own). See docs/orchestrator.md, "Older status words".
 fn ready_or_overdue() -> SqlLiteral<Bool> {
+    let missing = |column: &str| format!("(vm_disks.{column} IS NULL OR vm_disks.{column} = '')");
     sql(&format!(
         "((EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id) \
            AND NOT EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id \
-             AND (vm_disks.source_uri IS NULL OR vm_disks.source_uri = '' \
-                  OR vm_disks.target_uri IS NULL OR vm_disks.target_uri = ''))) \
-          OR (BINARY replication_jobs.status = '{}' \
-              AND replication_jobs.created_at < UTC_TIMESTAMP(6) - INTERVAL {} SECOND))",
-        JobStatus::Pending.as_db(),
-        INCOMPLETE_GRACE.as_secs()
+             AND ({source} OR {target}))) \
+          OR (replication_jobs.created_at < UTC_TIMESTAMP(6) - INTERVAL {grace} SECOND \
+              AND NOT EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id \
+                AND {source} AND {target}) \
+              AND (BINARY replication_jobs.status = '{pending}' \
+                   OR EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id))))",
+        source = missing("source_uri"),
+        target = missing("target_uri"),
+        grace = INCOMPLETE_GRACE.as_secs(),
+        pending = JobStatus::Pending.as_db(),
     ))
 }
 
@@ -566,14 +573,23 @@ mod tests {
             "UPDATE replication_jobs SET created_at = created_at - INTERVAL {} SECOND WHERE id LIKE 'no-%'",
             INCOMPLETE_GRACE.as_secs() + 1
         ));
-        // Except in `replicating`: an incomplete row in that word is an older
-        // system's own, left alone however old.
-        db.execute("UPDATE replication_jobs SET status = 'replicating' WHERE id = 'no-source'");
+        // Except rows that are not blockrepl's, however old: a disk with neither
+        // URI (an older system's), or `replicating` without disks.
+        insert_job(&mut conn, &new_job("not-ours"), &[NewDisk { source_uri: String::new(), ..disk(1) }, disk(2)])
+            .unwrap();
+        insert_job(&mut conn, &new_job("older-no-disks"), &[]).unwrap();
+        db.execute(&format!(
+            "UPDATE vm_disks SET target_uri = '' WHERE job_id = 'not-ours' AND disk_id = 'disk-1';
+             UPDATE replication_jobs SET status = 'replicating' WHERE id = 'older-no-disks';
+             UPDATE replication_jobs SET created_at = created_at - INTERVAL {} SECOND
+               WHERE id IN ('not-ours', 'older-no-disks')",
+            INCOMPLETE_GRACE.as_secs() + 1
+        ));
         let mut overdue = claim(&mut conn, "n", 10, &[]);
         overdue.sort();
-        assert_eq!(overdue, ["no-disks", "no-target"]);
-        let owner = db.column("SELECT IFNULL(owner_node, '-') AS v FROM replication_jobs WHERE id = 'no-source'");
-        assert_eq!(owner, [Some("-".to_string())]);
+        assert_eq!(overdue, ["no-disks", "no-source", "no-target"]);
+        let unowned = db.column("SELECT id AS v FROM replication_jobs WHERE owner_node IS NULL ORDER BY id");
+        assert_eq!(unowned, ["done", "not-ours", "older-no-disks", "streaming"].map(|s| Some(s.to_string())));
     }
 
     #[test]
