@@ -1,4 +1,4 @@
-//! The daemon adopting an existing database (issue 12 item 1), as a child
+//! The daemon adopting an existing database, as a child
 //! process on the test MariaDB: an empty database, one a DBA made from
 //! `schema.sql` before the first start, and one holding the older system's
 //! tables with their rows. Each time the daemon starts, leaves every older
