@@ -1,5 +1,7 @@
 -- blockrepl database schema (MySQL 8 / MariaDB >= 10.6). All times are UTC DATETIME(6).
--- The daemon applies the same DDL through the diesel migrations in migrations/;
+-- The daemon reads this file (compiled in) and brings its database to it at start-up,
+-- adding only what is missing (src/db/adopt.rs): keep one column or key a line.
+-- The diesel migrations in migrations/ are the same changes as idempotent steps;
 -- a test keeps this file and the migrations equal.
 
 CREATE TABLE replication_jobs (

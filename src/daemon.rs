@@ -67,6 +67,9 @@ async fn serve(settings: Arc<Settings>, node: String, reload: Reload, exec: &Exe
                 }
                 // Another live daemon runs under this node id: never both.
                 Err(e @ DbError::NodeInUse { .. }) => return Err(e.into()),
+                // A column we cannot work with: waiting will not change it, and
+                // nothing was changed (the one line is the exit message).
+                Err(e @ DbError::SchemaConflict { .. }) => return Err(e.into()),
                 Err(e) => {
                     let wait = settings.database.retry_interval;
                     tracing::warn!(error = %e, "database not ready; retrying in {}", humantime::format_duration(wait));

@@ -1,1 +1,1 @@
-DROP TABLE replication_jobs;
+DROP TABLE IF EXISTS replication_jobs;

@@ -1,5 +1,6 @@
 -- Mirrors schema.sql. One statement per migration: MariaDB commits DDL implicitly.
-CREATE TABLE replication_jobs (
+-- Idempotent (IF NOT EXISTS), so it can run on a database made from schema.sql.
+CREATE TABLE IF NOT EXISTS replication_jobs (
     id                     VARCHAR(64)  NOT NULL,
     vm_name                VARCHAR(255) NOT NULL,
     vm_path                VARCHAR(1024) NULL,

@@ -1,1 +1,1 @@
-DROP TABLE vm_disks;
+DROP TABLE IF EXISTS vm_disks;

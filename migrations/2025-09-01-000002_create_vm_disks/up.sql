@@ -1,5 +1,6 @@
 -- Mirrors schema.sql. One statement per migration: MariaDB commits DDL implicitly.
-CREATE TABLE vm_disks (
+-- Idempotent (IF NOT EXISTS), so it can run on a database made from schema.sql.
+CREATE TABLE IF NOT EXISTS vm_disks (
     id                    BIGINT       NOT NULL AUTO_INCREMENT,
     job_id                VARCHAR(64)  NOT NULL,
     disk_id               VARCHAR(64)  NOT NULL,

@@ -1,1 +1,1 @@
-DROP TABLE cbt_history;
+DROP TABLE IF EXISTS cbt_history;

@@ -1,5 +1,6 @@
 -- Mirrors schema.sql. One statement per migration: MariaDB commits DDL implicitly.
-CREATE TABLE cbt_history (
+-- Idempotent (IF NOT EXISTS), so it can run on a database made from schema.sql.
+CREATE TABLE IF NOT EXISTS cbt_history (
     id                    BIGINT       NOT NULL AUTO_INCREMENT,
     job_id                VARCHAR(64)  NOT NULL,
     disk_id               VARCHAR(64)  NOT NULL,

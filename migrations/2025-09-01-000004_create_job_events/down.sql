@@ -1,1 +1,1 @@
-DROP TABLE job_events;
+DROP TABLE IF EXISTS job_events;

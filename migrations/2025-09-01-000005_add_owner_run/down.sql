@@ -1,1 +1,1 @@
-ALTER TABLE replication_jobs DROP COLUMN owner_run;
+ALTER TABLE replication_jobs DROP COLUMN IF EXISTS owner_run;

@@ -1,1 +1,1 @@
-ALTER TABLE vm_disks DROP COLUMN keep_allocated;
+ALTER TABLE vm_disks DROP COLUMN IF EXISTS keep_allocated;

@@ -1,7 +1,7 @@
 //! The DbWriter's throttle: which pending row is written now, and how pending
 //! updates of one row merge.
 //!
-//! [`Throttle`] holds the progress-write rules of SPEC.md per row (job or disk);
+//! [`Throttle`] holds the progress-write rules (README.md, "Running the daemon") per row (job or disk);
 //! the merges put a newer update on top of an older one not yet written, so that
 //! a row waits as one latest state rather than as a queue. Plain data: no actor,
 //! no database, no clock of its own (the caller passes `now`).
@@ -30,7 +30,7 @@ pub struct Mark {
     pub terminal: bool,
 }
 
-/// The progress-write rules of SPEC.md, per row: write when the percentage moved
+/// The progress-write rules, per row: write when the percentage moved
 /// by at least `step` points, or `interval` passed since the last write and
 /// something changed, or the status or operation changed; terminal states at once.
 #[derive(Debug)]

@@ -221,8 +221,8 @@ pub struct EventView {
     pub correlation_id: String,
 }
 
-/// `GET /api/v1/progress/{job_id or nbd_export_name}`: the shape of SPEC.md,
-/// with extra fields after it.
+/// `GET /api/v1/progress/{job_id or nbd_export_name}`: the shape README.md
+/// documents, with extra fields after it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
     pub job_id: String,

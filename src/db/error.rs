@@ -22,6 +22,15 @@ pub enum DbError {
     #[error("cannot apply database migrations: {error}")]
     Migration { error: String },
 
+    /// An existing column blockrepl cannot work with (see `adopt::compatible`);
+    /// `more` counts the other conflicting columns. Nothing was changed.
+    #[error(
+        "cannot adopt the database: column {table}.{column} is {found}, blockrepl needs {expected}{}; \
+         nothing was changed",
+        more_conflicts(.more)
+    )]
+    SchemaConflict { table: String, column: String, found: String, expected: String, more: usize },
+
     /// The daemon's own database plumbing failed (its database thread is gone, or
     /// answered with the wrong kind of reply): a bug, not the database's fault.
     #[error("internal error in the database writer: {error}")]
@@ -71,6 +80,11 @@ pub enum DbError {
     /// afterwards: another writer changed the row in between.
     #[error("job '{job}' changed concurrently; try again")]
     Concurrent { job: String },
+}
+
+/// The tail of [`DbError::SchemaConflict`]'s line when more columns conflict.
+fn more_conflicts(more: &usize) -> String {
+    if *more > 0 { format!(" (and {more} more conflicting columns)") } else { String::new() }
 }
 
 impl DbError {

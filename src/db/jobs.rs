@@ -99,17 +99,33 @@ fn queued_again() -> String {
 /// Ready to run: at least one disk, each with a source (in a VMware job: a
 /// device key; the daemon serves the disk itself) and a target; or incomplete
 /// for longer than [`INCOMPLETE_GRACE`] (claimed so that it fails with a
-/// message, see the aggregator's validation).
+/// message, see the aggregator's validation), unless it is not blockrepl's.
+///
+/// Not blockrepl's, so never claimed, not even to be failed: a job with a disk
+/// that has neither a `source_uri` nor a `target_uri` (a disk row written for
+/// another program: an older system's rows in an adopted database get empty
+/// ones), and a `replicating` job without disks (older orchestrators write
+/// `replicating` only once the target exports exist, so one without disks is
+/// the older system's own). See docs/orchestrator.md, "Older status words".
 fn ready_or_overdue() -> SqlLiteral<Bool> {
+    let missing = |column: &str| format!("(vm_disks.{column} IS NULL OR vm_disks.{column} = '')");
     sql(&format!(
         "((EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id) \
            AND NOT EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id \
-             AND (IF(replication_jobs.vmware_vcenter IS NULL, \
-                     vm_disks.source_uri IS NULL OR vm_disks.source_uri = '', \
-                     vm_disks.vmware_disk_key IS NULL) \
-                  OR vm_disks.target_uri IS NULL OR vm_disks.target_uri = ''))) \
-          OR replication_jobs.created_at < UTC_TIMESTAMP(6) - INTERVAL {} SECOND)",
-        INCOMPLETE_GRACE.as_secs()
+             AND ({no_source} OR {target}))) \
+          OR (replication_jobs.created_at < UTC_TIMESTAMP(6) - INTERVAL {grace} SECOND \
+              AND NOT EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id \
+                AND {source} AND {target}) \
+              AND (BINARY replication_jobs.status = '{pending}' \
+                   OR EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id))))",
+        no_source = format!(
+            "IF(replication_jobs.vmware_vcenter IS NULL, {}, vm_disks.vmware_disk_key IS NULL)",
+            missing("source_uri")
+        ),
+        source = missing("source_uri"),
+        target = missing("target_uri"),
+        grace = INCOMPLETE_GRACE.as_secs(),
+        pending = JobStatus::Pending.as_db(),
     ))
 }
 
@@ -719,9 +735,23 @@ mod tests {
             "UPDATE replication_jobs SET created_at = created_at - INTERVAL {} SECOND WHERE id LIKE 'no-%'",
             INCOMPLETE_GRACE.as_secs() + 1
         ));
+        // Except rows that are not blockrepl's, however old: a disk with neither
+        // URI (an older system's), or `replicating` without disks.
+        insert_job(&mut conn, &new_job("not-ours"), &[NewDisk { source_uri: String::new(), ..disk(1) }, disk(2)])
+            .unwrap();
+        insert_job(&mut conn, &new_job("older-no-disks"), &[]).unwrap();
+        db.execute(&format!(
+            "UPDATE vm_disks SET target_uri = '' WHERE job_id = 'not-ours' AND disk_id = 'disk-1';
+             UPDATE replication_jobs SET status = 'replicating' WHERE id = 'older-no-disks';
+             UPDATE replication_jobs SET created_at = created_at - INTERVAL {} SECOND
+               WHERE id IN ('not-ours', 'older-no-disks')",
+            INCOMPLETE_GRACE.as_secs() + 1
+        ));
         let mut overdue = claim(&mut conn, "n", 10, &[]);
         overdue.sort();
         assert_eq!(overdue, ["no-disks", "no-source", "no-target"]);
+        let unowned = db.column("SELECT id AS v FROM replication_jobs WHERE owner_node IS NULL ORDER BY id");
+        assert_eq!(unowned, ["done", "not-ours", "older-no-disks", "streaming"].map(|s| Some(s.to_string())));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! checkpoints, CBT history), `events`, `node` (one live daemon per node id),
 //! `deadline` (cutting a connection that does not answer), `migrate`, `error`.
 
+mod adopt;
 pub mod deadline;
 mod disks;
 mod error;

@@ -1,4 +1,4 @@
-//! Jobs as an orchestrator queues them (plain SQL on the SPEC's tables) and
+//! Jobs as an orchestrator queues them (plain SQL, as docs/orchestrator.md shows) and
 //! their rows as the daemon leaves them: shared by the daemon's integration
 //! tests and the chaos suite.
 
@@ -26,7 +26,8 @@ pub fn num(v: Option<String>) -> f64 {
     v.and_then(|s| s.parse().ok()).unwrap_or(0.0)
 }
 
-/// Queues a job exactly as SPEC.md's orchestrator does, one disk per
+/// Queues a job as docs/orchestrator.md shows (in `replicating`, the word of
+/// older orchestrators), one disk per
 /// (disk_id, source, target).
 pub fn queue(db: &TestDb, id: &str, disks: &[(&str, String, String)]) {
     let mut sql = format!(

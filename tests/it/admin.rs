@@ -139,7 +139,7 @@ fn progress_until(d: &Daemon, key: &str, what: &str, mut f: impl FnMut(&Value) -
     }
 }
 
-/// Checks `v` against the progress shape of SPEC.md: every field there, with its
+/// Checks `v` against the progress shape README.md documents: every field there, with its
 /// type (byte counts are integers, percentages floats, times RFC 3339 UTC
 /// strings with a `Z`); more fields may follow.
 fn check_progress_shape(v: &Value) {
@@ -312,7 +312,7 @@ fn a_submitted_job_starts_at_once_and_every_read_command_follows_it() {
     let latency = submitted.elapsed();
     assert!(latency < Duration::from_secs(1), "claimed {latency:?} after the submission");
 
-    // While it runs: the live view, with the shape of SPEC.md, by id and by export name.
+    // While it runs: the live view, with the documented shape, by id and by export name.
     let p = progress_until(&daemon, "job-a", "a connected export", |p| {
         p["status"] == "Streaming" && p["nbd"]["exports"][0]["connected"] == true
     });

@@ -99,6 +99,19 @@ fn the_attempt_and_change_check_migrations_are_idempotent() {
 }
 
 #[test]
+fn every_migration_is_idempotent_on_a_database_made_from_schema_sql() {
+    let db = with_schema_sql("it_idempotent");
+    let made: Vec<String> = TABLES.iter().map(|t| db.show_create_table(t)).collect();
+    for _ in 0..2 {
+        for dir in migrations() {
+            db.execute(&read(&dir.join("up.sql")));
+        }
+    }
+    let now: Vec<String> = TABLES.iter().map(|t| db.show_create_table(t)).collect();
+    assert_eq!(now, made);
+}
+
+#[test]
 fn the_orchestrators_insert_gets_the_documented_defaults() {
     let db = with_schema_sql("it_orchestrator");
     db.execute(

@@ -10,10 +10,12 @@
 use testkit::{harness, mariadb, vcsim};
 
 mod admin;
+mod adopt;
 mod copy;
 mod daemon;
 mod db;
 mod history;
+mod orchestrator;
 mod peers;
 mod trust;
 mod vmware;
