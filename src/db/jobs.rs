@@ -109,6 +109,10 @@ fn queued_again() -> String {
 /// the older system's own). See docs/orchestrator.md, "Older status words".
 fn ready_or_overdue() -> SqlLiteral<Bool> {
     let missing = |column: &str| format!("(vm_disks.{column} IS NULL OR vm_disks.{column} = '')");
+    let no_source = format!(
+        "IF(replication_jobs.vmware_vcenter IS NULL, {}, vm_disks.vmware_disk_key IS NULL)",
+        missing("source_uri")
+    );
     sql(&format!(
         "((EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id) \
            AND NOT EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id \
@@ -118,10 +122,6 @@ fn ready_or_overdue() -> SqlLiteral<Bool> {
                 AND {source} AND {target}) \
               AND (BINARY replication_jobs.status = '{pending}' \
                    OR EXISTS (SELECT 1 FROM vm_disks WHERE vm_disks.job_id = replication_jobs.id))))",
-        no_source = format!(
-            "IF(replication_jobs.vmware_vcenter IS NULL, {}, vm_disks.vmware_disk_key IS NULL)",
-            missing("source_uri")
-        ),
         source = missing("source_uri"),
         target = missing("target_uri"),
         grace = INCOMPLETE_GRACE.as_secs(),
