@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::harness::*;
-use crate::mariadb::{TestDb, server};
+use crate::mariadb::server;
 use testkit::jobs::*;
 
 /// "status percent bytes" of a job, in one query on an open connection.
@@ -487,34 +487,6 @@ fn parse_journal(mut b: &[u8]) -> std::collections::HashMap<String, String> {
 }
 
 // ------------------------------------------------------- trust (issue 9) --
-
-/// Every column of a job's rows, its disks, events and CBT history, as text:
-/// what a node that no longer owns the job must leave alone.
-fn rows_of(db: &TestDb, id: &str) -> Vec<String> {
-    let mut rows = Vec::new();
-    for (table, key) in
-        [("replication_jobs", "id"), ("vm_disks", "job_id"), ("cbt_history", "job_id"), ("job_events", "job_id")]
-    {
-        let columns: Vec<String> = db
-            .column(&format!(
-                "SELECT CAST(column_name AS CHAR) AS v FROM information_schema.columns
-                 WHERE table_schema = DATABASE() AND table_name = '{table}' ORDER BY ordinal_position"
-            ))
-            .into_iter()
-            .flatten()
-            .map(|c| format!("IFNULL(CAST(`{c}` AS CHAR), '-')"))
-            .collect();
-        rows.extend(
-            db.column(&format!(
-                "SELECT CONCAT_WS('|', {}) AS v FROM {table} WHERE {key} = '{id}' ORDER BY 1",
-                columns.join(", ")
-            ))
-            .into_iter()
-            .flatten(),
-        );
-    }
-    rows
-}
 
 /// Item 1: two appliances on one database. One is paused (SIGSTOP) mid-copy past
 /// its lease; the other takes the job over and finishes it; the volume gets a
