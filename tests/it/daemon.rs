@@ -934,10 +934,16 @@ fn the_stored_percentage_never_goes_down_across_restarts_and_takeovers() {
         let sampler = s.spawn(|| {
             let mut conn = db.connect();
             let mut seen: Vec<(f64, f64)> = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            // One more sample once told to stop, so that the last one is taken
+            // after the job was seen completed.
+            loop {
+                let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
                 let row = sample(&mut conn, "job-m");
                 let mut f = row.split(' ').skip(1);
                 seen.push((num(f.next().map(str::to_string)), num(f.next().map(str::to_string))));
+                if stopping {
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(10));
             }
             seen
