@@ -902,7 +902,9 @@ impl JobRun {
     /// After any change of figures: persist (throttled), heartbeat, milestones.
     fn on_progress(&mut self) {
         let work = self.t.work();
-        if work > self.last_work {
+        // Not only upwards: bytes a failed flush took back and that are being
+        // written again are work too (see `StallTracker::heartbeat`).
+        if work != self.last_work {
             self.last_work = work;
             self.t.last_progress_at = Some(Utc::now().naive_utc());
             self.out.push(Effect::Heartbeat(work));

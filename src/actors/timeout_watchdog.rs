@@ -29,10 +29,13 @@ impl StallTracker {
         self.jobs.insert(job.to_string(), (0, now));
     }
 
-    /// Records the job's work counter; time restarts only when it grew.
+    /// Records the job's work counter; time restarts only when it moved. Either
+    /// way: a failed flush takes back what was written since the last good one,
+    /// and writing it again is work, though the counter only climbs back to
+    /// where it was.
     pub fn heartbeat(&mut self, job: &str, work: u64, now: Instant) {
         if let Some((w, at)) = self.jobs.get_mut(job)
-            && work > *w
+            && work != *w
         {
             *w = work;
             *at = now;
@@ -164,6 +167,18 @@ mod tests {
         t.heartbeat("a", 5, t0 + Duration::from_secs(1));
         t.heartbeat("a", 5, t0 + Duration::from_secs(9));
         assert_eq!(t.take_stalled(t0 + Duration::from_secs(11)).len(), 1);
+    }
+
+    #[test]
+    fn a_counter_taken_back_and_climbing_again_is_progress() {
+        let t0 = Instant::now();
+        let mut t = StallTracker::new(Duration::from_secs(10));
+        t.watch("a", t0);
+        t.heartbeat("a", 100, t0 + Duration::from_secs(1));
+        t.heartbeat("a", 40, t0 + Duration::from_secs(6));
+        t.heartbeat("a", 100, t0 + Duration::from_secs(12));
+        assert!(t.take_stalled(t0 + Duration::from_secs(21)).is_empty(), "it moved at 6 and at 12");
+        assert_eq!(t.take_stalled(t0 + Duration::from_secs(22)).len(), 1);
     }
 
     #[derive(Default)]

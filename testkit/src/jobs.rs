@@ -30,6 +30,12 @@ pub fn num(v: Option<String>) -> f64 {
 /// older orchestrators), one disk per
 /// (disk_id, source, target).
 pub fn queue(db: &TestDb, id: &str, disks: &[(&str, String, String)]) {
+    db.execute(&format!("START TRANSACTION; {} COMMIT;", queue_sql(id, disks)));
+}
+
+/// The statements [`queue`] runs, for callers that add to the transaction
+/// (e.g. change ids).
+pub fn queue_sql(id: &str, disks: &[(&str, String, String)]) -> String {
     let mut sql = format!(
         "INSERT INTO replication_jobs (id, vm_name, replication_type, status, nbd_export_name) \
          VALUES ('{id}', 'vm1', 'full', 'replicating', 'migration-vol-1');"
@@ -41,7 +47,35 @@ pub fn queue(db: &TestDb, id: &str, disks: &[(&str, String, String)]) {
             i + 1
         ));
     }
-    db.execute(&format!("START TRANSACTION; {sql} COMMIT;"));
+    sql
+}
+
+/// Every column of a job's rows, its disks, events and CBT history, as text:
+/// what a node that no longer owns the job must leave alone.
+pub fn rows_of(db: &TestDb, id: &str) -> Vec<String> {
+    let mut rows = Vec::new();
+    for (table, key) in
+        [("replication_jobs", "id"), ("vm_disks", "job_id"), ("cbt_history", "job_id"), ("job_events", "job_id")]
+    {
+        let columns: Vec<String> = db
+            .column(&format!(
+                "SELECT CAST(column_name AS CHAR) AS v FROM information_schema.columns
+                 WHERE table_schema = DATABASE() AND table_name = '{table}' ORDER BY ordinal_position"
+            ))
+            .into_iter()
+            .flatten()
+            .map(|c| format!("IFNULL(CAST(`{c}` AS CHAR), '-')"))
+            .collect();
+        rows.extend(
+            db.column(&format!(
+                "SELECT CONCAT_WS('|', {}) AS v FROM {table} WHERE {key} = '{id}' ORDER BY 1",
+                columns.join(", ")
+            ))
+            .into_iter()
+            .flatten(),
+        );
+    }
+    rows
 }
 
 pub fn wait_status(db: &TestDb, id: &str, want: &str, d: &Daemon) {

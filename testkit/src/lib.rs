@@ -8,6 +8,7 @@
 //!   nbdkit's request logs.
 //! - [`mariadb`]: a private, throwaway MariaDB (or an existing server) and fresh
 //!   databases on it.
+//! - [`faulty`]: NBD targets that fail or drop flushes (nbdkit `sh` plugins).
 //! - [`jobs`]: jobs queued by SQL as an orchestrator does, and their rows.
 //! - [`vcsim`]: the vSphere simulator (`tools/vcsim-cbt`) as a child process.
 //!
@@ -18,6 +19,7 @@
 //! naming what failed, as test code does; the benchmark turns a panic into an
 //! aborted scenario.
 
+pub mod faulty;
 pub mod harness;
 pub mod jobs;
 pub mod mariadb;

@@ -66,14 +66,21 @@ pub fn server() -> &'static MariaDb {
     static SERVER: OnceLock<MariaDb> = OnceLock::new();
     SERVER.get_or_init(|| match std::env::var(URL_VAR) {
         Ok(url) if !url.is_empty() => MariaDb::external(&url),
-        _ => MariaDb::start_private("shared"),
+        _ => MariaDb::start_private("shared", false),
     })
 }
 
 /// A private server of the caller's own, stopped when dropped: for tests that
 /// pause or kill the server, which must not hurt the tests sharing [`server`].
 pub fn private(label: &str) -> MariaDb {
-    MariaDb::start_private(label)
+    MariaDb::start_private(label, false)
+}
+
+/// A private server whose commits survive a kill -9 of `mariadbd` (InnoDB's log
+/// is written at every commit), for tests that kill it and start it again on
+/// the same data directory and socket ([`MariaDb::kill9`], [`MariaDb::restart`]).
+pub fn private_durable(label: &str) -> MariaDb {
+    MariaDb::start_private(label, true)
 }
 
 impl MariaDb {
@@ -82,7 +89,7 @@ impl MariaDb {
         MariaDb { base, query, _watchdog: None, pid_file: None }
     }
 
-    fn start_private(label: &str) -> MariaDb {
+    fn start_private(label: &str, durable: bool) -> MariaDb {
         let dir = scratch_dir(label);
         let _ = std::fs::remove_dir_all(&dir); // a leftover of a crashed run with our pid
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
@@ -95,7 +102,9 @@ impl MariaDb {
         let fast = [
             "--innodb-buffer-pool-size=64M",
             "--innodb-log-file-size=8M",
-            "--innodb-flush-log-at-trx-commit=0",
+            // 0 keeps the last second's commits in the process only; a server
+            // that is killed on purpose must keep them (1: written at commit).
+            if durable { "--innodb-flush-log-at-trx-commit=1" } else { "--innodb-flush-log-at-trx-commit=0" },
             "--innodb-doublewrite=0",
         ];
         // mariadbd refuses to run as root unless told to, and only root may pass --user.
@@ -144,15 +153,23 @@ impl MariaDb {
         // background job /dev/null as its standard input, hence the pipe is passed on
         // as fd 3. The watchdog exits as soon as mariadbd does, so a server that fails
         // to start is noticed at once, and it then leaves the end of the server's log
-        // on its standard error for the panic message.
+        // on its standard error for the panic message; unless the file `held`
+        // exists ([`MariaDb::kill9`]): then it waits for the file to go
+        // ([`MariaDb::restart`]) and starts mariadbd again on the same directory.
         let script = r#"trap '' INT HUP
 exec 3<&0
-"$@" </dev/null >/dev/null 2>>"$SCRATCH/error.log" 3<&- &
-pid=$!
-{ cat >/dev/null; kill "$pid"; } <&3 >/dev/null 2>&1 &
+{ cat >/dev/null; : > "$SCRATCH/gone"; rm -f "$SCRATCH/held"; kill "$(cat "$SCRATCH/server.pid")"; } <&3 >/dev/null 2>&1 &
+while :; do
+  "$@" </dev/null >/dev/null 2>>"$SCRATCH/error.log" 3<&- &
+  pid=$!
+  echo "$pid" > "$SCRATCH/server.pid"
+  wait "$pid"
+  status=$?
+  [ -e "$SCRATCH/held" ] || break
+  while [ -e "$SCRATCH/held" ]; do sleep 0.05; done
+  [ -e "$SCRATCH/gone" ] && break
+done
 exec 3<&-
-wait "$pid"
-status=$?
 tail -n 25 "$SCRATCH/error.log" >&2
 rm -rf "$SCRATCH"
 exit "$status""#;
@@ -207,8 +224,46 @@ exit "$status""#;
             base: format!("mysql://{TEST_USER}:{password}@localhost"),
             query,
             _watchdog: Some(Mutex::new((child, stdin))),
-            pid_file: Some(dir.join("mysqld.pid")),
+            pid_file: Some(dir.join("server.pid")),
         }
+    }
+
+    /// Kills a private server with SIGKILL (a crash) and keeps it down until
+    /// [`MariaDb::restart`]. Meant for [`private_durable`] servers, which lose
+    /// no commit.
+    pub fn kill9(&self) {
+        let held = self.scratch().join("held");
+        std::fs::write(&held, b"").unwrap_or_else(|e| panic!("cannot write {}: {e}", held.display()));
+        let pid = self.pid().expect("a private server");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        // Down once the watchdog has seen it die (it rewrites server.pid on restart).
+        let end = Instant::now() + START_DEADLINE;
+        while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok() {
+            assert!(Instant::now() < end, "mariadbd {pid} did not die");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts a server killed by [`MariaDb::kill9`] again on the same data
+    /// directory and socket; returns once it accepts connections.
+    pub fn restart(&self) {
+        let _ = std::fs::remove_file(self.scratch().join("held"));
+        let end = Instant::now() + START_DEADLINE;
+        while MysqlConnection::establish(&self.admin_url()).is_err() {
+            assert!(Instant::now() < end, "mariadbd did not come back: {}", tail(&self.scratch().join("error.log")));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`) to a private server.
+    pub fn pause(&self, stop: bool) {
+        let pid = self.pid().expect("a private server");
+        let sig = if stop { nix::sys::signal::Signal::SIGSTOP } else { nix::sys::signal::Signal::SIGCONT };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+    }
+
+    fn scratch(&self) -> PathBuf {
+        self.pid_file.as_ref().and_then(|p| p.parent()).expect("a private server").to_path_buf()
     }
 
     /// The URL of database `name` on this server (which need not exist).

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::harness::*;
-use crate::mariadb::{TestDb, server};
+use crate::mariadb::server;
 use testkit::jobs::*;
 
 /// "status percent bytes" of a job, in one query on an open connection.
@@ -490,34 +490,6 @@ fn parse_journal(mut b: &[u8]) -> std::collections::HashMap<String, String> {
 
 // ------------------------------------------------------- trust (issue 9) --
 
-/// Every column of a job's rows, its disks, events and CBT history, as text:
-/// what a node that no longer owns the job must leave alone.
-fn rows_of(db: &TestDb, id: &str) -> Vec<String> {
-    let mut rows = Vec::new();
-    for (table, key) in
-        [("replication_jobs", "id"), ("vm_disks", "job_id"), ("cbt_history", "job_id"), ("job_events", "job_id")]
-    {
-        let columns: Vec<String> = db
-            .column(&format!(
-                "SELECT CAST(column_name AS CHAR) AS v FROM information_schema.columns
-                 WHERE table_schema = DATABASE() AND table_name = '{table}' ORDER BY ordinal_position"
-            ))
-            .into_iter()
-            .flatten()
-            .map(|c| format!("IFNULL(CAST(`{c}` AS CHAR), '-')"))
-            .collect();
-        rows.extend(
-            db.column(&format!(
-                "SELECT CONCAT_WS('|', {}) AS v FROM {table} WHERE {key} = '{id}' ORDER BY 1",
-                columns.join(", ")
-            ))
-            .into_iter()
-            .flatten(),
-        );
-    }
-    rows
-}
-
 /// Item 1: two appliances on one database. One is paused (SIGSTOP) mid-copy past
 /// its lease; the other takes the job over and finishes it; the volume gets a
 /// new write from its next user; the first is resumed. Not one more request
@@ -989,10 +961,16 @@ fn the_stored_percentage_never_goes_down_across_restarts_and_takeovers() {
         let sampler = s.spawn(|| {
             let mut conn = db.connect();
             let mut seen: Vec<(f64, f64)> = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            // One more sample once told to stop, so that the last one is taken
+            // after the job was seen completed.
+            loop {
+                let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
                 let row = sample(&mut conn, "job-m");
                 let mut f = row.split(' ').skip(1);
                 seen.push((num(f.next().map(str::to_string)), num(f.next().map(str::to_string))));
+                if stopping {
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(10));
             }
             seen

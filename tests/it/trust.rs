@@ -6,136 +6,12 @@
 //! The misbehaving targets are small nbdkit `sh` plugins over a file (see
 //! [`FileTarget`]); the rest are nbdkit's own filters.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
 use crate::mariadb::server;
+use testkit::faulty::{FileTarget, Flush};
 use testkit::jobs::{JOB_DEADLINE, disk, job, num, queue, sparse, wait_status};
-
-/// How a [`FileTarget`] treats flushes.
-#[derive(Clone, Copy)]
-enum Flush {
-    /// Writes wait in an overlay until a flush applies them to the file; flush
-    /// number N fails with EIO and drops the overlay, as Linux's fsync does after
-    /// a writeback error (the data written since the last good flush is gone).
-    DropsWritesAt(u32),
-    /// The same with multi-conn: the overlay is shared by every connection, and
-    /// each other connection learns of the error at its next flush, once (as each
-    /// file descriptor does on Linux).
-    DropsWritesAtMultiConn(u32),
-    /// Every flush fails with this error (ENOSPC is not worth retrying, EIO is).
-    AlwaysFails(&'static str),
-    /// The server does not offer flush at all; writes go straight to the file.
-    Absent,
-    /// Multi-conn, requests in parallel, writes straight to the file; a flush on
-    /// the second connection takes this many seconds.
-    SlowOnSecondConnection(u32),
-}
-
-/// A target served by an nbdkit `sh` plugin over `disk.img` in its own directory,
-/// which starts filled with 0xa5 so that a missing write or zero shows. Reads see
-/// only what reached the file (the copy never reads its target before the end).
-struct FileTarget {
-    server: Server,
-    file: PathBuf,
-}
-
-impl FileTarget {
-    fn start(dir: &Path, name: &str, size: usize, flush: Flush) -> Self {
-        let home = dir.join(name);
-        std::fs::create_dir_all(home.join("overlay")).unwrap();
-        let file = home.join("disk.img");
-        std::fs::write(&file, vec![0xa5u8; size]).unwrap();
-        let direct = (r#"put "$4""#.to_string(), r#"head -c "$3" /dev/zero | put "$4""#.to_string());
-        // (can_flush and can_multi_conn exit codes, thread model, pwrite, zero, flush)
-        let overlay = (
-            r#"cat > "$ov/$(printf %08d "$(next seq)").$4""#.to_string(),
-            r#"head -c "$3" /dev/zero > "$ov/$(printf %08d "$(next seq)").$4""#.to_string(),
-        );
-        let apply = r#"for w in $(ls "$ov"); do put "${w#*.}" < "$ov/$w"; rm "$ov/$w"; done"#;
-        let (can_flush, multi_conn, threads, (pwrite, zero), flush) = match flush {
-            Flush::DropsWritesAtMultiConn(n) => (
-                0,
-                0,
-                "serialize_all_requests",
-                overlay,
-                format!(
-                    r#"if [ "$(next flushes)" = {n} ]; then rm -f "$ov"/*; next errors > "$d/seen.$2"; echo "EIO writeback error, unflushed writes lost" >&2; exit 1; fi
-    if [ "$(cat "$d/errors" 2>/dev/null)" != "$(cat "$d/seen.$2" 2>/dev/null)" ]; then cp "$d/errors" "$d/seen.$2"; echo "EIO an earlier writeback error" >&2; exit 1; fi
-    {apply}"#
-                ),
-            ),
-            Flush::DropsWritesAt(n) => (
-                0,
-                3,
-                "serialize_all_requests",
-                overlay,
-                format!(
-                    r#"if [ "$(next flushes)" = {n} ]; then rm -f "$ov"/*; echo "EIO writeback error, unflushed writes lost" >&2; exit 1; fi
-    {apply}"#
-                ),
-            ),
-            Flush::AlwaysFails(errno) => (
-                0,
-                3,
-                "serialize_all_requests",
-                direct,
-                format!(r#"next flushes >/dev/null; echo "{errno} the flush failed" >&2; exit 1"#),
-            ),
-            Flush::Absent => (3, 3, "serialize_all_requests", direct, "exit 2".to_string()),
-            Flush::SlowOnSecondConnection(secs) => (
-                0,
-                0,
-                "parallel",
-                direct,
-                format!(r#"next flushes >/dev/null; if [ "$2" = 2 ]; then sleep {secs}; fi"#),
-            ),
-        };
-        let script = format!(
-            r#"#!/bin/bash
-d='{home}'; disk="$d/disk.img"; ov="$d/overlay"
-# A counter in a file, safe under parallel requests.
-next() {{ ( flock 9; local n=$(( $(cat "$d/$1" 2>/dev/null || echo 0) + 1 )); echo $n > "$d/$1"; echo $n ) 9>>"$d/lock"; }}
-put() {{ dd of="$disk" seek="$1" oflag=seek_bytes conv=notrunc status=none; }}
-case "$1" in
-  thread_model) echo {threads} ;;
-  open) h=$(next connections); cat "$d/errors" > "$d/seen.$h" 2>/dev/null; echo $h ;;
-  get_size) stat -c %s "$disk" ;;
-  can_write|can_zero) exit 0 ;;
-  can_flush) exit {can_flush} ;;
-  can_multi_conn) exit {multi_conn} ;;
-  pread) dd if="$disk" skip="$4" count="$3" iflag=skip_bytes,count_bytes status=none ;;
-  pwrite) {pwrite} ;;
-  zero) {zero} ;;
-  flush)
-    {flush} ;;
-  *) exit 2 ;;
-esac
-"#,
-            home = home.display()
-        );
-        let plugin = home.join("plugin.sh");
-        std::fs::write(&plugin, script).unwrap();
-        sh("chmod", &["+x", &plugin.display().to_string()]);
-        let server = Server::nbdkit(dir, name, &["sh", &plugin.display().to_string()]);
-        FileTarget { server, file }
-    }
-
-    fn uri(&self) -> String {
-        self.server.uri()
-    }
-
-    /// How many flushes the server was asked for.
-    fn flushes(&self) -> u32 {
-        let n = std::fs::read_to_string(self.file.with_file_name("flushes")).unwrap_or_default();
-        n.trim().parse().unwrap_or(0)
-    }
-
-    fn checksum(&self) -> String {
-        file_checksum(&self.file)
-    }
-}
 
 fn with(filters: &[&str], plugin: &[String], params: &[&str]) -> Vec<String> {
     filters
@@ -224,6 +100,35 @@ fn failed_flushes_are_retried_with_the_usual_backoff() {
     assert_eq!(dst.flushes(), 4);
     let msg = job(&db, "job-b", "error_message").unwrap_or_default();
     assert!(msg.contains(&format!("flush of target {} failed after 4 attempt(s)", dst.uri())), "{msg}");
+}
+
+/// Found by the chaos suite's fault matrix: the bytes a failed flush takes back
+/// and the copy writes again are work. The watchdog used to count only a work
+/// figure above its highest so far, so it stopped a job that was busy with its
+/// flush retries ("no progress was made", naming neither disk nor server);
+/// the job must instead fail with the flush's own error once they run out.
+#[test]
+fn writing_again_after_failed_flushes_is_progress_for_the_watchdog() {
+    let d = tempdir();
+    let db = server().fresh_database("flush_rewrite");
+    let plugin = sparse("16M", 73, 100);
+    let src = Server::nbdkit(d.path(), "src", &refs(&plugin));
+    let dst = FileTarget::start(d.path(), "dst", 16 << 20, Flush::AlwaysFails("EIO"));
+    // Waits of 0.5 s and then 1 s between eight flushes: far longer than the
+    // stall timeout in all, each far shorter.
+    let env = [
+        ("BLOCKREPL__WATCHDOG__STALL_TIMEOUT", "3s"),
+        ("BLOCKREPL__COPY__RETRY_ATTEMPTS", "8"),
+        ("BLOCKREPL__COPY__RETRY_INITIAL_DELAY", "500ms"),
+        ("BLOCKREPL__COPY__RETRY_MAX_DELAY", "1s"),
+    ];
+    let daemon = Daemon::start(d.path(), &db.url, &env);
+    queue(&db, "job-r", &[("disk-1", src.uri(), dst.uri())]);
+    wait_status(&db, "job-r", "failed", &daemon);
+    let msg = job(&db, "job-r", "error_message").unwrap_or_default();
+    assert!(msg.contains(&format!("flush of target {} failed after 8 attempt(s)", dst.uri())), "{msg}");
+    assert!(msg.contains("disk-1"), "{msg}");
+    assert_eq!(dst.flushes(), 8);
 }
 
 // ------------------------------------------------------ no flush (item 3) --
