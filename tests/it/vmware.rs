@@ -406,3 +406,28 @@ fn a_vcenter_that_stays_down_fails_the_job_in_one_line_after_retries() {
     assert!(daemon.log_text().contains("retrying in"), "the retries are logged");
     assert_eq!(job(&db, "vm-g", "vmware_snapshot"), None);
 }
+
+/// A cancel while vCenter takes the job's snapshot (the simulator holds the
+/// CreateSnapshot_Task request for 3 s): the job ends `cancelled`, nothing is
+/// copied, and the snapshot the step made is removed.
+#[test]
+fn a_vm_job_cancelled_during_its_snapshot_removes_the_snapshot() {
+    let dir = tempdir();
+    let d = dir.path();
+    let sim = Vcsim::start(d, &["-disks", "1M", "-cbt", "-snapshot-delay", "3s"]);
+    sim.write(0, 0, &pattern(BLOCK as usize, 3));
+    let db = server().fresh_database("vm_cancel_snapshot");
+    let daemon = Daemon::start_extra(d, &db.url, &[], &daemon_section(d, &sim));
+    let (file, t) = target(d, "t0", sim.disks[0].capacity, &[]);
+    let disks = [VmDisk { key: sim.disks[0].key, target: &t, previous: None, zero: true }];
+    queue_vm(&db, "vm-cs", "full", &sim, &disks);
+    wait_until("the snapshot step", JOB_DEADLINE, || {
+        job(&db, "vm-cs", "current_operation").as_deref() == Some("Snapshot")
+    });
+    assert_eq!(job(&db, "vm-cs", "status").as_deref(), Some("snapshotting"));
+    daemon.cli(&["cancel", "vm-cs"]).assert_ok();
+    wait_status(&db, "vm-cs", "cancelled", &daemon);
+    assert!(snapshots(&daemon, &sim).is_empty(), "the snapshot is removed on cancel");
+    assert_eq!(job(&db, "vm-cs", "vmware_snapshot"), None);
+    assert!(std::fs::read(&file).unwrap().iter().all(|&b| b == 0), "nothing was copied");
+}

@@ -100,6 +100,7 @@ func main() {
 	disks := flag.String("disks", "8M,4M", "capacities of the VM's disks (K, M or G suffix), comma-separated")
 	cbtOn := flag.Bool("cbt", false, "create the VM with changeTrackingEnabled")
 	pageAreas := flag.Int("page-areas", 0, "at most this many areas per QueryChangedDiskAreas answer (0: all)")
+	snapshotDelay := flag.Duration("snapshot-delay", 0, "hold each CreateSnapshot_Task request this long (a slow snapshot)")
 	flag.Parse()
 
 	sizes, err := parseSizes(*disks)
@@ -118,6 +119,7 @@ func main() {
 	defer model.Remove()
 
 	cbt := newCBT(*pageAreas)
+	cbt.snapshotDelay = *snapshotDelay
 	simulator.Map.AddHandler(cbt)
 
 	model.Service.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
@@ -383,7 +385,8 @@ type stateKey struct {
 // the simulator calls PutObject for every object it creates (snapshots too),
 // inside the call that creates it and with the VM locked.
 type cbt struct {
-	pageAreas int
+	pageAreas     int
+	snapshotDelay time.Duration
 
 	mu        sync.Mutex
 	seq       int
@@ -494,7 +497,7 @@ const sessionProbe = `<?xml version="1.0" encoding="UTF-8"?>` +
 	`</soapenv:Body></soapenv:Envelope>`
 
 // front answers QueryChangedDiskAreas itself and passes everything else to the
-// simulator.
+// simulator (holding CreateSnapshot_Task for -snapshot-delay first).
 func (c *cbt) front(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodPost || !strings.HasPrefix(r.URL.Path, "/sdk") {
@@ -506,6 +509,9 @@ func (c *cbt) front(next http.Handler) http.Handler {
 		if err != nil {
 			w.WriteHeader(http.StatusBadRequest)
 			return
+		}
+		if c.snapshotDelay > 0 && bytes.Contains(body, []byte("CreateSnapshot_Task")) {
+			time.Sleep(c.snapshotDelay)
 		}
 		if !bytes.Contains(body, []byte("QueryChangedDiskAreas")) {
 			r.Body = io.NopCloser(bytes.NewReader(body))
