@@ -5,8 +5,10 @@
 //!
 //! An existing database may be empty, made by a DBA from `schema.sql`, or hold
 //! the tables of the older system blockrepl replaces, with the orchestrator's
-//! own columns and rows. Adoption only ever adds (tables, columns, indexes and
-//! unique keys); it never drops, renames, retypes or rewrites anything, and it
+//! own columns and rows. Adoption only adds (tables, columns, indexes and
+//! unique keys), except that it drops keys earlier blockrepl versions made
+//! under names of their own and retired ([`RETIRED_KEYS`]); it never drops,
+//! renames, retypes or rewrites anything else, and it
 //! adds no foreign key to a table it did not create (a cascade would change
 //! what the orchestrator's own DELETEs do). A column whose type conflicts with
 //! ours refuses the whole plan before anything is changed.
