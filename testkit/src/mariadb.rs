@@ -43,7 +43,8 @@ const TEST_USER: &str = "blockrepl_test";
 pub struct MariaDb {
     /// `mysql://user:password@host[:port]` with no path and no query.
     base: String,
-    /// The query string every URL carries (`unix_socket=...`), empty for TCP.
+    /// The query string every URL carries (`unix_socket=...`, and `ssl_ca=...`
+    /// for [`private_tls`]), empty for TCP.
     query: String,
     /// Keeps the watchdog's standard input open; it is closed when a server of
     /// [`private`] is dropped, or by the end of the process (see the module doc).
@@ -66,21 +67,30 @@ pub fn server() -> &'static MariaDb {
     static SERVER: OnceLock<MariaDb> = OnceLock::new();
     SERVER.get_or_init(|| match std::env::var(URL_VAR) {
         Ok(url) if !url.is_empty() => MariaDb::external(&url),
-        _ => MariaDb::start_private("shared", false),
+        _ => MariaDb::start_private("shared", false, false),
     })
 }
 
 /// A private server of the caller's own, stopped when dropped: for tests that
 /// pause or kill the server, which must not hurt the tests sharing [`server`].
 pub fn private(label: &str) -> MariaDb {
-    MariaDb::start_private(label, false)
+    MariaDb::start_private(label, false, false)
+}
+
+/// A private server, stopped when dropped, that its clients reach over TLS:
+/// its user is created `REQUIRE SSL` and its URLs carry `ssl_ca=` (which makes
+/// the client library negotiate TLS, and so set up OpenSSL's per-thread state
+/// in every thread that connects). For tests of what TLS changes, such as the
+/// order of teardown at exit.
+pub fn private_tls(label: &str) -> MariaDb {
+    MariaDb::start_private(label, false, true)
 }
 
 /// A private server whose commits survive a kill -9 of `mariadbd` (InnoDB's log
 /// is written at every commit), for tests that kill it and start it again on
 /// the same data directory and socket ([`MariaDb::kill9`], [`MariaDb::restart`]).
 pub fn private_durable(label: &str) -> MariaDb {
-    MariaDb::start_private(label, true)
+    MariaDb::start_private(label, true, false)
 }
 
 impl MariaDb {
@@ -89,7 +99,7 @@ impl MariaDb {
         MariaDb { base, query, _watchdog: None, pid_file: None }
     }
 
-    fn start_private(label: &str, durable: bool) -> MariaDb {
+    fn start_private(label: &str, durable: bool, tls: bool) -> MariaDb {
         let dir = scratch_dir(label);
         let _ = std::fs::remove_dir_all(&dir); // a leftover of a crashed run with our pid
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
@@ -147,6 +157,22 @@ impl MariaDb {
         ];
         mariadbd.extend(user_arg);
         mariadbd.extend(fast.iter().map(|s| s.to_string()));
+        // TLS works over the Unix socket too, so the socket proxies of the tests serve.
+        let cert = dir.join("cert.pem");
+        if tls {
+            let key = dir.join("key.pem");
+            let out = Command::new("openssl")
+                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost"])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run openssl (scripts/setup installs it): {e}"));
+            assert!(out.status.success(), "openssl req failed: {}", String::from_utf8_lossy(&out.stderr));
+            mariadbd.push(format!("--ssl-cert={}", cert.display()));
+            mariadbd.push(format!("--ssl-key={}", key.display()));
+        }
 
         // The watchdog. SIGINT/SIGHUP are ignored so that Ctrl-C on `cargo test` kills
         // the test process (closing the pipe) rather than the watchdog. `sh` gives a
@@ -214,12 +240,14 @@ exit "$status""#;
         };
 
         let password = format!("pw-{}-{}", std::process::id(), nanos());
+        let require = if tls { "REQUIRE SSL" } else { "" };
         conn.batch_execute(&format!(
-            "CREATE USER '{TEST_USER}'@'localhost' IDENTIFIED BY '{password}';
+            "CREATE USER '{TEST_USER}'@'localhost' IDENTIFIED BY '{password}' {require};
              GRANT ALL PRIVILEGES ON *.* TO '{TEST_USER}'@'localhost';"
         ))
         .unwrap_or_else(|e| panic!("cannot create the test user: {e}"));
 
+        let query = if tls { format!("{query}&ssl_ca={}", cert.display()) } else { query };
         MariaDb {
             base: format!("mysql://{TEST_USER}:{password}@localhost"),
             query,
