@@ -200,7 +200,7 @@ impl Scenario for DaemonJob {
 
 /// SIGTERM, and notes a slow or unclean stop and the WARN and ERROR lines of the
 /// daemon's log.
-fn stop(bench: &Bench, daemon: &mut Daemon) {
+pub fn stop(bench: &Bench, daemon: &mut Daemon) {
     if daemon.exited().is_none() {
         let (status, took) = daemon.terminate();
         if !status.success() {

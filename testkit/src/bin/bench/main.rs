@@ -19,6 +19,9 @@
 //! - `daemon`: N disks (`--disks`, default 4) copied in each round by one job of
 //!   `blockrepl serve` queued with plain SQL in a private MariaDB, by N parallel
 //!   `nbdcopy --flush` and by N parallel `blockrepl copy` (see `daemon.rs`).
+//! - `load` (only when named): many small jobs queued at once, drained by
+//!   several daemons on one database, with the admin API probed all along
+//!   (see `load.rs`); no nbdcopy comparison.
 //!
 //! Each tool's exit status is checked; a failing run aborts its scenario with a
 //! message, the other scenarios still run, and the benchmark exits 1. The servers
@@ -29,6 +32,7 @@
 //! private MariaDB stops when this process ends, however it ends.
 
 mod daemon;
+mod load;
 mod pair;
 mod report;
 mod run;
@@ -51,6 +55,7 @@ fn scenarios() -> Vec<Box<dyn Scenario>> {
         all.push(Box::new(p));
     }
     all.push(Box::new(daemon::DaemonJob));
+    all.push(Box::new(load::Load));
     all
 }
 
@@ -74,6 +79,7 @@ fn main() -> ExitCode {
         .filter(|s| opt.scenarios.is_empty() || opt.scenarios.iter().any(|n| n == s.name()))
         .collect();
     if opt.scenarios.is_empty() {
+        chosen.retain(|s| s.name() != "load");
         chosen.retain(|s| {
             let missing: Vec<&str> = s.needs().into_iter().filter(|p| !run::on_path(p)).collect();
             if !missing.is_empty() {

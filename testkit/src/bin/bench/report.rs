@@ -14,6 +14,12 @@ pub fn print(summary: &[(&str, Finished)], bench: &Bench, command_line: &str) {
     println!("| scenario | blockrepl MiB/s | nbdcopy MiB/s | ratio |");
     println!("|---|---:|---:|---:|");
     for (name, finished) in summary {
+        if let Finished::Done(outcome) = finished
+            && outcome.results().is_empty()
+        {
+            println!("| {name} | see below | — | — |");
+            continue;
+        }
         match finished {
             Finished::Failed(_) => println!("| {name} | FAILED | FAILED | — |"),
             Finished::Done(outcome) => {

@@ -10,6 +10,8 @@ const EXAMPLES: &str = "examples:
   scripts/bench dense latency --runs 3
   scripts/bench daemon                # one daemon job of 4 disks vs 4 x nbdcopy, 4 x blockrepl copy
   scripts/bench daemon --disks 8 --daemon-size 512M --runs 7
+  scripts/bench load                  # 1,000 small jobs, 2 daemons on one database (only when named)
+  scripts/bench load --jobs 10000 --daemons 1
   scripts/bench dense --blockrepl-args= --blockrepl-args='--connections 2' --nbdcopy-args='-C 4'";
 
 /// Benchmark `blockrepl copy` (and, in the daemon scenario, `blockrepl serve` with a
@@ -19,7 +21,7 @@ const EXAMPLES: &str = "examples:
 pub struct Options {
     /// Scenarios to run (default: all of dense, sparse, sparse-zero, latency,
     /// daemon; daemon is skipped with a note when MariaDB is not installed and it
-    /// was not named)
+    /// was not named; load runs only when named)
     #[arg(value_name = "SCENARIO")]
     pub scenarios: Vec<String>,
     /// Timed runs per tool and scenario (default 5; 1 with --quick)
@@ -70,6 +72,15 @@ pub struct Options {
     /// daemon's, 8)
     #[arg(long, value_name = "N")]
     max_concurrent_disks: Option<u32>,
+    /// Load scenario: jobs queued at once (one small disk each)
+    #[arg(long, default_value_t = 1000)]
+    jobs: u32,
+    /// Load scenario: daemons on the one database
+    #[arg(long, default_value_t = 2)]
+    daemons: u32,
+    /// Load scenario: size of each job's disk (sparse-random, 50 %)
+    #[arg(long, value_parser = parse_size, default_value = "1M")]
+    load_size: u64,
     /// Daemon scenario: POST /api/v1/discover on the admin socket after each INSERT,
     /// so that the job does not wait for the next discovery tick
     #[arg(long)]
@@ -118,6 +129,9 @@ pub struct Settings {
     pub interval_seconds: f64,
     pub max_concurrent_disks: Option<u32>,
     pub kick: bool,
+    pub jobs: u32,
+    pub daemons: u32,
+    pub load_size: u64,
     pub verbose: bool,
 }
 
@@ -138,6 +152,9 @@ impl Options {
         }
         if self.disks < 1 {
             usage("--disks must be >= 1");
+        }
+        if self.jobs < 1 || self.daemons < 1 || self.load_size < 4096 {
+            usage("--jobs and --daemons must be >= 1, --load-size >= 4K");
         }
         if self.max_concurrent_disks == Some(0) {
             usage("--max-concurrent-disks must be >= 1");
@@ -164,6 +181,9 @@ impl Options {
             interval_seconds,
             max_concurrent_disks: self.max_concurrent_disks,
             kick: self.kick,
+            jobs: self.jobs,
+            daemons: self.daemons,
+            load_size: self.load_size,
             verbose: self.verbose,
         }
     }
