@@ -121,7 +121,7 @@ impl DbWriter {
                 let key = Key::Job(k);
                 self.throttle.wrote(&key, job_mark(&u), now);
                 if terminal {
-                    self.throttle.forget(&key);
+                    self.throttle.forget_job(&u.id);
                     self.written.forget_job(&u.id);
                 } else {
                     self.written.wrote_job(state);
@@ -130,6 +130,7 @@ impl DbWriter {
             }
         }
         for r in &self.releases {
+            self.throttle.forget_job(&r.job_id);
             self.written.forget_job(&r.job_id);
         }
         batch.append(&mut self.releases.drain(..).map(Write::Release).collect());
@@ -507,6 +508,39 @@ mod tests {
         fn handle(&mut self, _: StopNow, ctx: &mut Context<Self>) {
             ctx.stop();
         }
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "usize")]
+    struct Remembered;
+    impl Handler<Remembered> for DbWriter {
+        type Result = usize;
+        fn handle(&mut self, _: Remembered, _: &mut Context<Self>) -> usize {
+            self.throttle.remembered() + self.written.remembered() + self.jobs.len() + self.disks.len()
+        }
+    }
+
+    /// Issue 15: a daemon that has run 10,000 jobs keeps nothing of them.
+    #[actix_rt::test]
+    async fn a_finished_or_released_job_leaves_nothing_in_the_writer() {
+        tokio::time::pause();
+        let fake = FakeDb::default().start();
+        let w = writer(&fake);
+        for job in ["a", "b"] {
+            for disk in ["d1", "d2"] {
+                let u = DiskUpdate { job_id: job.into(), disk_id: disk.into(), ..DiskUpdate::default() };
+                w.do_send(PersistDisk { owner: Owner::default(), update: u });
+            }
+            w.do_send(PersistJob(JobUpdate { id: job.into(), ..update(10.0, JobStatus::Streaming) }));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Each row twice: in the throttle and as the state last written.
+        assert_eq!(w.send(Remembered).await.unwrap(), 12, "two jobs of two disks are tracked");
+        // One ends here; the other is released (a graceful stop, a lost lease).
+        w.do_send(PersistJob(JobUpdate { id: "a".into(), ..update(100.0, JobStatus::Completed) }));
+        w.do_send(ReleaseLease { job_id: "b".into(), owner: Owner::default() });
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(w.send(Remembered).await.unwrap(), 0, "{:?}", fake.send(Take).await.unwrap());
     }
 
     #[actix_rt::test]

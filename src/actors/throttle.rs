@@ -88,6 +88,19 @@ impl Throttle {
     pub fn forget(&mut self, key: &Key) {
         self.rows.remove(key);
     }
+
+    /// The job ended or was released here: its row and its disks' rows go.
+    pub fn forget_job(&mut self, job_id: &str) {
+        self.rows.retain(|k, _| match k {
+            Key::Job(j) | Key::Disk(j, _) => j != job_id,
+        });
+    }
+
+    /// How many rows it remembers.
+    #[cfg(test)]
+    pub fn remembered(&self) -> usize {
+        self.rows.len()
+    }
 }
 
 /// What was last handed to the database, per row. The aggregator sends a row's
@@ -147,6 +160,12 @@ impl Written {
     pub fn forget_job(&mut self, job_id: &str) {
         self.jobs.remove(job_id);
         self.disks.retain(|(j, _), _| j != job_id);
+    }
+
+    /// How many rows it remembers.
+    #[cfg(test)]
+    pub fn remembered(&self) -> usize {
+        self.jobs.len() + self.disks.len()
     }
 }
 
