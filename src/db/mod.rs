@@ -6,8 +6,9 @@
 //! named lock.
 //!
 //! It deliberately has no connection pool, no threads, no retries and no
-//! throttling: the DbWriter actor owns one connection and decides when to write,
-//! reconnect, cut a call that overran its deadline, or give up. All times are UTC: [`connect`] sets the session time zone,
+//! throttling: the DbWriter's executor owns the writer's connection (and its
+//! readers one each) and decides when to write, reconnect, cut a call that
+//! overran its deadline, or give up. All times are UTC: [`connect`] sets the session time zone,
 //! and timestamps the daemon decides (leases, `updated_at`) come from the server's
 //! `UTC_TIMESTAMP(6)` so that appliances with skewed clocks agree.
 //!
