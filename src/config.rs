@@ -210,8 +210,10 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
-        if !self.database.url.starts_with("mysql://") {
-            return bad("database.url", "must be a mysql:// URL");
+        // The same check as at connect time; a URL that cannot work fails here,
+        // at start-up and on reload, before anything waits for it.
+        if let Err(e) = crate::db::check_url(&self.database.url) {
+            return bad("database.url", &e.to_string());
         }
         if !self.admin.socket.is_absolute() {
             return bad("admin.socket", "must be an absolute path");
@@ -428,6 +430,7 @@ mod tests {
         check_err(Some("[copy]\nconnections = 0\n"), &[], "copy.connections");
         check_err(Some("[copy]\nrequest_size = \"12Q\"\n"), &[], "copy.request_size");
         check_err(Some("[database]\nurl = \"\"\n"), &[], "database.url");
+        check_err(Some("[database]\nurl = \"mysql://app:pw@db.example\"\n"), &[], "database.url: invalid database URL");
         check_err(Some("[progress]\nmin_percent_step = 0\n"), &[], "progress.min_percent_step");
         check_err(Some("not toml at all ["), &[], "configuration");
         check_err(None, &[("BLOCKREPL__WATCHDOG__STALL_TIMEOUT", "0s")], "watchdog.stall_timeout");

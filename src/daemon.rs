@@ -70,9 +70,15 @@ async fn serve(settings: Arc<Settings>, node: String, reload: Reload, exec: &Exe
                 // A column we cannot work with: waiting will not change it, and
                 // nothing was changed (the one line is the exit message).
                 Err(e @ DbError::SchemaConflict { .. }) => return Err(e.into()),
+                // The URL is wrong, or the server turned us away (unknown
+                // database, access denied): waiting will not change it.
+                Err(e) if e.is_permanent() => {
+                    return Err(anyhow::anyhow!("database.url: {e}; fix the setting and start again"));
+                }
+                // Refused, unreachable, too busy, too slow: it may heal.
                 Err(e) => {
                     let wait = settings.database.retry_interval;
-                    tracing::warn!(error = %e, "database not ready; retrying in {}", humantime::format_duration(wait));
+                    tracing::warn!("waiting for the database: {e}; retrying in {}", humantime::format_duration(wait));
                     tokio::select! {
                         why = signals.stop() => {
                             tracing::info!(signal = why, "stopping before the database answered");

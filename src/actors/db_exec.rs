@@ -1,43 +1,59 @@
-//! The DbWriter's executor: the one thread that holds a database connection and
-//! makes the blocking diesel calls, and the guard thread that holds every call
-//! to a deadline. Both are owned by [`ExecThreads`] and joined by its `stop`,
-//! after the actor system has gone: a thread that touched the database must not
-//! outlive `main` (the MySQL client's TLS library tears down per-thread state
-//! that its exit handlers would free a second time).
+//! The database threads: the DbWriter's executor, the one thread that holds the
+//! writer's connection and makes its blocking diesel calls in order; a small
+//! pool of reader threads, each with a connection of its own, for the admin
+//! API's reads and the health check's ping; and the guard thread that holds
+//! every call of all of them to a deadline. All are owned by [`ExecThreads`]
+//! and joined by its `stop`, after the actor system has gone: a thread that
+//! touched the database must not outlive `main` (the MySQL client's TLS library
+//! tears down per-thread state that its exit handlers would free a second time).
+//! This is also why the readers are not r2d2's pool: its scheduled thread pool
+//! is never joined.
+//!
+//! Reads apart from writes: the writer's queue stays ordered (a batch, a claim,
+//! a lease renewal, an admin command such as submit or cancel, each in turn),
+//! and a read of the admin API never waits behind it, so `health` and `jobs`
+//! answer while the writer is stuck behind a slow statement or a backlog.
 //!
 //! Deadlines: the client library would wait forever for a server that stopped
 //! answering, and diesel offers none of its timeouts, so every call is
-//! registered with the guard, which cuts the connection's socket when the call
-//! overruns (see `db::deadline`). The call then fails at once as "unavailable",
-//! the connection is dropped, and the next call reconnects. Connecting (and
-//! taking the node lock) has `database.connect_timeout`; every statement
-//! `database.timeout`; migrations longer, since they may wait for another
-//! daemon's.
+//! registered with the guard, which cuts the socket of that call's connection
+//! when the call overruns (see `db::deadline`; connections are made one at a
+//! time, so that each knows its socket). The call then fails at once as
+//! "unavailable", the connection is dropped, and the next call reconnects.
+//! Connecting has `database.connect_timeout`; taking the node lock a few
+//! seconds more; every statement `database.timeout`; migrations longer, since
+//! they may wait for another daemon's.
 //!
-//! The DbWriter reaches the thread through [`ExecClient`], a small actor, so
-//! that a test can stand in for the database with an actor of its own.
+//! The DbWriter reaches the threads through [`ExecClient`], a small actor that
+//! sends reads to the readers and everything else to the executor, so that a
+//! test can stand in for the database with an actor of its own.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use diesel::MysqlConnection;
 
 use super::messages::*;
 use crate::config::Settings;
+use crate::db::deadline::{Cut, Peer};
 use crate::db::{self, DbError, Owner};
 
 /// How long a migration may take (it may wait for another daemon's first).
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long taking the node lock may wait for a daemon that just died.
 const NODE_LOCK_WAIT: Duration = Duration::from_secs(3);
-/// How often the guard looks at the call in progress.
+/// How often the guard looks at the calls in progress.
 const GUARD_TICK: Duration = Duration::from_millis(100);
+/// How many reader threads (and so connections) answer the admin API's reads.
+pub const READERS: usize = 3;
 
 // ---------------------------------------------------------------- guard ----
 
-/// The call in progress, as the guard sees it.
+/// A call in progress, as the guard sees it.
 struct Busy {
     what: String,
     limit: Duration,
@@ -45,43 +61,90 @@ struct Busy {
     cut: bool,
 }
 
+/// One thread's connection, as the guard sees it.
+#[derive(Default)]
+struct Slot {
+    busy: Option<Busy>,
+    /// The inode of the connection's socket, once it is known.
+    socket: Option<u64>,
+}
+
 #[derive(Default)]
 struct GuardState {
-    busy: Mutex<Option<Busy>>,
+    slots: Mutex<Vec<Slot>>,
     wake: Condvar,
-    /// The daemon is exiting: nobody waits for the call in progress any more.
-    hurry: std::sync::atomic::AtomicBool,
-    stop: std::sync::atomic::AtomicBool,
+    /// Held while a connection is being made, so that the one socket that
+    /// appears meanwhile is that connection's.
+    connecting: Mutex<()>,
+    /// The daemon is exiting: nobody waits for the calls in progress any more.
+    hurry: AtomicBool,
+    stop: AtomicBool,
 }
 
 impl GuardState {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Busy>> {
-        self.busy.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Vec<Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new slot, for one thread's connection.
+    fn watch(self: &Arc<Self>) -> Watch {
+        let mut slots = self.lock();
+        slots.push(Slot::default());
+        Watch { state: self.clone(), index: slots.len() - 1 }
+    }
+
+    fn hurrying(&self) -> bool {
+        self.hurry.load(Ordering::SeqCst)
+    }
+}
+
+/// One thread's handle on the guard: registers its calls and its connection's
+/// socket.
+struct Watch {
+    state: Arc<GuardState>,
+    index: usize,
+}
+
+impl Watch {
+    fn with<T>(&self, f: impl FnOnce(&mut Slot) -> T) -> Option<T> {
+        self.state.lock().get_mut(self.index).map(f)
     }
 
     fn begin(&self, what: impl Into<String>, limit: Duration) {
-        *self.lock() = Some(Busy { what: what.into(), limit, deadline: Instant::now() + limit, cut: false });
+        let busy = Busy { what: what.into(), limit, deadline: Instant::now() + limit, cut: false };
+        self.with(|s| s.busy = Some(busy));
     }
 
     /// Ends the call; whether the guard cut it.
     fn end(&self) -> Option<(String, Duration)> {
-        self.lock().take().filter(|b| b.cut).map(|b| (b.what, b.limit))
+        self.with(|s| s.busy.take().filter(|b| b.cut).map(|b| (b.what, b.limit))).flatten()
+    }
+
+    fn set_socket(&self, socket: Option<u64>) {
+        self.with(|s| s.socket = socket);
     }
 }
 
 /// The guard thread: cuts the connection of a call that overran its deadline.
-fn guard(state: Arc<GuardState>, peer: Option<db::deadline::Peer>) {
-    let mut busy = state.lock();
-    while !state.stop.load(std::sync::atomic::Ordering::SeqCst) {
-        let hurry = state.hurry.load(std::sync::atomic::Ordering::SeqCst);
-        if let Some(b) = busy.as_mut()
-            && !b.cut
-            && (hurry || Instant::now() >= b.deadline)
-        {
-            b.cut = true;
-            let (what, limit) = (b.what.clone(), b.limit);
-            drop(busy);
-            let cut = peer.as_ref().map_or(0, db::deadline::cut_connections);
+fn guard(state: Arc<GuardState>, peer: Option<Peer>) {
+    let mut slots = state.lock();
+    while !state.stop.load(Ordering::SeqCst) {
+        let hurry = state.hurrying();
+        let now = Instant::now();
+        let known: std::collections::BTreeSet<u64> = slots.iter().filter_map(|s| s.socket).collect();
+        let overrun = slots.iter_mut().find_map(|s| match s.busy.as_mut() {
+            Some(b) if !b.cut && (hurry || now >= b.deadline) => {
+                b.cut = true;
+                // A connection being made has no known socket yet: it is the one
+                // socket to the server that no other thread knows as its own.
+                let which = s.socket.map_or_else(|| Cut::AllBut(known.clone()), Cut::One);
+                Some((b.what.clone(), b.limit, which))
+            }
+            _ => None,
+        });
+        if let Some((what, limit, which)) = overrun {
+            drop(slots);
+            let cut = peer.as_ref().map_or(0, |p| db::deadline::cut_connections(p, &which));
             if hurry {
                 tracing::info!("stopping: cut the database call in progress ({what})");
             } else {
@@ -90,10 +153,95 @@ fn guard(state: Arc<GuardState>, peer: Option<db::deadline::Peer>) {
                     humantime::format_duration(limit)
                 );
             }
-            busy = state.lock();
+            slots = state.lock();
             continue;
         }
-        busy = state.wake.wait_timeout(busy, GUARD_TICK).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+        slots = state.wake.wait_timeout(slots, GUARD_TICK).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+    }
+}
+
+// ----------------------------------------------------------------- link ----
+
+/// One thread's connection, made on demand and held to deadlines by the guard.
+struct Link {
+    url: String,
+    peer: Option<Peer>,
+    conn: Option<MysqlConnection>,
+    connect_timeout: Duration,
+    watch: Watch,
+}
+
+impl Link {
+    fn new(settings: &Settings, state: &Arc<GuardState>) -> Self {
+        Link {
+            url: settings.database.url.clone(),
+            peer: Peer::of(&settings.database.url),
+            conn: None,
+            connect_timeout: settings.database.connect_timeout,
+            watch: state.watch(),
+        }
+    }
+
+    /// Connects, one connection of this process at a time, and remembers the
+    /// connection's socket for the guard.
+    fn connect(&mut self) -> Result<(), DbError> {
+        let _one_at_a_time = self.watch.state.connecting.lock().unwrap_or_else(|e| e.into_inner());
+        let before = self.peer.as_ref().map(db::deadline::sockets_to);
+        self.watch.begin("connecting to the database", self.connect_timeout);
+        let r = guarded(|| db::connect(&self.url));
+        match (r, self.watch.end()) {
+            (Ok(conn), None) => {
+                let socket = match (&self.peer, before) {
+                    (Some(peer), Some(before)) => {
+                        let new: Vec<u64> = db::deadline::sockets_to(peer).difference(&before).copied().collect();
+                        match new.as_slice() {
+                            [one] => Some(*one),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
+                self.watch.set_socket(socket);
+                self.conn = Some(conn);
+                Ok(())
+            }
+            (_, Some((what, limit))) => Err(DbError::Timeout { what, seconds: limit.as_secs() }),
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    fn disconnect(&mut self) {
+        self.conn = None;
+        self.watch.set_socket(None);
+    }
+
+    /// Runs `f` on the connection (which must be made) within `limit`.
+    fn run<T>(
+        &mut self,
+        what: impl FnOnce() -> String,
+        limit: Duration,
+        f: impl FnOnce(&mut MysqlConnection) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(DbError::Internal { error: "no connection".into() });
+        };
+        self.watch.begin(what(), limit);
+        let r = guarded(|| f(conn));
+        let r = match self.watch.end() {
+            // The guard shut the connection's socket down: even a call that made
+            // it just in time leaves a connection that is no use.
+            Some((what, limit)) => {
+                self.disconnect();
+                r.map_err(|_| DbError::Timeout { what, seconds: limit.as_secs() })
+            }
+            None => r,
+        };
+        if let Err(e) = &r
+            && (e.is_unavailable() || matches!(e, DbError::Internal { .. }))
+        {
+            self.disconnect();
+        }
+        r
     }
 }
 
@@ -106,16 +254,14 @@ enum Call {
     Stop,
 }
 
-/// Owns the database connection on the executor thread; reconnects on demand.
+/// Owns the writer's connection on the executor thread; reconnects on demand,
+/// taking the node lock on every new connection.
 struct DbExec {
-    url: String,
+    link: Link,
     node: String,
-    conn: Option<diesel::MysqlConnection>,
     /// This process's last database session, which may still hold the node lock.
     session: Option<u64>,
     timeout: Duration,
-    connect_timeout: Duration,
-    guard: Arc<GuardState>,
 }
 
 impl DbExec {
@@ -125,47 +271,26 @@ impl DbExec {
         &mut self,
         what: impl FnOnce() -> String,
         limit: Duration,
-        f: impl FnOnce(&mut diesel::MysqlConnection) -> Result<T, DbError>,
+        f: impl FnOnce(&mut MysqlConnection) -> Result<T, DbError>,
     ) -> Result<T, DbError> {
-        if self.conn.is_none() {
-            self.guard.begin("connecting to the database", self.connect_timeout + NODE_LOCK_WAIT);
-            let r = guarded(|| {
-                let mut conn = db::connect(&self.url)?;
-                let id = db::lock_node(&mut conn, &self.node, self.session, NODE_LOCK_WAIT)?;
-                Ok((conn, id))
-            });
-            let cut = self.guard.end();
-            match (r, cut) {
-                (Ok((conn, id)), None) => {
-                    self.conn = Some(conn);
-                    self.session = Some(id);
+        if self.link.conn.is_none() {
+            self.link.connect()?;
+            let (node, session) = (&self.node, self.session);
+            let lock_limit = self.link.connect_timeout + NODE_LOCK_WAIT;
+            match self.link.run(
+                || "taking the node lock".into(),
+                lock_limit,
+                |c| db::lock_node(c, node, session, NODE_LOCK_WAIT),
+            ) {
+                Ok(id) => self.session = Some(id),
+                Err(e) => {
+                    // Never write on a connection that does not hold the lock.
+                    self.link.disconnect();
+                    return Err(e);
                 }
-                (Ok(_), Some((what, limit))) | (Err(_), Some((what, limit))) => {
-                    return Err(DbError::Timeout { what, seconds: limit.as_secs() });
-                }
-                (Err(e), None) => return Err(e),
             }
         }
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(DbError::Internal { error: "no connection".into() });
-        };
-        self.guard.begin(what(), limit);
-        let r = guarded(|| f(conn));
-        let r = match self.guard.end() {
-            // The guard shut the connection's socket down: even a call that made
-            // it just in time leaves a connection that is no use.
-            Some((what, limit)) => {
-                self.conn = None;
-                r.map_err(|_| DbError::Timeout { what, seconds: limit.as_secs() })
-            }
-            None => r,
-        };
-        if let Err(e) = &r
-            && (e.is_unavailable() || matches!(e, DbError::Internal { .. }))
-        {
-            self.conn = None;
-        }
-        r
+        self.link.run(what, limit, f)
     }
 
     fn write(&mut self, w: &Write) -> Result<(), DbError> {
@@ -235,32 +360,28 @@ impl DbExec {
                     |c| db::renew_lease(c, &m.job_id, &m.owner, m.lease),
                 )
                 .map(ExecReply::Renewed),
-            Exec::Query(q) => self
-                .with_conn(
-                    || "answering an admin request".into(),
-                    limit,
-                    |c| {
-                        Ok(match q {
-                            Query::Ping => db::ping(c).map(|()| QueryResult::Done)?,
-                            Query::ListJobs { status, limit } => QueryResult::Jobs(db::list_jobs(c, status, limit)?),
-                            Query::FindJob { key } => QueryResult::Job(db::find_job(c, &key)?),
-                            Query::CountJobs => QueryResult::Counts(db::count_jobs_by_status(c)?),
-                            Query::Submit { job, disks } => {
-                                db::insert_job(c, &job, &disks).map(|()| QueryResult::Done)?
-                            }
-                            Query::Cancel { job_id } => QueryResult::Status(db::cancel_job(c, &job_id)?),
-                            Query::History { job_id } => QueryResult::History(db::load_cbt(c, &job_id)?),
-                            Query::Events { job_id, limit } => {
-                                QueryResult::Events(db::recent_events(c, &job_id, limit)?)
-                            }
-                            Query::LeftSnapshots => QueryResult::Snapshots(db::left_snapshots(c)?),
-                            Query::ForgetSnapshot(left) => db::forget_snapshot(c, &left).map(|_| QueryResult::Done)?,
-                        })
-                    },
-                )
-                .map(ExecReply::Query),
+            Exec::Query(q) => {
+                self.with_conn(|| "answering an admin request".into(), limit, |c| answer(c, q)).map(ExecReply::Query)
+            }
         }
     }
+}
+
+/// Answers a query on `c`: the one place that maps a [`Query`] to the database
+/// functions, whichever thread runs it.
+fn answer(c: &mut MysqlConnection, q: Query) -> Result<QueryResult, DbError> {
+    Ok(match q {
+        Query::Ping => db::ping(c).map(|()| QueryResult::Done)?,
+        Query::ListJobs { status, limit } => QueryResult::Jobs(db::list_jobs(c, status, limit)?),
+        Query::FindJob { key } => QueryResult::Job(db::find_job(c, &key)?),
+        Query::CountJobs => QueryResult::Counts(db::count_jobs_by_status(c)?),
+        Query::Submit { job, disks } => db::insert_job(c, &job, &disks).map(|()| QueryResult::Done)?,
+        Query::Cancel { job_id } => QueryResult::Status(db::cancel_job(c, &job_id)?),
+        Query::History { job_id } => QueryResult::History(db::load_cbt(c, &job_id)?),
+        Query::Events { job_id, limit } => QueryResult::Events(db::recent_events(c, &job_id, limit)?),
+        Query::LeftSnapshots => QueryResult::Snapshots(db::left_snapshots(c)?),
+        Query::ForgetSnapshot(left) => db::forget_snapshot(c, &left).map(|_| QueryResult::Done)?,
+    })
 }
 
 /// Claims jobs and loads each. One that cannot be loaded fails alone, with a
@@ -336,15 +457,48 @@ fn run(mut exec: DbExec, calls: mpsc::Receiver<Call>) {
         }
     }
     // The connection is closed here, on the thread that made it.
-    exec.conn = None;
+    exec.link.disconnect();
+}
+
+// -------------------------------------------------------------- readers ----
+
+/// A read for the reader threads, answered on its channel.
+enum Read {
+    Query(Query, tokio::sync::oneshot::Sender<Result<QueryResult, DbError>>),
+    Stop,
+}
+
+/// One reader thread: takes the next read from the queue the readers share and
+/// answers it on its own connection (no node lock: readers only read).
+fn read(mut link: Link, timeout: Duration, reads: Arc<Mutex<mpsc::Receiver<Read>>>) {
+    loop {
+        let next = reads.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        match next {
+            Ok(Read::Query(q, reply)) => {
+                // Nobody waits for the answer any more (the admin request timed
+                // out, or the daemon is stopping): spare the database.
+                if reply.is_closed() || link.watch.state.hurrying() {
+                    continue;
+                }
+                let r = if link.conn.is_none() { link.connect() } else { Ok(()) }
+                    .and_then(|()| link.run(|| "answering an admin read".into(), timeout, |c| answer(c, q)));
+                let _ = reply.send(r);
+            }
+            Ok(Read::Stop) | Err(_) => break,
+        }
+    }
+    // The connection is closed here, on the thread that made it.
+    link.disconnect();
 }
 
 // --------------------------------------------------------------- owners ----
 
-/// The executor's two threads, until `stop` joins them.
+/// The executor's thread, the readers' and the guard's, until `stop` joins them.
 pub struct ExecThreads {
     calls: mpsc::Sender<Call>,
+    reads: mpsc::Sender<Read>,
     exec: Option<JoinHandle<()>>,
+    readers: Vec<JoinHandle<()>>,
     guard: Option<JoinHandle<()>>,
     state: Arc<GuardState>,
 }
@@ -353,59 +507,81 @@ impl ExecThreads {
     /// Starts the threads. Nothing connects until the first call.
     pub fn spawn(settings: &Settings, node: &str) -> std::io::Result<Self> {
         let state = Arc::new(GuardState::default());
+        let (calls, rx) = mpsc::channel();
+        let (reads, read_rx) = mpsc::channel();
+        let read_rx = Arc::new(Mutex::new(read_rx));
+        let mut threads =
+            ExecThreads { calls, reads, exec: None, readers: Vec::new(), guard: None, state: state.clone() };
+        let peer = Peer::of(&settings.database.url);
+        let g = state.clone();
+        // On an error, dropping `threads` stops and joins what was started.
+        threads.guard = Some(std::thread::Builder::new().name("db-guard".into()).spawn(move || guard(g, peer))?);
         let exec = DbExec {
-            url: settings.database.url.clone(),
+            link: Link::new(settings, &state),
             node: node.to_string(),
-            conn: None,
             session: None,
             timeout: settings.database.timeout,
-            connect_timeout: settings.database.connect_timeout,
-            guard: state.clone(),
         };
-        let peer = db::deadline::Peer::of(&settings.database.url);
-        let (calls, rx) = mpsc::channel();
-        let g = state.clone();
-        let guard = std::thread::Builder::new().name("db-guard".into()).spawn(move || guard(g, peer))?;
-        let exec = match std::thread::Builder::new().name("db-exec".into()).spawn(move || run(exec, rx)) {
-            Ok(h) => h,
-            Err(e) => {
-                state.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                state.wake.notify_all();
-                let _ = guard.join();
-                return Err(e);
-            }
-        };
-        Ok(Self { calls, exec: Some(exec), guard: Some(guard), state })
+        threads.exec = Some(std::thread::Builder::new().name("db-exec".into()).spawn(move || run(exec, rx))?);
+        for i in 0..READERS {
+            let (link, timeout, reads) = (Link::new(settings, &state), settings.database.timeout, read_rx.clone());
+            let h =
+                std::thread::Builder::new().name(format!("db-read-{i}")).spawn(move || read(link, timeout, reads))?;
+            threads.readers.push(h);
+        }
+        Ok(threads)
     }
 
-    /// The actor through which the DbWriter calls the executor (inside a system).
+    /// The actor through which the DbWriter calls the threads (inside a system).
     pub fn client(&self) -> Addr<ExecClient> {
-        ExecClient { calls: self.calls.clone() }.start()
+        ExecClient { calls: self.calls.clone(), reads: self.reads.clone() }.start()
     }
 
-    /// Cuts the call in progress, if any (nobody waits for its answer any more),
-    /// then joins both threads.
+    /// Cuts the calls in progress, if any (nobody waits for their answers any
+    /// more), then joins every thread.
     pub fn stop(mut self) {
+        self.join();
+        tracing::info!("stopped: database threads (joined)");
+    }
+
+    fn join(&mut self) {
         let _ = self.calls.send(Call::Stop);
-        self.state.hurry.store(true, std::sync::atomic::Ordering::SeqCst);
+        for _ in &self.readers {
+            let _ = self.reads.send(Read::Stop);
+        }
+        self.state.hurry.store(true, Ordering::SeqCst);
         self.state.wake.notify_all();
         if let Some(h) = self.exec.take()
             && h.join().is_err()
         {
             tracing::error!("the database thread panicked");
         }
-        self.state.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for h in self.readers.drain(..) {
+            if h.join().is_err() {
+                tracing::error!("a database reader thread panicked");
+            }
+        }
+        self.state.stop.store(true, Ordering::SeqCst);
         self.state.wake.notify_all();
         if let Some(h) = self.guard.take() {
             let _ = h.join();
         }
-        tracing::info!("stopped: database threads (joined)");
     }
 }
 
-/// Forwards the DbWriter's calls to the executor thread.
+impl Drop for ExecThreads {
+    /// Joins whatever `stop` did not (a failed `spawn`, an early return).
+    fn drop(&mut self) {
+        if self.guard.is_some() {
+            self.join();
+        }
+    }
+}
+
+/// Forwards the DbWriter's calls: reads to the readers, the rest to the executor.
 pub struct ExecClient {
     calls: mpsc::Sender<Call>,
+    reads: mpsc::Sender<Read>,
 }
 
 impl Actor for ExecClient {
@@ -430,9 +606,20 @@ impl Handler<Batch> for ExecClient {
 impl Handler<Exec> for ExecClient {
     type Result = ResponseFuture<Result<ExecReply, DbError>>;
     fn handle(&mut self, msg: Exec, _: &mut Context<Self>) -> Self::Result {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let sent = self.calls.send(Call::Exec(msg, tx)).is_ok();
-        Box::pin(async move { if sent { rx.await.unwrap_or_else(|_| Err(gone())) } else { Err(gone()) } })
+        match msg {
+            Exec::Query(q) if q.is_read() => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let sent = self.reads.send(Read::Query(q, tx)).is_ok();
+                Box::pin(async move {
+                    if sent { rx.await.unwrap_or_else(|_| Err(gone())).map(ExecReply::Query) } else { Err(gone()) }
+                })
+            }
+            msg => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let sent = self.calls.send(Call::Exec(msg, tx)).is_ok();
+                Box::pin(async move { if sent { rx.await.unwrap_or_else(|_| Err(gone())) } else { Err(gone()) } })
+            }
+        }
     }
 }
 
@@ -451,17 +638,18 @@ mod tests {
     #[test]
     fn the_guard_reports_a_call_it_cut() {
         let state = Arc::new(GuardState::default());
+        let (slow, quick) = (state.watch(), state.watch());
         let g = state.clone();
         let guard = std::thread::spawn(move || guard(g, None));
-        state.begin("waiting for nothing", Duration::from_millis(50));
+        quick.begin("quick", Duration::from_secs(60));
+        slow.begin("waiting for nothing", Duration::from_millis(50));
         let end = Instant::now() + Duration::from_secs(10);
-        while !state.lock().as_ref().is_some_and(|b| b.cut) {
+        while !slow.with(|s| s.busy.as_ref().is_some_and(|b| b.cut)).unwrap_or(false) {
             assert!(Instant::now() < end, "the guard did not act");
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(state.end().map(|(w, _)| w).as_deref(), Some("waiting for nothing"));
-        state.begin("quick", Duration::from_secs(60));
-        assert_eq!(state.end(), None, "a call within its deadline was not cut");
+        assert_eq!(slow.end().map(|(w, _)| w).as_deref(), Some("waiting for nothing"));
+        assert_eq!(quick.end(), None, "a call within its deadline was not cut, though another was");
         state.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         state.wake.notify_all();
         guard.join().unwrap();

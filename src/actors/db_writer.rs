@@ -10,8 +10,8 @@
 //! one batch is in flight, so while the database is slow or away, updates pile
 //! up as one latest state per row rather than as a queue; when a batch fails it
 //! goes back into the pending state and is retried after `retry_interval`.
-//! Queries (claiming jobs, leases, the admin's reads) go straight to the
-//! executor. Every write carries the owner (node and run) of its job, and the
+//! Queries (claiming jobs, leases, the admin's commands) go straight to the
+//! executor, the admin's reads to its reader threads (see `db_exec`). Every write carries the owner (node and run) of its job, and the
 //! database applies it only while that owner holds the job.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -45,6 +45,8 @@ pub struct DbWriter {
     records: VecDeque<Record>,
     releases: Vec<ReleaseLease>,
     in_flight: bool,
+    /// Writes in the batch in flight (part of the backlog).
+    in_flight_writes: usize,
     /// No batch before this (the database failed recently).
     retry_at: Option<Instant>,
     flush_waiters: Vec<tokio::sync::oneshot::Sender<Result<(), DbError>>>,
@@ -69,6 +71,7 @@ impl DbWriter {
             records: VecDeque::new(),
             releases: Vec::new(),
             in_flight: false,
+            in_flight_writes: 0,
             retry_at: None,
             flush_waiters: Vec::new(),
             stats: DbStats { available: true, ..DbStats::default() },
@@ -139,11 +142,13 @@ impl DbWriter {
             return;
         }
         self.in_flight = true;
+        self.in_flight_writes = batch.len();
         self.batches
             .send(Batch(batch))
             .into_actor(self)
             .map(|res, act, ctx| {
                 act.in_flight = false;
+                act.in_flight_writes = 0;
                 let done = res.unwrap_or_else(|e| {
                     BatchDone::failed(Vec::new(), DbError::Internal { error: format!("database thread gone: {e}") })
                 });
@@ -259,6 +264,7 @@ impl Supervised for DbWriter {
     fn restarting(&mut self, _: &mut Context<Self>) {
         tracing::warn!("db writer restarting");
         self.in_flight = false;
+        self.in_flight_writes = 0;
     }
 }
 
@@ -380,7 +386,7 @@ impl Handler<Ping> for DbWriter {
 impl Handler<GetDbStats> for DbWriter {
     type Result = MessageResult<GetDbStats>;
     fn handle(&mut self, _: GetDbStats, _: &mut Context<Self>) -> Self::Result {
-        self.stats.pending = self.pending() as u64;
+        self.stats.pending = (self.pending() + self.in_flight_writes) as u64;
         MessageResult(self.stats)
     }
 }

@@ -112,7 +112,9 @@ pub struct ReleaseLease {
 #[rtype(result = "()")]
 pub struct Ping;
 
-/// Admin → DbWriter: reads and commands answered straight from the database.
+/// Admin, Discovery → DbWriter: reads and commands answered straight from the
+/// database. Reads ([`Query::is_read`]) are answered by the reader threads, on
+/// connections of their own; commands keep their place in the writer's queue.
 #[derive(Message, Debug)]
 #[rtype(result = "Result<QueryResult, DbError>")]
 pub enum Query {
@@ -149,6 +151,14 @@ pub enum Query {
     },
 }
 
+impl Query {
+    /// Whether the query only reads, so that it need not wait behind the
+    /// writer's queue (submit, cancel and forgetting a snapshot change rows).
+    pub fn is_read(&self) -> bool {
+        !matches!(self, Query::Submit { .. } | Query::Cancel { .. } | Query::ForgetSnapshot(_))
+    }
+}
+
 // Sent one at a time; boxing the loaded job would buy nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
@@ -175,7 +185,8 @@ pub struct DbStats {
     pub disk_updates: u64,
     pub records: u64,
     pub failures: u64,
-    /// Writes waiting (the database is slow or away).
+    /// Writes waiting (the database is slow or away), with those of the batch
+    /// in flight: the writer's backlog.
     pub pending: u64,
     pub available: bool,
 }

@@ -8,7 +8,8 @@
 //! - `disk_copier`: one per disk; runs the engine on its own thread
 //! - `db_writer`: the only place that touches the database; throttles and coalesces
 //! - `throttle`: the DbWriter's throttle and the merge of pending updates
-//! - `db_exec`: the DbWriter's executor thread (the connection) and its deadline guard
+//! - `db_exec`: the DbWriter's executor thread (the writer's connection), the reader
+//!   threads (the admin's reads), and the deadline guard of both
 //! - `timeout_watchdog`: fails jobs that stopped making progress
 //! - `vsphere`: a VMware job's worker thread: the vSphere steps its `JobRun` decides
 //!

@@ -10,7 +10,8 @@
 //!
 //! Handlers answer through the actors: reads and commands through the DbWriter
 //! (`Query`, always under a timeout, so a database that hangs makes the API answer
-//! 503 rather than hang), the running jobs through the DiscoveryActor and their
+//! 503 rather than hang; reads and the health check's ping are answered on the
+//! readers' own connections, never behind the writer's backlog), the running jobs through the DiscoveryActor and their
 //! aggregators. Request bodies are read here (at most [`MAX_BODY`]); validation is
 //! `submit`'s, the shape of responses `view`'s, the metrics text `metrics`'s.
 
@@ -297,6 +298,14 @@ impl State {
         }
     }
 
+    /// The DbWriter's figures (answered by the actor, never by the database).
+    async fn db_stats(&self) -> Result<crate::actors::messages::DbStats, AdminError> {
+        tokio::time::timeout(ACTOR_TIMEOUT, self.deps.db.send(GetDbStats))
+            .await
+            .map_err(|_| AdminError::Internal("database writer did not answer".into()))?
+            .map_err(|e| AdminError::Internal(format!("database writer unreachable: {e}")))
+    }
+
     async fn query(&self, q: Query) -> Result<QueryResult, AdminError> {
         self.query_within(q, DB_TIMEOUT).await
     }
@@ -347,12 +356,14 @@ fn path_param(req: &HttpRequest, name: &str) -> String {
 
 async fn health(st: web::Data<State>) -> Result<HttpResponse, AdminError> {
     let reachable = matches!(st.query_within(Query::Ping, PING_TIMEOUT).await, Ok(QueryResult::Done));
+    let backlog = st.db_stats().await?.pending;
     let active = st.ask(ListActive).await?.len() as u64;
     Ok(HttpResponse::Ok().json(Health {
         status: if reachable { "ok" } else { "degraded" }.to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         node_id: st.deps.node.clone(),
         database_reachable: reachable,
+        database_backlog: backlog,
         active_jobs: active,
         uptime_seconds: st.started.elapsed().as_secs(),
         started_at: view::time(st.started_at),
@@ -496,10 +507,7 @@ async fn metrics(st: web::Data<State>) -> Result<HttpResponse, AdminError> {
         Ok(QueryResult::Counts(c)) => Some(c),
         _ => None,
     };
-    let db = tokio::time::timeout(ACTOR_TIMEOUT, st.deps.db.send(GetDbStats))
-        .await
-        .map_err(|_| AdminError::Internal("database writer did not answer".into()))?
-        .map_err(|e| AdminError::Internal(format!("database writer unreachable: {e}")))?;
+    let db = st.db_stats().await?;
     let text = metrics::render(&metrics::Figures {
         version: env!("CARGO_PKG_VERSION").to_string(),
         node: st.deps.node.clone(),

@@ -115,7 +115,13 @@ pub struct Health {
     pub status: String,
     pub version: String,
     pub node_id: String,
+    /// Whether the database answered a ping on a connection of the readers,
+    /// apart from the writer's.
     pub database_reachable: bool,
+    /// Writes the daemon holds for the database (waiting, or being written):
+    /// large while the database is slow for writes, even if it answers reads.
+    #[serde(default)]
+    pub database_backlog: u64,
     /// Jobs this node is running now.
     pub active_jobs: u64,
     pub uptime_seconds: u64,

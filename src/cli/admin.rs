@@ -139,6 +139,7 @@ fn health(c: &Client, json: bool) -> anyhow::Result<()> {
         println!("version:     {}", h.version);
         println!("node:        {}", h.node_id);
         println!("database:    {}", if h.database_reachable { "reachable" } else { "UNREACHABLE" });
+        println!("backlog:     {} write(s) waiting for the database", h.database_backlog);
         println!("active jobs: {}", h.active_jobs);
         println!(
             "uptime:      {} (since {})",

@@ -5,11 +5,13 @@
 //! when a call overruns, the socket of the connection is shut down, the blocked
 //! call fails at once with "lost connection", and the caller reconnects later.
 //!
-//! The connection's socket is found as the socket of this process whose peer is
-//! the database server of the URL: the Unix socket path, or the TCP port. Only
-//! the DbWriter's executor talks to the database, so that socket is its own.
+//! A connection's socket is one of this process's sockets whose peer is the
+//! database server of the URL (the Unix socket path, or the TCP port); the
+//! executor and its readers each hold one connection, so each remembers which
+//! socket appeared when it connected ([`sockets_to`]) and only that one is cut.
 //! This module knows nothing of when to cut; the executor's guard decides.
 
+use std::collections::BTreeSet;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
@@ -50,21 +52,50 @@ impl Peer {
     }
 }
 
-/// Shuts down every socket of this process connected to `peer`; returns how many.
-pub fn cut_connections(peer: &Peer) -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return 0 };
+/// The sockets of this process, as (descriptor, inode) pairs.
+fn sockets() -> Vec<(RawFd, u64)> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|entry| {
+            let fd = entry.file_name().to_str()?.parse::<RawFd>().ok()?;
+            let link = std::fs::read_link(entry.path()).ok()?;
+            let inode = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()?;
+            Some((fd, inode))
+        })
+        .collect()
+}
+
+fn connected_to(fd: RawFd, peer: &Peer) -> bool {
+    getpeername::<SockaddrStorage>(fd).is_ok_and(|addr| addr.family().is_some() && peer.matches(&addr))
+}
+
+/// The inodes of this process's sockets connected to `peer`. Taken before and
+/// after a connection is made (connections being made one at a time), the new
+/// one is that connection's socket: what [`cut_connections`] spares or cuts.
+pub fn sockets_to(peer: &Peer) -> BTreeSet<u64> {
+    sockets().into_iter().filter(|(fd, _)| connected_to(*fd, peer)).map(|(_, inode)| inode).collect()
+}
+
+/// Which of this process's connections to a peer to cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cut {
+    /// The connection whose socket has this inode.
+    One(u64),
+    /// Every connection but those of these inodes (the other calls' own): the
+    /// connection being made, whose socket is not known yet.
+    AllBut(BTreeSet<u64>),
+}
+
+/// Shuts down the sockets connected to `peer` that `which` names; returns how
+/// many.
+pub fn cut_connections(peer: &Peer, which: &Cut) -> usize {
     let mut cut = 0;
-    for entry in dir.flatten() {
-        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<RawFd>().ok()) else { continue };
-        let is_socket = std::fs::read_link(entry.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
-        if !is_socket {
-            continue;
-        }
-        if let Ok(addr) = getpeername::<SockaddrStorage>(fd)
-            && addr.family().is_some()
-            && peer.matches(&addr)
-            && shutdown(fd, Shutdown::Both).is_ok()
-        {
+    for (fd, inode) in sockets() {
+        let chosen = match which {
+            Cut::One(one) => inode == *one,
+            Cut::AllBut(spared) => !spared.contains(&inode),
+        };
+        if chosen && connected_to(fd, peer) && shutdown(fd, Shutdown::Both).is_ok() {
             cut += 1;
         }
     }
@@ -99,6 +130,12 @@ mod tests {
         let mut bystander = UnixStream::connect(&other_path).unwrap();
         let (_server_side, _) = db.accept().unwrap();
         let (_other_side, _) = other.accept().unwrap();
+        let peer = Peer::Unix(db_path.clone());
+        let before = sockets_to(&peer);
+        let mut sibling = UnixStream::connect(&db_path).unwrap();
+        let (_sibling_side, _) = db.accept().unwrap();
+        let siblings: BTreeSet<u64> = sockets_to(&peer).difference(&before).copied().collect();
+        assert_eq!(siblings.len(), 1, "the new connection's socket is found");
         // A read that would wait forever for a server that never answers.
         let reader = std::thread::spawn(move || {
             let mut b = [0u8; 1];
@@ -107,7 +144,7 @@ mod tests {
         let mut cut = 0;
         let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !reader.is_finished() && std::time::Instant::now() < end {
-            cut += cut_connections(&Peer::Unix(db_path.clone()));
+            cut += cut_connections(&peer, &Cut::AllBut(siblings.clone()));
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert_eq!(reader.join().unwrap().unwrap(), 0, "the blocked read ended (end of file)");
@@ -116,5 +153,12 @@ mod tests {
         let mut b = [0u8; 1];
         let e = bystander.read(&mut b).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "the other connection is untouched");
+        sibling.set_nonblocking(true).unwrap();
+        let e = sibling.read(&mut b).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "the spared connection to the same peer is untouched");
+        let sibling_inode = siblings.into_iter().next().unwrap();
+        assert_eq!(cut_connections(&peer, &Cut::One(sibling_inode)), 1);
+        sibling.set_nonblocking(false).unwrap();
+        assert_eq!(sibling.read(&mut b).unwrap(), 0, "the one connection named is cut");
     }
 }

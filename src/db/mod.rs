@@ -6,8 +6,9 @@
 //! named lock.
 //!
 //! It deliberately has no connection pool, no threads, no retries and no
-//! throttling: the DbWriter actor owns one connection and decides when to write,
-//! reconnect, cut a call that overran its deadline, or give up. All times are UTC: [`connect`] sets the session time zone,
+//! throttling: the DbWriter's executor owns the writer's connection (and its
+//! readers one each) and decides when to write, reconnect, cut a call that
+//! overran its deadline, or give up. All times are UTC: [`connect`] sets the session time zone,
 //! and timestamps the daemon decides (leases, `updated_at`) come from the server's
 //! `UTC_TIMESTAMP(6)` so that appliances with skewed clocks agree.
 //!
@@ -37,7 +38,7 @@ use diesel::sql_types::Integer;
 
 pub use self::{
     disks::{last_change_ids, load_cbt, record_cbt, update_disk},
-    error::{DbError, redact_url},
+    error::{DbError, check_url, redact_url},
     events::{insert_events, recent_events},
     jobs::{
         cancel_job, claim_jobs, count_jobs_by_status, find_job, forget_snapshot, insert_job, left_snapshots, list_jobs,
@@ -55,14 +56,22 @@ pub use self::models::Word;
 
 /// Opens a connection and makes its session work in UTC, so that the schema's
 /// `CURRENT_TIMESTAMP(6)` defaults and `ON UPDATE` clauses store UTC like
-/// everything else. The error never contains the URL's password.
+/// everything else. The error never contains the URL's password, and tells
+/// apart what waiting may heal ([`DbError::Connect`]: refused, unreachable, too
+/// busy) from what it does not ([`DbError::Rejected`], [`DbError::InvalidUrl`]).
 pub fn connect(url: &str) -> Result<MysqlConnection, DbError> {
-    if !error::is_mysql_url(url) {
-        // Not echoed: a malformed URL may hold a password where no parser finds it.
-        return Err(DbError::InvalidUrl { reason: "expected mysql://user:password@host[:port]/database".into() });
-    }
-    let connect_error = |error: String| DbError::Connect { url: redact_url(url), error: error::scrub(&error, url) };
-    let mut conn = MysqlConnection::establish(url).map_err(|e| connect_error(e.to_string()))?;
+    check_url(url)?;
+    let connect_error = |error: String| {
+        let (url, error) = (redact_url(url), error::scrub(&error, url));
+        if error::rejects(&error) { DbError::Rejected { url, error } } else { DbError::Connect { url, error } }
+    };
+    let mut conn = MysqlConnection::establish(url).map_err(|e| match e {
+        // `check_url` accepts only what diesel parses; this is the backstop.
+        diesel::ConnectionError::InvalidConnectionUrl(_) | diesel::ConnectionError::InvalidCString(_) => {
+            DbError::InvalidUrl { reason: "diesel cannot parse it".into() }
+        }
+        e => connect_error(e.to_string()),
+    })?;
     conn.batch_execute("SET time_zone = '+00:00'").map_err(|e| connect_error(e.to_string()))?;
     Ok(conn)
 }
@@ -95,32 +104,48 @@ mod tests {
         assert_eq!(tz.tz, "+00:00");
     }
 
-    fn assert_clean(err: &DbError, secret: &str) {
+    /// One line, with the redacted URL and without the password; `healable`: a
+    /// `Connect` error (retried), else a `Rejected` one (given up on at start-up).
+    fn assert_clean(err: &DbError, secret: &str, healable: bool) {
         let msg = err.to_string();
-        assert!(msg.starts_with("cannot connect to database mysql://"), "{msg}");
+        let start = if healable { "cannot connect to database mysql://" } else { "database mysql://" };
+        assert!(msg.starts_with(start), "{msg}");
         assert!(!msg.contains(secret), "password leaked: {msg}");
         assert!(!msg.contains('\n'), "not one line: {msg}");
         assert!(msg.contains("***"), "the redacted URL is missing: {msg}");
-        assert!(err.is_unavailable());
+        assert!(err.is_unavailable(), "a running daemon keeps its writes: {msg}");
+        assert_eq!(err.is_permanent(), !healable, "{msg}");
     }
 
     #[test]
     fn a_database_that_is_down_gives_one_clean_line() {
         let secret = "Hunter2-secret";
         let missing_socket = format!("mysql://app:{secret}@localhost/blockrepl?unix_socket=/nonexistent/mysqld.sock");
-        assert_clean(&connect(&missing_socket).err().unwrap(), secret);
+        assert_clean(&connect(&missing_socket).err().unwrap(), secret, true);
         // Port 1 on the loopback refuses connections at once.
         let refused = format!("mysql://app:{secret}@127.0.0.1:1/blockrepl");
-        assert_clean(&connect(&refused).err().unwrap(), secret);
+        assert_clean(&connect(&refused).err().unwrap(), secret, true);
     }
 
     #[test]
-    fn a_wrong_password_is_refused_without_showing_it() {
+    fn a_wrong_password_is_rejected_without_showing_it() {
         let db = mariadb::server().fresh_database("wrong_password");
         let secret = "Wrong-Pass-1234";
         let mut url = url::Url::parse(&db.url).unwrap();
         url.set_password(Some(secret)).unwrap();
-        assert_clean(&connect(url.as_str()).err().unwrap(), secret);
+        let err = connect(url.as_str()).err().unwrap();
+        assert_clean(&err, secret, false);
+        assert!(err.to_string().contains("Access denied"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_database_is_rejected() {
+        let db = mariadb::server().fresh_database("unknown_db");
+        let url = db.url.replacen(&format!("/{}", db.name), &format!("/{}_missing", db.name), 1);
+        let secret = url::Url::parse(&url).unwrap().password().unwrap().to_string();
+        let err = connect(&url).err().unwrap();
+        assert_clean(&err, &secret, false);
+        assert!(err.to_string().contains("Unknown database"), "{err}");
     }
 
     #[test]
@@ -145,8 +170,11 @@ mod tests {
 
     #[test]
     fn an_unparseable_url_is_reported_without_echoing_it() {
-        let err = connect("app:secret@db").err().unwrap();
-        assert!(matches!(err, DbError::InvalidUrl { .. }), "{err}");
-        assert!(!err.to_string().contains("secret"));
+        for url in ["app:secret@db", "mysql://app:secret@localhost/", "mysql://app:secret@db/a/b"] {
+            let err = connect(url).err().unwrap();
+            assert!(matches!(err, DbError::InvalidUrl { .. }), "{url}: {err}");
+            assert!(err.is_permanent());
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
     }
 }

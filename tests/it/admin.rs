@@ -682,3 +682,63 @@ fn the_socket_can_be_named_in_the_environment_and_a_missing_one_is_one_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/env.sock"));
     assert!(!out.status.success());
 }
+
+/// Issue 15 item 1: reads apart from writes. Another session holds the job's row
+/// locked (as an orchestrator's long transaction would), so the writer's
+/// statement waits and its queue stops; yet the admin reads and the health check
+/// answer at once, on connections of their own, and `health` shows the writer's
+/// backlog apart from whether the database answers. Before, every read waited
+/// behind the writer's statement: 503, and health "degraded".
+#[test]
+fn admin_reads_answer_while_the_writer_waits_and_health_shows_its_backlog() {
+    let d = tempdir();
+    let db = server().fresh_database("reads_apart");
+    let (src, dst) = servers(d.path(), "ra", "128M", "32M");
+    // The writer's blocked statement is not cut during the test.
+    let daemon = Daemon::start(d.path(), &db.url, &[("BLOCKREPL__DATABASE__TIMEOUT", "60s")]);
+    let file = write_json(d.path(), "job.json", &job_body("job-r", &[("disk-1", src.uri(), dst.uri())]));
+    daemon.cli(&["submit", &file]).assert_ok();
+    wait_until("progress in the database", JOB_DEADLINE, || {
+        job_field(&db, "job-r", "progress_percent").and_then(|p| p.parse::<f64>().ok()).unwrap_or(0.0) > 1.0
+    });
+
+    let mut blocker = db.connect();
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut blocker,
+        "START TRANSACTION; UPDATE replication_jobs SET vm_name = vm_name WHERE id = 'job-r'",
+    )
+    .unwrap();
+    // The daemon's statement waits for the row lock (the writer is stuck).
+    let waiting = format!(
+        "SELECT CAST(COUNT(*) AS CHAR) AS v FROM information_schema.processlist
+         WHERE db = '{}' AND command IN ('Query', 'Execute') AND time_ms > 1000 AND id <> CONNECTION_ID()",
+        db.name
+    );
+    let writer_waits = || one(&db, &waiting).is_some_and(|n| n != "0");
+    wait_until("the writer to wait for the locked row", JOB_DEADLINE, writer_waits);
+
+    for _ in 0..3 {
+        let t = Instant::now();
+        let h = daemon.cli(&["health", "--json"]).json();
+        assert!(t.elapsed() < Duration::from_secs(2), "health took {:?}", t.elapsed());
+        assert_eq!(h["database_reachable"], json!(true), "the ping has its own connection: {h}");
+        assert!(h["database_backlog"].as_u64().is_some_and(|n| n >= 1), "the backlog is shown: {h}");
+        let t = Instant::now();
+        let list = daemon.cli(&["jobs", "--json"]).json();
+        assert!(list.to_string().contains("job-r"), "{list}");
+        daemon.cli(&["show", "job-r", "--json"]).json();
+        assert!(t.elapsed() < Duration::from_secs(2), "reads took {:?} behind the writer", t.elapsed());
+    }
+    assert!(writer_waits(), "the writer was waiting all along");
+    let text = daemon.cli(&["health"]);
+    assert!(text.stdout.contains("database:    reachable"), "{}", text.stdout);
+    assert!(text.stdout.contains("backlog:     "), "{}", text.stdout);
+
+    diesel::connection::SimpleConnection::batch_execute(&mut blocker, "ROLLBACK").unwrap();
+    wait_until("the job to complete", JOB_DEADLINE, || {
+        job_field(&db, "job-r", "status").as_deref() == Some("completed")
+    });
+    wait_until("the backlog to drain", READY, || {
+        daemon.cli(&["health", "--json"]).json()["database_backlog"] == json!(0)
+    });
+}

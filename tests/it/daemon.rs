@@ -365,6 +365,75 @@ fn bad_configuration_fails_start_up_with_one_line() {
     assert!(line.contains("/nonexistent/blockrepl.toml"), "{line}");
 }
 
+/// Issue 15 item 4: a database URL that waiting cannot fix (an unknown
+/// database, a wrong password, a malformed URL) ends start-up within a few
+/// seconds with exit status 1 and one line on stderr that names `database.url`;
+/// no database is created and no socket bound. Before, the daemon retried these
+/// forever ("database not ready").
+#[test]
+fn a_database_url_that_cannot_work_fails_start_up_at_once_with_one_line() {
+    let d = tempdir();
+    let db = server().fresh_database("bad_url");
+    let missing = format!("{}_missing", db.name);
+    let unknown = db.url.replacen(&format!("/{}", db.name), &format!("/{missing}"), 1);
+    let secret = "Wrong-Pass-1234";
+    let mut wrong_password = url::Url::parse(&db.url).unwrap();
+    wrong_password.set_password(Some(secret)).unwrap();
+    let no_name = db.url.replacen(&format!("/{}", db.name), "/", 1);
+    for (label, url, says) in [
+        ("unknown", unknown.as_str(), "Unknown database"),
+        ("password", wrong_password.as_str(), "Access denied"),
+        ("malformed", no_name.as_str(), "no database name"),
+    ] {
+        let dir = d.path().join(label);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut daemon = Daemon::configure(&dir, url, &[("BLOCKREPL__LOG__LEVEL", "error")], &[]);
+        let started = Instant::now();
+        daemon.launch();
+        let mut status = None;
+        wait_until("the daemon to give up", READY, || {
+            status = daemon.exited();
+            status.is_some()
+        });
+        let took = started.elapsed();
+        let run = Run { status: status.unwrap(), stdout: String::new(), stderr: daemon.log_text() };
+        let line = run.error_line();
+        assert_eq!(run.status.code(), Some(1), "{label}: {line}");
+        assert!(took < Duration::from_secs(5), "{label}: gave up only after {took:?}");
+        assert!(line.contains("database.url: "), "{label}: {line}");
+        assert!(line.contains(says), "{label}: {line}");
+        assert!(!line.contains(secret), "{label}: the password leaked: {line}");
+        assert!(!daemon.admin_socket.exists(), "{label}: bound the admin socket");
+    }
+    let created = db.column(&format!(
+        "SELECT CAST(schema_name AS CHAR) AS v FROM information_schema.schemata WHERE schema_name = '{missing}'"
+    ));
+    assert!(created.is_empty(), "the unknown database was created");
+}
+
+/// Issue 15 item 4: a database server that is not there yet (its socket path
+/// does not exist) is waited for, with a line every retry interval that says
+/// what the daemon waits for; once the server appears, the daemon starts.
+#[test]
+fn a_database_server_that_is_not_there_yet_is_waited_for() {
+    let d = tempdir();
+    let db = server().fresh_database("not_yet");
+    let (proxy, url) = Proxy::for_database(d.path(), &db.url);
+    proxy.down();
+    let mut daemon = Daemon::configure(d.path(), &url, &[], &[]);
+    daemon.launch();
+    let waiting = "waiting for the database: cannot connect to database mysql://";
+    wait_until("three retries", READY, || daemon.log_text().matches(waiting).count() >= 3);
+    assert_eq!(daemon.exited(), None, "the daemon gave up:\n{}", daemon.log_text());
+    let log = daemon.log_text();
+    let line = log.lines().find(|l| l.contains(waiting)).unwrap();
+    assert!(line.contains(&proxy.path.display().to_string()), "names the socket it waits for: {line}");
+    assert!(line.contains("retrying in 300ms"), "{line}");
+    proxy.up();
+    daemon.wait_ready();
+    daemon.cli(&["health"]).assert_ok();
+}
+
 #[test]
 fn an_incremental_job_without_change_source_fails_clearly_and_copies_nothing() {
     let d = tempdir();
