@@ -980,6 +980,8 @@ fn spec_of(row: &Disk, changes: Changes, settings: &Settings) -> CopySpec {
         resume_from: row.resume_offset.max(0) as u64,
         verify: settings.copy.verify,
         tuning: settings.tuning(),
+        // The DiskCopier puts the disk under its job's limit.
+        limit: None,
     }
 }
 

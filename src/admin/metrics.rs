@@ -191,6 +191,8 @@ mod tests {
             percent: 50.0,
             eta_seconds: Some(4),
             retries: 3,
+            max_rate: None,
+            limited: false,
             disks: vec![LiveDisk {
                 disk_id: "disk-2000".into(),
                 label: None,

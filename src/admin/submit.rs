@@ -38,6 +38,12 @@ pub struct Submission {
 /// Parses a request body, telling malformed JSON, unknown fields and other
 /// mistakes (a missing field, a wrong type) apart.
 pub fn parse(body: &[u8]) -> Result<SubmitRequest, AdminError> {
+    parse_json(body)
+}
+
+/// Any request body: malformed JSON, unknown fields and wrong shapes each get
+/// their own error code.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
     // Syntax first: serde would otherwise judge `[1, 2` as a struct with a bad field.
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| AdminError::MalformedJson(e.to_string()))?;

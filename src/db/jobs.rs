@@ -263,6 +263,30 @@ pub fn renew_lease(conn: &mut MysqlConnection, id: &str, owner: &Owner, lease: D
     Ok(updated == 1)
 }
 
+/// A job's `max_rate` as it is now (see [`renew_lease`]: read with each renewal).
+pub fn job_max_rate(conn: &mut MysqlConnection, id: &str) -> Result<Option<i64>, DbError> {
+    j::table
+        .filter(j::id.eq(id))
+        .select(j::max_rate)
+        .first::<Option<i64>>(conn)
+        .optional()
+        .map(Option::flatten)
+        .map_err(DbError::query(format!("reading the limit of job '{id}'")))
+}
+
+/// Sets a job's bandwidth limit in bytes/s; 0 (none) is stored as NULL. An
+/// operator's command, like the orchestrator's own writes of the column: not
+/// guarded by an owner, and the running job follows it.
+pub fn set_max_rate(conn: &mut MysqlConnection, id: &str, max_rate: u64) -> Result<(), DbError> {
+    let value = i64::try_from(max_rate).ok().filter(|&r| r > 0);
+    diesel::update(j::table)
+        .filter(j::id.eq(id))
+        .set(j::max_rate.eq(value))
+        .execute(conn)
+        .map_err(DbError::query(format!("setting the limit of job '{id}'")))?;
+    Ok(())
+}
+
 /// Gives up `owner`'s lease so that any appliance may claim the job at once (a
 /// graceful stop). `owner_run` stays, as the mark that a daemon ran the job.
 /// Returns whether `owner` held it.
