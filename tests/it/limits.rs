@@ -296,3 +296,50 @@ fn bad_limits_are_refused_in_one_line_and_change_nothing() {
     let shown = daemon.cli(&["show", "job-b"]).assert_ok().stdout.clone();
     assert!(shown.contains("limit:       200.00 MiB/s"), "{shown}");
 }
+
+/// The appliance's `copy.max_rate` follows SIGHUP, an orchestrator's change of
+/// a job's `max_rate` column reaches the running job at its next lease renewal,
+/// and the lower of the two is in force.
+#[test]
+fn the_appliance_limit_follows_sighup_and_the_row_follows_renewals() {
+    let d = tempdir();
+    let db = server().fresh_database("limits_reload");
+    let src = Server::nbdkit(d.path(), "src", &["pattern", "size=64M"]);
+    let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=64M", "allocator=malloc"]);
+    // A 3 s lease is renewed every second.
+    let daemon = Daemon::start(d.path(), &db.url, &[("BLOCKREPL__DISCOVERY__LEASE", "3s")]);
+    // The test configuration, with its [copy] section rewritten at each reload.
+    let copy_section = "[copy]\ncheckpoint_interval = \"1s\"\n";
+    let base = std::fs::read_to_string(&daemon.config).unwrap().replace(copy_section, "");
+    let set_appliance = |rate: &str| {
+        std::fs::write(&daemon.config, format!("{base}\n{copy_section}max_rate = \"{rate}\"\n")).unwrap();
+        daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    };
+    set_appliance("4M");
+    wait_until("the reload", Duration::from_secs(5), || {
+        daemon.log_text().contains("SIGHUP: copy.max_rate is now 4194304 bytes/s (was 0")
+    });
+
+    db.execute(&format!("START TRANSACTION; {} COMMIT;", queue_sql("job-r", &[("disk-1", src.uri(), dst.uri())])));
+    daemon.cli(&["discover"]).assert_ok();
+    let p = progress_until(&daemon, "job-r", "the appliance's limit", |p| p["limited"] == true);
+    assert_eq!(p["max_rate"], 4 << 20, "{p}");
+
+    // The orchestrator lowers the job below the appliance, then lifts its own limit.
+    db.execute("UPDATE replication_jobs SET max_rate = 1048576 WHERE id = 'job-r'");
+    progress_until(&daemon, "job-r", "the row's 1M at a renewal", |p| p["max_rate"] == 1 << 20);
+    db.execute("UPDATE replication_jobs SET max_rate = NULL WHERE id = 'job-r'");
+    progress_until(&daemon, "job-r", "the appliance's 4M again", |p| p["max_rate"] == 4 << 20);
+
+    // No limit anywhere: the rest goes at once.
+    set_appliance("0");
+    let p = progress_until(&daemon, "job-r", "no limit", |p| p["max_rate"].is_null());
+    let rest = (64u64 << 20).saturating_sub(p["aggregate"]["bytes_transferred"].as_u64().unwrap());
+    let lifted = Instant::now();
+    wait_status(&db, "job-r", "completed", &daemon);
+    let took = lifted.elapsed().as_secs_f64();
+    assert!(took < rest as f64 / (4.0 * MIB) / 2.0, "{} MiB after lifting took {took:.1} s", rest >> 20);
+    assert!(
+        daemon.log_text().contains("bandwidth limit of the job set to 1048576 bytes/s (was none) by the job's row")
+    );
+}
