@@ -466,14 +466,7 @@ async fn body(req: &HttpRequest, payload: web::Payload) -> Result<web::Bytes, Ad
 /// The rate of a limit request, in bytes/s (0: none).
 fn rate_of(body: &[u8]) -> Result<u64, AdminError> {
     let r: LimitRequest = submit::parse_json(body)?;
-    match &r.max_rate {
-        serde_json::Value::String(s) => config::parse_rate(s).map_err(AdminError::InvalidRate),
-        serde_json::Value::Number(n) => match n.as_u64() {
-            Some(n) => config::parse_rate(&n.to_string()).map_err(AdminError::InvalidRate),
-            None => Err(AdminError::InvalidRate(format!("'{n}' is not a rate (e.g. 200M, 1G, 0 for none)"))),
-        },
-        v => Err(AdminError::InvalidRate(format!("{v} is not a rate (e.g. \"200M\", 1048576, 0 for none)"))),
-    }
+    submit::rate(&r.max_rate)
 }
 
 /// Sets the limit of the jobs named, in their rows and, for those running here,

@@ -53,6 +53,17 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Admi
     })
 }
 
+/// A bandwidth limit in a request body: a string like `"200M"` (see
+/// `config::parse_rate`) or a number of bytes/s; bytes/s, 0 = none.
+pub fn rate(v: &serde_json::Value) -> Result<u64, AdminError> {
+    let text = match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) if n.as_u64().is_some() => n.to_string(),
+        v => return Err(AdminError::InvalidRate(format!("{v} is not a rate (e.g. \"200M\", 1048576, 0 for none)"))),
+    };
+    crate::config::parse_rate(&text).map_err(AdminError::InvalidRate)
+}
+
 /// `job-YYYYMMDD-HHMMSS-xxxx`, from the time and 16 random bits.
 pub fn generate_id(now: DateTime<Utc>, random: u16) -> String {
     format!("job-{}-{random:04x}", now.format("%Y%m%d-%H%M%S"))
@@ -123,6 +134,7 @@ pub fn validate(req: SubmitRequest, id: impl FnOnce() -> String) -> Result<Submi
         vmware_vcenter,
         vmware_vm,
         skip_change_check: req.skip_change_check,
+        max_rate: req.max_rate.as_ref().map(rate).transpose()?.filter(|&r| r > 0).map(|r| r as i64),
     };
     Ok(Submission { job, disks })
 }

@@ -40,6 +40,10 @@ pub struct SubmitRequest {
     /// continue the change-ID chain recorded for the VM's disk.
     #[serde(default)]
     pub skip_change_check: bool,
+    /// The job's bandwidth limit, as in `POST /api/v1/jobs/{id}/limit`
+    /// (`"200M"` or bytes/s); none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate: Option<serde_json::Value>,
     pub disks: Vec<DiskRequest>,
 }
 

@@ -140,6 +140,7 @@ pub fn insert_job(conn: &mut MysqlConnection, job: &NewJob, disks: &[NewDisk]) -
                 j::vm_path.eq(&job.vm_path),
                 j::replication_type.eq(job.replication_type.as_str()),
                 j::skip_change_check.eq(job.skip_change_check),
+                j::max_rate.eq(job.max_rate),
                 j::status.eq(JobStatus::Pending.as_db()),
                 j::nbd_export_name.eq(&job.nbd_export_name),
                 j::vmware_vcenter.eq(&job.vmware_vcenter),
@@ -556,6 +557,7 @@ mod tests {
             vmware_vcenter: None,
             vmware_vm: None,
             skip_change_check: false,
+            max_rate: None,
         }
     }
 

@@ -130,6 +130,8 @@ pub struct NewJob {
     pub vmware_vm: Option<String>,
     /// See [`Job::skip_change_check`].
     pub skip_change_check: bool,
+    /// See [`Job::max_rate`].
+    pub max_rate: Option<i64>,
 }
 
 /// A disk of a [`NewJob`].

@@ -295,6 +295,23 @@ fn bad_limits_are_refused_in_one_line_and_change_nothing() {
     assert_eq!(job(&db, "job-b", "max_rate").as_deref(), Some("209715200"));
     let shown = daemon.cli(&["show", "job-b"]).assert_ok().stdout.clone();
     assert!(shown.contains("limit:       200.00 MiB/s"), "{shown}");
+
+    // A submitted job may carry its limit; a bad one refuses the job.
+    let submit = |id: &str, rate: Value| {
+        let body = serde_json::json!({
+            "id": id, "vm_name": "vm1", "replication_type": "full", "max_rate": rate,
+            "disks": [{"disk_id": "disk-1", "source": "nbd+unix:///?socket=/nonexistent/s.sock",
+                       "target": "nbd+unix:///?socket=/nonexistent/t.sock"}]
+        });
+        let file = d.path().join(format!("{id}.json"));
+        std::fs::write(&file, body.to_string()).unwrap();
+        daemon.cli(&["submit", file.to_str().unwrap()])
+    };
+    let line = submit("job-s1", Value::from("fast")).error_line();
+    assert!(line.contains("max_rate: 'fast' is not a rate") && line.contains("(invalid_rate)"), "{line}");
+    assert_eq!(job(&db, "job-s1", "id"), None, "a refused job is not inserted");
+    submit("job-s2", Value::from("2M")).assert_ok();
+    assert_eq!(job(&db, "job-s2", "max_rate").as_deref(), Some("2097152"));
 }
 
 /// The appliance's `copy.max_rate` follows SIGHUP, an orchestrator's change of
