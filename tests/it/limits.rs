@@ -360,3 +360,42 @@ fn the_appliance_limit_follows_sighup_and_the_row_follows_renewals() {
         daemon.log_text().contains("bandwidth limit of the job set to 1048576 bytes/s (was none) by the job's row")
     );
 }
+
+/// The disks of a job share its limit in equal parts, as their sources see it.
+#[test]
+fn the_disks_of_a_job_share_its_limit_fairly() {
+    let d = tempdir();
+    let db = server().fresh_database("limits_fair");
+    let mut sources = Vec::new();
+    let mut disks = Vec::new();
+    for name in ["a", "b"] {
+        let log = d.path().join(format!("{name}.log"));
+        let plugin =
+            ["--filter=log".to_string(), "pattern".into(), "size=24M".into(), format!("logfile={}", log.display())];
+        let src = Server::nbdkit(d.path(), &format!("{name}-src"), &refs(&plugin));
+        let dst = Server::nbdkit(d.path(), &format!("{name}-dst"), &["memory", "size=24M", "allocator=malloc"]);
+        disks.push((name, src.uri(), dst.uri()));
+        sources.push((src, dst, log));
+    }
+    let daemon = Daemon::start(d.path(), &db.url, &[]);
+    let rows: Vec<(&str, String, String)> = disks.iter().map(|(n, s, t)| (*n, s.clone(), t.clone())).collect();
+    db.execute(&format!(
+        "START TRANSACTION; {} UPDATE replication_jobs SET max_rate = {} WHERE id = 'job-f'; COMMIT;",
+        queue_sql("job-f", &rows),
+        4 << 20
+    ));
+    daemon.cli(&["discover"]).assert_ok();
+    progress_until(&daemon, "job-f", "both disks held", |p| p["limited"] == true);
+    let from = SystemTime::now();
+    // Three seconds of both copying (a measurement, not a wait for an event).
+    std::thread::sleep(Duration::from_secs(3));
+    let to = SystemTime::now();
+    wait_status(&db, "job-f", "completed", &daemon);
+    let shares: Vec<f64> = sources.iter().map(|(_, _, log)| read_between(&reads_with_times(log), from, to).0).collect();
+    let total: f64 = shares.iter().sum();
+    let secs = to.duration_since(from).unwrap().as_secs_f64();
+    assert!(total <= 4.0 * MIB * 1.10 * secs + 2.0 * MIB, "{:.2} MiB in {secs:.1} s under a 4M limit", total / MIB);
+    for s in &shares {
+        assert!((s / total - 0.5).abs() <= 0.15, "unequal shares of the job's limit: {shares:?}");
+    }
+}
