@@ -184,10 +184,12 @@ impl Progress {
     }
 
     /// A figure that changes whenever the copy moves at all (bytes done,
-    /// written, zeroed or skipped, or the watermark); for stall detection.
+    /// written, zeroed or skipped, or the watermark) or waits for the bandwidth
+    /// limit (a low limit may allow a request only every few minutes); for
+    /// stall detection.
     pub(crate) fn work(&self) -> u64 {
         let c = &self.0.c;
-        [&c.done, &c.written, &c.zeroed, &c.skipped, &c.watermark, &c.verified]
+        [&c.done, &c.written, &c.zeroed, &c.skipped, &c.watermark, &c.verified, &c.held]
             .iter()
             .fold(0u64, |acc, v| acc.wrapping_add(v.load(Relaxed)))
     }
