@@ -147,7 +147,7 @@ impl Limit {
                 let key = chain[i - 1].key;
                 if held_below {
                     rest(s, key);
-                } else if !fair(s, key, now, 2.0 * n as f64 + 0.25 * above[i] as f64) {
+                } else if !fair(s, key, now, n as f64 + 0.1 * above[i] as f64) {
                     wait = wait.max(FAIR_RETRY);
                 }
             }
