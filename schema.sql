@@ -19,6 +19,10 @@ CREATE TABLE replication_jobs (
     -- in cbt_history for the same vm_name and disk_id (in an earlier job). Without
     -- it such a disk fails before anything is written to its target.
     skip_change_check      BOOLEAN      NOT NULL DEFAULT FALSE,
+    -- The job's bandwidth limit in bytes read per second (NULL or 0: none), shared
+    -- fairly by its disks, under the appliance's copy.max_rate. Set by the
+    -- orchestrator or `blockrepl limit`; a running job follows a change.
+    max_rate               BIGINT       NULL,
     status                 VARCHAR(32)  NOT NULL DEFAULT 'pending',
     current_operation      VARCHAR(32)  NULL,
     progress_percent       DECIMAL(5,2) NOT NULL DEFAULT 0.00,

@@ -117,6 +117,9 @@ pub struct Copy {
     pub verify: bool,
     /// Copy to targets that cannot flush (refused otherwise).
     pub allow_no_flush: bool,
+    /// The appliance's bandwidth limit in bytes/s, 0 = none (see `engine::limit`).
+    #[serde(default, deserialize_with = "rate")]
+    pub max_rate: u64,
 }
 
 /// One vCenter (or ESXi host) that VMware jobs name: `[vmware.NAME]`.
@@ -339,6 +342,36 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// Parses a bandwidth limit: a size per second (`200M`, `1G`, `512K`,
+/// `1048576`, binary units as for sizes; `/s` may follow), or `0`, `none`, `off`
+/// for no limit. Returns bytes/s, 0 = none.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    if ["none", "off"].contains(&t.to_ascii_lowercase().as_str()) {
+        return Ok(0);
+    }
+    let n = parse_size(t).map_err(|_| format!("'{s}' is not a rate (e.g. 200M, 1G, 0 for none)"))? as u64;
+    if n > crate::engine::limit::MAX_RATE {
+        return Err(format!("'{s}' is above the highest rate, 1024G"));
+    }
+    Ok(n)
+}
+
+/// A rate in the configuration: a number of bytes/s or a string like `"200M"`.
+fn rate<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::N(n) => parse_rate(&n.to_string()).map_err(serde::de::Error::custom),
+        Raw::S(s) => parse_rate(&s).map_err(serde::de::Error::custom),
+    }
+}
+
 /// A size given as a number of bytes or as a string with a unit.
 fn size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     #[derive(Deserialize)]
@@ -415,6 +448,11 @@ mod tests {
         assert_eq!(s.watchdog.stall_timeout, Duration::from_secs(90));
         assert!(s.copy.verify);
         assert_eq!(s.node_id(), "a1");
+        assert_eq!(s.copy.max_rate, 0, "no limit by default");
+        let s = load(Some("[copy]\nmax_rate = \"200M\"\n"), &[]).unwrap();
+        assert_eq!(s.copy.max_rate, 200 << 20);
+        let s = load(None, &[("BLOCKREPL__COPY__MAX_RATE", "4M")]).unwrap();
+        assert_eq!(s.copy.max_rate, 4 << 20);
     }
 
     fn check_err(file: Option<&str>, env: &[(&str, &str)], names: &str) {
@@ -429,6 +467,9 @@ mod tests {
         check_err(Some("[discovery]\nintervall = \"5s\"\n"), &[], "intervall");
         check_err(Some("[copy]\nconnections = 0\n"), &[], "copy.connections");
         check_err(Some("[copy]\nrequest_size = \"12Q\"\n"), &[], "copy.request_size");
+        check_err(Some("[copy]\nmax_rate = \"fast\"\n"), &[], "copy.max_rate");
+        check_err(None, &[("BLOCKREPL__COPY__MAX_RATE", "-5")], "copy.max_rate");
+        check_err(None, &[("BLOCKREPL__COPY__MAX_RATE", "5000G")], "copy.max_rate");
         check_err(Some("[database]\nurl = \"\"\n"), &[], "database.url");
         check_err(Some("[database]\nurl = \"mysql://app:pw@db.example\"\n"), &[], "database.url: invalid database URL");
         check_err(Some("[progress]\nmin_percent_step = 0\n"), &[], "progress.min_percent_step");
@@ -473,5 +514,17 @@ mod tests {
         assert!(parse_size("1T").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn rates_parse_as_sizes_per_second() {
+        assert_eq!(parse_rate("200M"), Ok(200 << 20));
+        assert_eq!(parse_rate("4M/s"), Ok(4 << 20));
+        assert_eq!(parse_rate("0"), Ok(0));
+        assert_eq!(parse_rate("none"), Ok(0));
+        assert_eq!(parse_rate("1048576"), Ok(1 << 20));
+        for bad in ["-1", "fast", "", "12Q", "2000G", "99999999999999999999", "1.5M"] {
+            assert!(parse_rate(bad).is_err(), "{bad} parsed");
+        }
     }
 }

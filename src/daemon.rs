@@ -103,6 +103,7 @@ async fn serve(settings: Arc<Settings>, node: String, reload: Reload, exec: &Exe
         slots: slots.clone(),
         settings: settings.clone(),
         node: node.clone(),
+        limit: crate::engine::Limit::new(settings.copy.max_rate),
     };
     let discovery = Supervisor::start(move |_| DiscoveryActor::new(deps));
 

@@ -357,7 +357,12 @@ impl DbExec {
                 .with_conn(
                     || format!("renewing the lease on job {}", m.job_id),
                     limit,
-                    |c| db::renew_lease(c, &m.job_id, &m.owner, m.lease),
+                    |c| {
+                        if !db::renew_lease(c, &m.job_id, &m.owner, m.lease)? {
+                            return Ok(Renewal::Lost);
+                        }
+                        Ok(Renewal::Held { max_rate: db::job_max_rate(c, &m.job_id)? })
+                    },
                 )
                 .map(ExecReply::Renewed),
             Exec::Query(q) => {
@@ -378,6 +383,7 @@ fn answer(c: &mut MysqlConnection, q: Query) -> Result<QueryResult, DbError> {
         Query::Submit { job, disks } => db::insert_job(c, &job, &disks).map(|()| QueryResult::Done)?,
         Query::Cancel { job_id } => QueryResult::Status(db::cancel_job(c, &job_id)?),
         Query::History { job_id } => QueryResult::History(db::load_cbt(c, &job_id)?),
+        Query::SetMaxRate { job_id, max_rate } => db::set_max_rate(c, &job_id, max_rate).map(|()| QueryResult::Done)?,
         Query::Events { job_id, limit } => QueryResult::Events(db::recent_events(c, &job_id, limit)?),
         Query::LeftSnapshots => QueryResult::Snapshots(db::left_snapshots(c)?),
         Query::ForgetSnapshot(left) => db::forget_snapshot(c, &left).map(|_| QueryResult::Done)?,

@@ -349,7 +349,7 @@ impl Handler<ClaimJobs> for DbWriter {
 }
 
 impl Handler<RenewLease> for DbWriter {
-    type Result = ResponseFuture<Result<bool, DbError>>;
+    type Result = ResponseFuture<Result<Renewal, DbError>>;
     fn handle(&mut self, m: RenewLease, _: &mut Context<Self>) -> Self::Result {
         self.exec(Exec::Renew(m), |r| match r {
             ExecReply::Renewed(b) => Some(b),

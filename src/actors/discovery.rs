@@ -354,6 +354,12 @@ impl Handler<Reconfigure> for DiscoveryActor {
     fn handle(&mut self, Reconfigure(s): Reconfigure, ctx: &mut Context<Self>) {
         let interval_changed = s.discovery.interval != self.deps.settings.discovery.interval;
         self.deps.slots.set_capacity(s.copy.max_concurrent_disks);
+        let (was, now) = (self.deps.limit.rate(), s.copy.max_rate);
+        if was != now {
+            // Every running copy is below this node: they follow at their next request.
+            self.deps.limit.set_rate(now);
+            tracing::info!("SIGHUP: copy.max_rate is now {now} bytes/s (was {was}; 0 = none)");
+        }
         self.deps.settings = Arc::clone(&s);
         if interval_changed && !self.stopping {
             self.schedule(ctx);
@@ -408,6 +414,7 @@ mod tests {
             slots: DiskSlots::new(2),
             settings: settings.clone(),
             node: "n".into(),
+            limit: crate::engine::Limit::new(0),
         };
         let claims = Claims::default().start();
         let discovery = DiscoveryActor::with_claims(deps, claims.clone().recipient()).start();

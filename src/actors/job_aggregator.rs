@@ -24,13 +24,13 @@ use chrono::Utc;
 use super::db_writer::DbWriter;
 use super::disk_copier::{DiskCopier, DiskSlots};
 use super::job_run::{Effect, JobRun, Level};
-use super::job_tracker::JobTracker;
+use super::job_tracker::{JobTracker, row_rate};
 use super::messages::*;
 use super::timeout_watchdog::TimeoutWatchdog;
 use super::vsphere::{VsphereJob, VsphereWorker, runtime_dir};
 use crate::config::Settings;
 use crate::db::{Disk, Owner};
-use crate::engine::{Copier, Fence};
+use crate::engine::{Copier, Fence, Limit};
 
 /// What a job needs from the rest of the daemon.
 #[derive(Clone)]
@@ -40,6 +40,8 @@ pub struct JobDeps {
     pub slots: DiskSlots,
     pub settings: Arc<Settings>,
     pub node: String,
+    /// The appliance's bandwidth limit (`copy.max_rate`), above every job's.
+    pub limit: Arc<Limit>,
 }
 
 /// `d` to the second, for messages.
@@ -65,6 +67,9 @@ pub struct JobAggregator {
     disk_started: HashMap<String, Instant>,
     /// A VMware job's vSphere worker, started with its first step.
     vsphere: Option<VsphereWorker>,
+    /// The job's bandwidth limit, below the appliance's; each disk's copy gets
+    /// a node below it, so the disks share it fairly.
+    limit: Arc<Limit>,
 }
 
 impl JobAggregator {
@@ -81,9 +86,11 @@ impl JobAggregator {
         deps: JobDeps,
         discovery: Recipient<JobEnded>,
     ) -> Self {
+        let limit = deps.limit.child(t.max_rate);
         Self {
             deps,
             discovery,
+            limit,
             run: JobRun::new(t, owner, fence),
             rows,
             chain,
@@ -120,7 +127,8 @@ impl JobAggregator {
                 Effect::Disk(update) => {
                     self.deps.db.do_send(PersistDisk { owner: self.run.owner().clone(), update });
                 }
-                Effect::StartCopy { disk_id, spec } => {
+                Effect::StartCopy { disk_id, mut spec } => {
+                    spec.limit = Some(self.limit.child(0));
                     let copier = DiskCopier::new(
                         disk_id.clone(),
                         Copier::new(spec).with_fence(self.run.fence().clone()),
@@ -182,6 +190,24 @@ impl JobAggregator {
         }
     }
 
+    /// The job's limit is now `rate` (0: none), as `by` says; running copies
+    /// follow at their next request.
+    fn set_limit(&mut self, rate: u64, by: &str) {
+        let was = self.limit.rate();
+        if was == rate {
+            return;
+        }
+        self.limit.set_rate(rate);
+        let show = |r: u64| if r == 0 { "none".to_string() } else { format!("{r} bytes/s") };
+        tracing::info!(
+            job_id = %self.run.t.job_id,
+            correlation_id = %self.run.t.correlation_id,
+            "bandwidth limit of the job set to {} (was {}) by {by}",
+            show(rate),
+            show(was)
+        );
+    }
+
     fn record(&self, entry: Entry) {
         self.deps.db.do_send(Record { owner: self.run.owner().clone(), entry });
     }
@@ -198,8 +224,11 @@ impl JobAggregator {
         reply
             .into_actor(self)
             .map(move |res, act, ctx| match res {
-                Ok(Ok(Ok(true))) => act.run.renewed(sent, lease),
-                Ok(Ok(Ok(false))) => {
+                Ok(Ok(Ok(Renewal::Held { max_rate }))) => {
+                    act.run.renewed(sent, lease);
+                    act.set_limit(row_rate(max_rate), "the job's row");
+                }
+                Ok(Ok(Ok(Renewal::Lost))) => {
                     let effects = act.run.lease_lost();
                     act.carry_out(effects, ctx);
                 }
@@ -296,6 +325,13 @@ impl Handler<CancelJob> for JobAggregator {
     }
 }
 
+impl Handler<SetLimit> for JobAggregator {
+    type Result = ();
+    fn handle(&mut self, m: SetLimit, _: &mut Context<Self>) {
+        self.set_limit(m.max_rate, "the admin socket");
+    }
+}
+
 impl Handler<Suspend> for JobAggregator {
     type Result = ResponseFuture<()>;
     fn handle(&mut self, _: Suspend, ctx: &mut Context<Self>) -> Self::Result {
@@ -326,6 +362,8 @@ impl Handler<GetLive> for JobAggregator {
             percent: t.percent(),
             eta_seconds: t.eta_seconds(),
             retries: t.disks.iter().map(|d| d.retries).sum(),
+            max_rate: self.limit.in_force(),
+            limited: t.disks.iter().any(|d| d.limited),
             disks: t
                 .disks
                 .iter()

@@ -291,7 +291,10 @@ impl JobRun {
                         .disks
                         .iter()
                         .any(|d| d.disk_id == disk_id && d.planned_known && !d.copying && !d.status.is_terminal());
-                if waiting {
+                // Waiting for a copy slot, or held back by the bandwidth limit
+                // (a low one may allow a request only every few minutes), is
+                // not stalling.
+                if waiting || s.limited {
                     self.t.waiting += 1;
                 }
                 if let Some(d) = self.t.disk_mut(disk_id) {
@@ -980,6 +983,8 @@ fn spec_of(row: &Disk, changes: Changes, settings: &Settings) -> CopySpec {
         resume_from: row.resume_offset.max(0) as u64,
         verify: settings.copy.verify,
         tuning: settings.tuning(),
+        // The DiskCopier puts the disk under its job's limit.
+        limit: None,
     }
 }
 
@@ -1144,6 +1149,19 @@ mod tests {
         assert_eq!(actions(&second), ["transfer"]);
         assert_eq!(run.t.status, JobStatus::Streaming);
         assert!(second.iter().any(|e| matches!(e, Effect::Heartbeat(_))), "planning is progress");
+    }
+
+    #[test]
+    fn a_copy_held_back_by_its_limit_is_not_stalled() {
+        let rows = two_disks();
+        let mut run = copying(&rows);
+        let held = Snapshot { limited: true, ..snap(10, 100, 0) };
+        run.report("a", DiskReportKind::Progress(held.clone()), None);
+        // No byte moved, but the limit holds the copy: the watchdog hears of it.
+        let again = run.report("a", DiskReportKind::Progress(held), None);
+        assert!(again.iter().any(|e| matches!(e, Effect::Heartbeat(_))), "held is not stalled");
+        let idle = run.report("a", DiskReportKind::Progress(snap(10, 100, 0)), None);
+        assert!(!idle.iter().any(|e| matches!(e, Effect::Heartbeat(_))), "no bytes and no limit: no heartbeat");
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct DiskTrack {
     pub error: Option<String>,
     /// Transient failures the engine retried in this run (for /metrics).
     pub retries: u64,
+    /// The bandwidth limit holds the copy back (`Snapshot::limited`).
+    pub limited: bool,
     /// The request the engine has long waited on, if any (for the watchdog's message).
     pub waiting_on: Option<String>,
     /// How long this run's copy of the disk ran, once it finished (for its
@@ -79,6 +81,7 @@ impl DiskTrack {
             zeroed: 0,
             verified: 0,
             throughput: 0,
+            limited: false,
             watermark: d.resume_offset.max(0) as u64,
             stage: None,
             copying: false,
@@ -126,6 +129,7 @@ impl DiskTrack {
         self.verified = s.verified_bytes;
         self.retries = s.retries;
         self.throughput = if self.copying { s.throughput_bps } else { 0 };
+        self.limited = self.copying && s.limited;
         self.watermark = self.watermark.max(s.durable_watermark);
         self.waiting_on = s.waiting_on.clone();
         self.stage = Some(s.stage);
@@ -162,6 +166,8 @@ pub struct JobTracker {
     pub attempt: i32,
     /// The orchestrator allowed incremental disks whose chain is broken.
     pub skip_change_check: bool,
+    /// The job's bandwidth limit from its row, bytes/s (0: none).
+    pub max_rate: u64,
     pub replication_type: ReplicationType,
     pub status: JobStatus,
     pub operation: Operation,
@@ -174,6 +180,12 @@ pub struct JobTracker {
     milestone: u32,
     /// Grows while disks wait for a copy slot (waiting is not stalling).
     pub(super) waiting: u64,
+}
+
+/// A `max_rate` column as a limit: NULL, 0 or a negative value (which only a
+/// hand-written UPDATE can store) mean none.
+pub fn row_rate(v: Option<i64>) -> u64 {
+    v.filter(|&r| r > 0).map_or(0, |r| (r as u64).min(crate::engine::limit::MAX_RATE))
 }
 
 impl JobTracker {
@@ -234,6 +246,7 @@ impl JobTracker {
             vm_name: job.vm_name.clone(),
             attempt: job.attempt,
             skip_change_check: job.skip_change_check,
+            max_rate: row_rate(job.max_rate),
             replication_type,
             status,
             operation,
@@ -385,6 +398,7 @@ pub(super) mod tests {
             vmware_snapshot: None,
             replication_type: kind.into(),
             skip_change_check: false,
+            max_rate: None,
             status: JobStatus::Pending.into(),
             current_operation: None,
             progress_percent: 0.0,
@@ -457,6 +471,7 @@ pub(super) mod tests {
             throughput_bps: bps,
             eta: None,
             waiting_on: None,
+            limited: false,
         }
     }
 

@@ -87,14 +87,25 @@ pub struct Claimed {
     pub chain: BTreeMap<String, Option<String>>,
 }
 
-/// JobAggregator → DbWriter: extend our lease. `Ok(false)`: stop, the job is
-/// no longer ours (another node or run owns it, or it finished elsewhere).
+/// JobAggregator → DbWriter: extend our lease. `Renewal::Lost`: stop, the job
+/// is no longer ours (another node or run owns it, or it finished elsewhere).
 #[derive(Message, Debug)]
-#[rtype(result = "Result<bool, DbError>")]
+#[rtype(result = "Result<Renewal, DbError>")]
 pub struct RenewLease {
     pub job_id: String,
     pub owner: Owner,
     pub lease: Duration,
+}
+
+/// The answer to a [`RenewLease`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    Lost,
+    /// Still ours; the row's `max_rate` as it is now, so that an
+    /// orchestrator's change reaches the running job.
+    Held {
+        max_rate: Option<i64>,
+    },
 }
 
 /// JobAggregator → DbWriter: give the job up (shutdown, or it ended). Written
@@ -149,13 +160,21 @@ pub enum Query {
     History {
         job_id: String,
     },
+    /// Set a job's `max_rate` (0: none, stored as NULL).
+    SetMaxRate {
+        job_id: String,
+        max_rate: u64,
+    },
 }
 
 impl Query {
     /// Whether the query only reads, so that it need not wait behind the
     /// writer's queue (submit, cancel and forgetting a snapshot change rows).
     pub fn is_read(&self) -> bool {
-        !matches!(self, Query::Submit { .. } | Query::Cancel { .. } | Query::ForgetSnapshot(_))
+        !matches!(
+            self,
+            Query::Submit { .. } | Query::Cancel { .. } | Query::SetMaxRate { .. } | Query::ForgetSnapshot(_)
+        )
     }
 }
 
@@ -315,6 +334,14 @@ pub struct Stalled {
 #[rtype(result = "()")]
 pub struct CancelJob;
 
+/// Admin → JobAggregator: the job's bandwidth limit is now `max_rate` bytes/s
+/// (0: none); its row says so already. Running copies follow within a second.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct SetLimit {
+    pub max_rate: u64,
+}
+
 /// Shutdown (via DiscoveryActor) → JobAggregator: stop, checkpoint, release the
 /// lease and leave the job resumable. Replies when done.
 #[derive(Message, Debug)]
@@ -342,6 +369,10 @@ pub struct LiveJob {
     pub eta_seconds: Option<u64>,
     /// Transient failures retried by the engine, over all disks, in this run.
     pub retries: u64,
+    /// The bandwidth limit in force (the job's or the appliance's, the lower), bytes/s.
+    pub max_rate: Option<u64>,
+    /// A disk is held back by the limit: the rate (and so the ETA) is the limit's.
+    pub limited: bool,
     pub disks: Vec<LiveDisk>,
 }
 
@@ -486,5 +517,5 @@ pub enum ExecReply {
     Migrated(Vec<String>),
     Query(QueryResult),
     Claimed(Vec<Claimed>),
-    Renewed(bool),
+    Renewed(Renewal),
 }

@@ -118,6 +118,15 @@ pub fn render(f: &Figures) -> String {
     job_gauge(&mut r, "blockrepl_job_throughput_bytes_per_second", "Current copy rate of a running job", |j| {
         j.throughput_bps
     });
+    job_gauge(
+        &mut r,
+        "blockrepl_job_max_rate_bytes_per_second",
+        "Bandwidth limit in force for a running job (0: none)",
+        |j| j.max_rate.unwrap_or(0),
+    );
+    job_gauge(&mut r, "blockrepl_job_limited", "1 while the bandwidth limit holds a running job back", |j| {
+        u64::from(j.limited)
+    });
     let series = jobs(|j| j.retries).into_iter().map(|(l, v)| (l, counter(v)));
     family(&mut r, "blockrepl_job_retries", "Transient failures retried by a running job", series, set_counter);
 
@@ -191,6 +200,8 @@ mod tests {
             percent: 50.0,
             eta_seconds: Some(4),
             retries: 3,
+            max_rate: Some(4 << 20),
+            limited: true,
             disks: vec![LiveDisk {
                 disk_id: "disk-2000".into(),
                 label: None,
@@ -221,6 +232,8 @@ mod tests {
             "blockrepl_job_transferred_bytes{job_id=\"job-1\"} 536870912",
             "blockrepl_job_throughput_bytes_per_second{job_id=\"job-1\"} 123456789",
             "blockrepl_job_retries_total{job_id=\"job-1\"} 3",
+            "blockrepl_job_max_rate_bytes_per_second{job_id=\"job-1\"} 4194304",
+            "blockrepl_job_limited{job_id=\"job-1\"} 1",
             "blockrepl_disk_planned_bytes{job_id=\"job-1\",disk_id=\"disk-2000\"} 1073741824",
             "blockrepl_uptime_seconds 12.5",
         ] {

@@ -72,6 +72,9 @@ pub enum AdminError {
     #[error("unknown job status '{0}'")]
     InvalidStatus(String),
 
+    #[error("max_rate: {0}")]
+    InvalidRate(String),
+
     #[error("job '{0}' not found")]
     JobNotFound(String),
 
@@ -120,6 +123,7 @@ impl AdminError {
             AdminError::UnexpectedChangeSource(_) => "unexpected_change_source",
             AdminError::InvalidChangedAreas { .. } => "invalid_changed_areas",
             AdminError::InvalidStatus(_) => "invalid_status",
+            AdminError::InvalidRate(_) => "invalid_rate",
             AdminError::JobNotFound(_) => "not_found",
             AdminError::UnknownRoute { .. } => "unknown_route",
             AdminError::MethodNotAllowed { .. } => "method_not_allowed",

@@ -36,7 +36,7 @@ use crate::actors::discovery::DiscoveryActor;
 use crate::actors::disk_copier::DiskSlots;
 use crate::actors::job_aggregator::JobAggregator;
 use crate::actors::messages::{
-    CancelJob, DiscoverNow, FindActive, GetDbStats, GetLive, ListActive, LiveJob, Query, QueryResult,
+    CancelJob, DiscoverNow, FindActive, GetDbStats, GetLive, ListActive, LiveJob, Query, QueryResult, SetLimit,
 };
 use crate::config;
 use crate::shutdown::StopAdmin;
@@ -157,6 +157,8 @@ impl Bound {
                 .service(resource("/api/v1/jobs").route(web::get().to(list_jobs)).route(web::post().to(submit_job)))
                 .service(resource("/api/v1/jobs/{id}").route(web::get().to(show_job)))
                 .service(resource("/api/v1/jobs/{id}/cancel").route(web::post().to(cancel_job)))
+                .service(resource("/api/v1/jobs/{id}/limit").route(web::post().to(limit_job)))
+                .service(resource("/api/v1/limit").route(web::post().to(limit_all)))
                 .service(resource("/api/v1/progress/{key}").route(web::get().to(progress)))
                 .service(resource("/api/v1/discover").route(web::post().to(discover)))
                 .service(resource("/metrics").route(web::get().to(metrics)))
@@ -411,20 +413,7 @@ async fn show_job(req: HttpRequest, st: web::Data<State>) -> Result<HttpResponse
 }
 
 async fn submit_job(req: HttpRequest, payload: web::Payload, st: web::Data<State>) -> Result<HttpResponse, AdminError> {
-    let declared = req
-        .headers()
-        .get(actix_web::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return Err(AdminError::PayloadTooLarge);
-    }
-    let body = payload
-        .to_bytes_limited(MAX_BODY)
-        .await
-        .map_err(|_| AdminError::PayloadTooLarge)?
-        .map_err(|e| AdminError::InvalidRequest(format!("cannot read the request body: {e}")))?;
-    let request = submit::parse(&body)?;
+    let request = submit::parse(&body(&req, payload).await?)?;
     let s = submit::validate(request, || {
         let r = uuid::Uuid::new_v4();
         let b = r.as_bytes();
@@ -466,6 +455,75 @@ async fn cancel_job(req: HttpRequest, st: web::Data<State>) -> Result<HttpRespon
     tracing::info!(job_id = %job_id, uid = uid(&req), "job cancelled through the admin socket (in the database)");
     let message = format!("job {}", status.as_api().to_lowercase());
     Ok(HttpResponse::Ok().json(CancelResponse { job_id, stopping: false, message }))
+}
+
+/// Reads a request body of at most [`MAX_BODY`].
+async fn body(req: &HttpRequest, payload: web::Payload) -> Result<web::Bytes, AdminError> {
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(AdminError::PayloadTooLarge);
+    }
+    payload
+        .to_bytes_limited(MAX_BODY)
+        .await
+        .map_err(|_| AdminError::PayloadTooLarge)?
+        .map_err(|e| AdminError::InvalidRequest(format!("cannot read the request body: {e}")))
+}
+
+/// The rate of a limit request, in bytes/s (0: none).
+fn rate_of(body: &[u8]) -> Result<u64, AdminError> {
+    let r: LimitRequest = submit::parse_json(body)?;
+    submit::rate(&r.max_rate)
+}
+
+/// Sets the limit of the jobs named, in their rows and, for those running here,
+/// live. Returns those running here.
+async fn apply_limit(st: &State, jobs: &[String], rate: u64) -> Result<Vec<String>, AdminError> {
+    let mut running = Vec::new();
+    for job_id in jobs {
+        match st.query(Query::SetMaxRate { job_id: job_id.clone(), max_rate: rate }).await? {
+            QueryResult::Done => {}
+            _ => return Err(unexpected()),
+        }
+        if let Some(agg) = st.active(job_id).await?
+            && agg.send(SetLimit { max_rate: rate }).await.is_ok()
+        {
+            running.push(job_id.clone());
+        }
+    }
+    Ok(running)
+}
+
+async fn limit_job(req: HttpRequest, payload: web::Payload, st: web::Data<State>) -> Result<HttpResponse, AdminError> {
+    let rate = rate_of(&body(&req, payload).await?)?;
+    let (job, _) = st.find(&path_param(&req, "id")).await?;
+    let status = job.status.known();
+    if let Some(s) = status.filter(|s| s.is_terminal()) {
+        return Err(AdminError::JobFinished { job: job.id, status: s.as_api().to_string() });
+    }
+    let jobs = vec![job.id.clone()];
+    let running = apply_limit(&st, &jobs, rate).await?;
+    tracing::info!(job_id = %job.id, max_rate = rate, uid = uid(&req), "job limit set through the admin socket");
+    Ok(HttpResponse::Ok().json(LimitResponse { jobs, max_rate: rate, running }))
+}
+
+/// Every job this appliance runs now gets the limit.
+async fn limit_all(req: HttpRequest, payload: web::Payload, st: web::Data<State>) -> Result<HttpResponse, AdminError> {
+    let rate = rate_of(&body(&req, payload).await?)?;
+    let mut jobs: Vec<String> = st.ask(ListActive).await?;
+    jobs.sort();
+    let running = apply_limit(&st, &jobs, rate).await?;
+    tracing::info!(
+        jobs = jobs.len(),
+        max_rate = rate,
+        uid = uid(&req),
+        "limit of every running job set through the admin socket"
+    );
+    Ok(HttpResponse::Ok().json(LimitResponse { jobs, max_rate: rate, running }))
 }
 
 async fn progress(req: HttpRequest, st: web::Data<State>) -> Result<HttpResponse, AdminError> {

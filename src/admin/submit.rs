@@ -38,6 +38,12 @@ pub struct Submission {
 /// Parses a request body, telling malformed JSON, unknown fields and other
 /// mistakes (a missing field, a wrong type) apart.
 pub fn parse(body: &[u8]) -> Result<SubmitRequest, AdminError> {
+    parse_json(body)
+}
+
+/// Any request body: malformed JSON, unknown fields and wrong shapes each get
+/// their own error code.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
     // Syntax first: serde would otherwise judge `[1, 2` as a struct with a bad field.
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| AdminError::MalformedJson(e.to_string()))?;
@@ -45,6 +51,17 @@ pub fn parse(body: &[u8]) -> Result<SubmitRequest, AdminError> {
         let msg = e.to_string();
         if msg.starts_with("unknown field") { AdminError::UnknownField(msg) } else { AdminError::InvalidRequest(msg) }
     })
+}
+
+/// A bandwidth limit in a request body: a string like `"200M"` (see
+/// `config::parse_rate`) or a number of bytes/s; bytes/s, 0 = none.
+pub fn rate(v: &serde_json::Value) -> Result<u64, AdminError> {
+    let text = match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) if n.as_u64().is_some() => n.to_string(),
+        v => return Err(AdminError::InvalidRate(format!("{v} is not a rate (e.g. \"200M\", 1048576, 0 for none)"))),
+    };
+    crate::config::parse_rate(&text).map_err(AdminError::InvalidRate)
 }
 
 /// `job-YYYYMMDD-HHMMSS-xxxx`, from the time and 16 random bits.
@@ -117,6 +134,7 @@ pub fn validate(req: SubmitRequest, id: impl FnOnce() -> String) -> Result<Submi
         vmware_vcenter,
         vmware_vm,
         skip_change_check: req.skip_change_check,
+        max_rate: req.max_rate.as_ref().map(rate).transpose()?.filter(|&r| r > 0).map(|r| r as i64),
     };
     Ok(Submission { job, disks })
 }

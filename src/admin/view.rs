@@ -28,6 +28,11 @@ fn pct(p: f64) -> f64 {
     if p.is_finite() { (p.clamp(0.0, 100.0) * 100.0).round() / 100.0 } else { 0.0 }
 }
 
+/// The job's own limit from its row; `None`: none.
+fn job_rate(j: &Job) -> Option<u64> {
+    Some(crate::actors::job_tracker::row_rate(j.max_rate)).filter(|&r| r > 0)
+}
+
 pub fn job_summary(j: &Job) -> JobSummary {
     JobSummary {
         id: j.id.clone(),
@@ -44,6 +49,7 @@ pub fn job_summary(j: &Job) -> JobSummary {
         eta_seconds: j.eta_seconds.map(bytes),
         nbd_export_name: j.nbd_export_name.clone(),
         owner_node: j.owner_node.clone(),
+        max_rate: job_rate(j),
         error: j.error_message.clone(),
         created_at: time(j.created_at),
         updated_at: time(j.updated_at),
@@ -214,6 +220,8 @@ pub fn progress(
         },
         error: job.error_message.clone(),
         source: if live.is_some() { "live" } else { "database" }.to_string(),
+        max_rate: live.map_or_else(|| job_rate(job), |l| l.max_rate),
+        limited: live.is_some_and(|l| l.limited),
     }
 }
 
@@ -276,6 +284,8 @@ pub fn live_progress(l: &LiveJob, now: NaiveDateTime) -> Progress {
         eta_seconds: l.eta_seconds,
         error: None,
         source: "live".to_string(),
+        max_rate: l.max_rate,
+        limited: l.limited,
     }
 }
 
@@ -298,6 +308,7 @@ mod tests {
             vmware_snapshot: None,
             replication_type: ReplicationType::Incremental.into(),
             skip_change_check: false,
+            max_rate: None,
             status: JobStatus::Streaming.into(),
             current_operation: Some("Transfer".into()),
             progress_percent: 37.0,
@@ -391,7 +402,7 @@ mod tests {
                  "cbt": {"type": "incremental", "previous_change_id": "123-abc", "change_id": "456-def",
                          "disk_change_id": null, "attempt": 2, "sync_success": false, "blocks_changed": 3,
                          "bytes_transferred": 4096, "sync_duration_seconds": 1.5}}],
-            "eta_seconds": 8, "error": null, "source": "database"
+            "eta_seconds": 8, "error": null, "source": "database", "max_rate": null, "limited": false
         });
         assert_eq!(v, expected);
     }
@@ -410,6 +421,8 @@ mod tests {
             percent: 100.0,
             eta_seconds: Some(0),
             retries: 2,
+            max_rate: Some(4 << 20),
+            limited: true,
             disks: vec![LiveDisk {
                 disk_id: "disk-0".into(),
                 label: None,
@@ -439,8 +452,10 @@ mod tests {
         assert!(p.nbd.exports[0].connected);
         assert_eq!(p.nbd.exports[0].started_at.as_deref(), Some("2025-09-04T12:00:02Z"));
         assert_eq!(p.nbd.exports[1].name, "job-123-disk-9");
+        assert_eq!((p.max_rate, p.limited), (Some(4 << 20), true), "the limit in force comes from the live view");
         let alone = live_progress(&live, at(13, 0, 0));
         assert_eq!((alone.status.as_str(), alone.disks.len(), alone.nbd.exports.len()), ("Finalizing", 1, 0));
+        assert_eq!((alone.max_rate, alone.limited), (Some(4 << 20), true));
     }
 
     #[test]

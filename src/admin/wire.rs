@@ -40,6 +40,10 @@ pub struct SubmitRequest {
     /// continue the change-ID chain recorded for the VM's disk.
     #[serde(default)]
     pub skip_change_check: bool,
+    /// The job's bandwidth limit, as in `POST /api/v1/jobs/{id}/limit`
+    /// (`"200M"` or bytes/s); none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate: Option<serde_json::Value>,
     pub disks: Vec<DiskRequest>,
 }
 
@@ -155,6 +159,9 @@ pub struct JobSummary {
     pub eta_seconds: Option<u64>,
     pub nbd_export_name: Option<String>,
     pub owner_node: Option<String>,
+    /// The job's own bandwidth limit (its row), bytes/s; null: none.
+    #[serde(default)]
+    pub max_rate: Option<u64>,
     pub error: Option<String>,
     pub created_at: String,
     pub updated_at: String,
@@ -247,6 +254,34 @@ pub struct Progress {
     pub error: Option<String>,
     /// `live` (this node runs the job; figures from its aggregator) or `database`.
     pub source: String,
+    /// The bandwidth limit in force, bytes/s: live, the lower of the job's and
+    /// the appliance's; otherwise the job's own (its row). Null: none.
+    #[serde(default)]
+    pub max_rate: Option<u64>,
+    /// The limit holds the copy back now: the rate and the ETA are the limit's.
+    #[serde(default)]
+    pub limited: bool,
+}
+
+/// `POST /api/v1/jobs/{id}/limit` and `POST /api/v1/limit`: a bandwidth limit,
+/// `"200M"` (bytes/s, binary units), a number of bytes/s, or `0`/`"none"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitRequest {
+    pub max_rate: serde_json::Value,
+}
+
+/// The answer to a limit request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LimitResponse {
+    /// The jobs whose limit was set.
+    pub jobs: Vec<String>,
+    /// Bytes/s; 0: none.
+    pub max_rate: u64,
+    /// Those of `jobs` running here, whose copies follow within a second
+    /// (the others take it up when they are claimed, or at their owner's next
+    /// lease renewal).
+    pub running: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

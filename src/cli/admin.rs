@@ -1,5 +1,5 @@
 //! The operator's commands that talk to a running daemon over its admin socket:
-//! `health`, `jobs`, `show`, `progress`, `submit`, `cancel`, `discover`, `watch`.
+//! `health`, `jobs`, `show`, `progress`, `submit`, `cancel`, `limit`, `discover`, `watch`.
 //!
 //! Each command makes one or a few requests with `admin::client` and prints the
 //! answer for people (tables, progress bars) or, with `--json`, as the daemon's
@@ -71,6 +71,20 @@ pub enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Set a job's bandwidth limit: `limit JOB RATE`, or `limit --all RATE` for
+    /// every job this daemon runs. RATE: bytes read per second, binary units
+    /// (200M, 1G, 512K), or 0 for none. Running copies follow within a second
+    Limit {
+        /// Every job this daemon runs now, instead of one
+        #[arg(long)]
+        all: bool,
+        /// JOB RATE, or RATE with --all
+        #[arg(value_name = "JOB RATE", num_args = 1..=2, required = true, allow_negative_numbers = true)]
+        args: Vec<String>,
+        /// Print the daemon's JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask the daemon to look for jobs now
     Discover {
         /// Print the daemon's JSON
@@ -122,12 +136,45 @@ pub fn run(cmd: AdminCommand, socket: &std::path::Path) -> anyhow::Result<()> {
             let r: CancelResponse = Client::new(socket).post(&format!("{API}/jobs/{}/cancel", seg(&job)), b"")?;
             print_either(json, &r, |r| format!("{}: {}", r.job_id, r.message))
         }
+        AdminCommand::Limit { all, args, json } => limit(&Client::new(socket), all, &args, json),
         AdminCommand::Discover { json } => {
             let r: DiscoverResponse = Client::new(socket).post(&format!("{API}/discover"), b"")?;
             print_either(json, &r, |r| r.message.clone())
         }
         AdminCommand::Watch { job, json } => watch(&Client::new(socket), &job, json),
     }
+}
+
+fn limit(c: &Client, all: bool, args: &[String], json: bool) -> anyhow::Result<()> {
+    let (path, rate) = match (all, args) {
+        (true, [rate]) => (format!("{API}/limit"), rate),
+        (false, [job, rate]) => (format!("{API}/jobs/{}/limit", seg(job)), rate),
+        (true, _) => bail!("limit --all takes one argument, the rate (e.g. limit --all 200M)"),
+        (false, _) => bail!("limit takes a job and a rate (e.g. limit job-123 200M), or --all and a rate"),
+    };
+    // The daemon judges the rate, so the CLI and curl get the same answers.
+    let body = serde_json::to_vec(&serde_json::json!({ "max_rate": rate }))?;
+    let r: LimitResponse = c.post(&path, &body)?;
+    print_either(json, &r, |r| {
+        let shown = if r.max_rate == 0 { "no limit".to_string() } else { format!("limit {}", rate_shown(r.max_rate)) };
+        if r.jobs.is_empty() {
+            return "no jobs run here; nothing changed".into();
+        }
+        r.jobs
+            .iter()
+            .map(|j| {
+                let when =
+                    if r.running.contains(j) { "running copies follow within a second" } else { "not running here" };
+                format!("{j}: {shown} ({when})")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+/// A limit for people: "4.00 MiB/s", "none".
+fn rate_shown(bps: u64) -> String {
+    if bps == 0 { "none".into() } else { format!("{}/s", HumanBytes(bps)) }
 }
 
 fn health(c: &Client, json: bool) -> anyhow::Result<()> {
@@ -227,6 +274,7 @@ fn show(c: &Client, job: &str, json: bool) -> anyhow::Result<()> {
     );
     println!("export:      {}", opt(&j.nbd_export_name));
     println!("owner:       {}", opt(&j.owner_node));
+    println!("limit:       {}", j.max_rate.map_or_else(|| "none".into(), rate_shown));
     println!("created:     {}", j.created_at);
     println!("started:     {}", opt(&j.started_at));
     println!("completed:   {}", opt(&j.completed_at));
@@ -285,7 +333,16 @@ fn job_line(p: &Progress) -> String {
         HumanBytes(a.total_bytes),
         rate(a.throughput_bps),
         eta(a.total_bytes.saturating_sub(a.bytes_transferred), a.throughput_bps),
-    )
+    ) + &limit_note(p.max_rate, p.limited)
+}
+
+/// ", limit 4.00 MiB/s (limited)" when a limit is in force: the rate and the
+/// ETA are then the limit's, not the servers'.
+fn limit_note(max_rate: Option<u64>, limited: bool) -> String {
+    match max_rate {
+        Some(r) if r > 0 => format!(", limit {}{}", rate_shown(r), if limited { " (limited)" } else { "" }),
+        _ => String::new(),
+    }
 }
 
 fn print_progress(p: &Progress) -> anyhow::Result<()> {
@@ -388,18 +445,19 @@ impl Bars {
             .progress_chars("=> ")
     }
 
-    fn set(bar: &ProgressBar, planned: u64, done: u64, bps: u64, status: &str, finished: bool) {
+    fn set(bar: &ProgressBar, planned: u64, done: u64, bps: u64, status: &str, note: &str, finished: bool) {
         // An empty plan is complete once finished; before planning the length is unknown.
         let len = planned.max(1);
         bar.set_length(len);
         bar.set_position(if finished && status == "Succeeded" { len } else { done.min(len) });
-        bar.set_message(format!("{} ETA {} {status}", rate(bps), eta(planned.saturating_sub(done), bps)));
+        bar.set_message(format!("{} ETA {} {status}{note}", rate(bps), eta(planned.saturating_sub(done), bps)));
     }
 
     fn update(&self, p: &Progress, finished: bool) {
         let a = &p.aggregate;
         self.job.set_prefix(format!("{} ({})", p.job_id, p.stage.as_deref().unwrap_or("-")));
-        Self::set(&self.job, a.total_bytes, a.bytes_transferred, a.throughput_bps, &p.status, finished);
+        let note = limit_note(p.max_rate, p.limited);
+        Self::set(&self.job, a.total_bytes, a.bytes_transferred, a.throughput_bps, &p.status, &note, finished);
         let mut disks = self.disks.borrow_mut();
         for d in &p.disks {
             let bar = match disks.iter().find(|(id, _)| *id == d.id) {
@@ -412,7 +470,7 @@ impl Bars {
                 }
             };
             let disk_done = finished || outcome(&d.status).is_some();
-            Self::set(&bar, d.planned_bytes, d.bytes_transferred, d.throughput_bps, &d.status, disk_done);
+            Self::set(&bar, d.planned_bytes, d.bytes_transferred, d.throughput_bps, &d.status, "", disk_done);
         }
         if finished {
             self.job.finish();

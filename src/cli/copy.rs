@@ -10,7 +10,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use crate::engine::{Changes, Copier, CopyError, CopySpec, Event, Progress, Snapshot, Tuning, plan};
+use crate::engine::{Changes, Copier, CopyError, CopySpec, Event, Limit, Progress, Snapshot, Tuning, plan};
 
 fn default_tuning() -> Tuning {
     Tuning::default()
@@ -53,6 +53,10 @@ pub struct CopyArgs {
     /// Most buffer memory for the copy in bytes
     #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = crate::config::parse_size)]
     pub memory: usize,
+    /// Bandwidth limit: bytes read from the source per second (K, M, G
+    /// suffixes, binary; 0 = none). Zero requests do not count
+    #[arg(long, value_name = "RATE", allow_hyphen_values = true)]
+    pub max_rate: Option<String>,
     /// Fail when nothing moves for this long, naming the request that hung
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
     pub stall_timeout: Duration,
@@ -100,6 +104,11 @@ fn changes(args: &CopyArgs) -> anyhow::Result<Changes> {
 }
 
 pub fn run(args: CopyArgs) -> anyhow::Result<()> {
+    // Parsed here rather than by clap, so a bad rate is one line like every other error.
+    let max_rate = match &args.max_rate {
+        Some(r) => crate::config::parse_rate(r).map_err(|e| anyhow::anyhow!("--max-rate: {e}"))?,
+        None => 0,
+    };
     let spec = CopySpec {
         source: args.source.clone(),
         target: args.target.clone(),
@@ -117,6 +126,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
             stall_timeout: Some(args.stall_timeout),
             ..Tuning::default()
         },
+        limit: (max_rate > 0).then(|| Limit::new(max_rate)),
     };
     let copier = Copier::new(spec);
     let bar = (args.progress || std::io::stderr().is_terminal()).then(new_bar);
@@ -209,18 +219,20 @@ fn draw_until_done(bar: &ProgressBar, progress: &Progress, done: &mpsc::Receiver
     }
 }
 
-/// "1.2 GiB / 4.0 GiB  310 MiB/s  ETA 9s"
+/// "1.2 GiB / 4.0 GiB  310 MiB/s  ETA 9s", and " (limited)" while the
+/// bandwidth limit holds the copy back.
 pub fn progress_line(s: &Snapshot) -> String {
     let eta = match s.eta {
         Some(d) => human_duration(d),
         None => "-".into(),
     };
     format!(
-        "{} / {}  {}/s  ETA {}",
+        "{} / {}  {}/s  ETA {}{}",
         human_bytes(s.bytes_done),
         human_bytes(s.planned_bytes),
         human_bytes(s.throughput_bps),
-        eta
+        eta,
+        if s.limited { "  (limited)" } else { "" }
     )
 }
 

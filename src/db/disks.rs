@@ -172,6 +172,7 @@ mod tests {
             vmware_vcenter: None,
             vmware_vm: None,
             skip_change_check: false,
+            max_rate: None,
         };
         let disk = |id: &str| NewDisk {
             disk_id: id.into(),

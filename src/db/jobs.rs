@@ -140,6 +140,7 @@ pub fn insert_job(conn: &mut MysqlConnection, job: &NewJob, disks: &[NewDisk]) -
                 j::vm_path.eq(&job.vm_path),
                 j::replication_type.eq(job.replication_type.as_str()),
                 j::skip_change_check.eq(job.skip_change_check),
+                j::max_rate.eq(job.max_rate),
                 j::status.eq(JobStatus::Pending.as_db()),
                 j::nbd_export_name.eq(&job.nbd_export_name),
                 j::vmware_vcenter.eq(&job.vmware_vcenter),
@@ -261,6 +262,30 @@ pub fn renew_lease(conn: &mut MysqlConnection, id: &str, owner: &Owner, lease: D
         .execute(conn)
         .map_err(DbError::query(format!("renewing the lease on job '{id}'")))?;
     Ok(updated == 1)
+}
+
+/// A job's `max_rate` as it is now (see [`renew_lease`]: read with each renewal).
+pub fn job_max_rate(conn: &mut MysqlConnection, id: &str) -> Result<Option<i64>, DbError> {
+    j::table
+        .filter(j::id.eq(id))
+        .select(j::max_rate)
+        .first::<Option<i64>>(conn)
+        .optional()
+        .map(Option::flatten)
+        .map_err(DbError::query(format!("reading the limit of job '{id}'")))
+}
+
+/// Sets a job's bandwidth limit in bytes/s; 0 (none) is stored as NULL. An
+/// operator's command, like the orchestrator's own writes of the column: not
+/// guarded by an owner, and the running job follows it.
+pub fn set_max_rate(conn: &mut MysqlConnection, id: &str, max_rate: u64) -> Result<(), DbError> {
+    let value = i64::try_from(max_rate).ok().filter(|&r| r > 0);
+    diesel::update(j::table)
+        .filter(j::id.eq(id))
+        .set(j::max_rate.eq(value))
+        .execute(conn)
+        .map_err(DbError::query(format!("setting the limit of job '{id}'")))?;
+    Ok(())
 }
 
 /// Gives up `owner`'s lease so that any appliance may claim the job at once (a
@@ -532,6 +557,7 @@ mod tests {
             vmware_vcenter: None,
             vmware_vm: None,
             skip_change_check: false,
+            max_rate: None,
         }
     }
 

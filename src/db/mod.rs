@@ -41,8 +41,8 @@ pub use self::{
     error::{DbError, check_url, redact_url},
     events::{insert_events, recent_events},
     jobs::{
-        cancel_job, claim_jobs, count_jobs_by_status, find_job, forget_snapshot, insert_job, left_snapshots, list_jobs,
-        load_job, release_lease, renew_lease, update_job,
+        cancel_job, claim_jobs, count_jobs_by_status, find_job, forget_snapshot, insert_job, job_max_rate,
+        left_snapshots, list_jobs, load_job, release_lease, renew_lease, set_max_rate, update_job,
     },
     migrate::migrate,
     models::{

@@ -41,6 +41,8 @@ pub struct Job {
     /// Run incremental disks even when their `previous_change_id` does not
     /// continue the recorded chain (the orchestrator's explicit choice).
     pub skip_change_check: bool,
+    /// The job's bandwidth limit in bytes/s; `None` or 0: none (see `engine::limit`).
+    pub max_rate: Option<i64>,
     /// `replicating` in the row reads as `Pending`.
     pub status: Word<JobStatus>,
     /// Kept as text: the orchestrator writes its own stages here too (see
@@ -128,6 +130,8 @@ pub struct NewJob {
     pub vmware_vm: Option<String>,
     /// See [`Job::skip_change_check`].
     pub skip_change_check: bool,
+    /// See [`Job::max_rate`].
+    pub max_rate: Option<i64>,
 }
 
 /// A disk of a [`NewJob`].

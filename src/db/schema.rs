@@ -57,6 +57,7 @@ diesel::table! {
         #[max_length = 16]
         replication_type -> Varchar,
         skip_change_check -> Bool,
+        max_rate -> Nullable<Bigint>,
         #[max_length = 32]
         status -> Varchar,
         #[max_length = 32]

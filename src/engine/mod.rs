@@ -12,6 +12,7 @@
 //! - `spec`: what a copy is asked to do (`CopySpec`, `Tuning`, `CancelToken`), shared by `copy` and `verify`
 //! - `copy/`: the executor (server pair, extents, dispatcher, workers, flushes, durable watermark)
 //! - `fence`: the write fence, a deadline after which nothing is sent to the target
+//! - `limit`: bandwidth limits (token buckets in a tree, changed while copies run)
 //! - `progress`: counters and the rate estimate
 //! - `retry`: the backoff policy
 //! - `verify`: the post-copy comparison
@@ -19,6 +20,7 @@
 pub mod copy;
 pub mod error;
 pub mod fence;
+pub mod limit;
 pub mod nbd;
 pub mod plan;
 pub mod progress;
@@ -30,6 +32,7 @@ pub mod zero;
 pub use copy::{Copier, Event, PlanInfo, Summary};
 pub use error::{CopyError, Role};
 pub use fence::Fence;
+pub use limit::Limit;
 pub use progress::{Progress, Snapshot, Stage};
 pub use retry::RetryPolicy;
 pub use spec::{CancelToken, Changes, CopySpec, Tuning};

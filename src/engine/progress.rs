@@ -11,6 +11,12 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// How far back `Snapshot::limited` looks.
+const HELD_WINDOW: Duration = Duration::from_secs(2);
+/// Held back by the limit this share of the time (summed over the copy
+/// threads) or more: the copy is limited.
+const LIMITED_SHARE: f64 = 0.25;
+
 /// Where a copy is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -64,6 +70,9 @@ pub struct Snapshot {
     /// e.g. "read of 1048576 bytes at offset 0 on source nbd://h/e has had no
     /// reply for 12 s"; `None` while every server answers.
     pub waiting_on: Option<String>,
+    /// The bandwidth limit held the copy back for a good part of the last few
+    /// seconds: its rate is the limit's, not the servers'.
+    pub limited: bool,
 }
 
 /// `done` of `total` as a percentage; an empty plan is 100 % done.
@@ -93,12 +102,16 @@ struct Counters {
     verified: AtomicU64,
     watermark: AtomicU64,
     retries: AtomicU64,
+    /// Nanoseconds copy threads were held back by the bandwidth limit, summed.
+    held: AtomicU64,
 }
 
 struct Shared {
     c: Counters,
     started: Instant,
     window: Mutex<RateWindow>,
+    /// The share of time held back by the limit, over a short window.
+    held_window: Mutex<RateWindow>,
     /// Per copy thread: what it waits for without an answer, and since when.
     hangs: Mutex<BTreeMap<usize, (Instant, String)>>,
 }
@@ -119,6 +132,7 @@ impl Progress {
             c: Counters::default(),
             started: Instant::now(),
             window: Mutex::new(RateWindow::new(Duration::from_secs(10))),
+            held_window: Mutex::new(RateWindow::new(HELD_WINDOW)),
             hangs: Mutex::new(BTreeMap::new()),
         }))
     }
@@ -160,15 +174,22 @@ impl Progress {
         self.0.c.verified.fetch_add(n, Relaxed);
     }
 
+    /// A copy thread was held back by the bandwidth limit for `d`.
+    pub(crate) fn add_held(&self, d: Duration) {
+        self.0.c.held.fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
     pub(crate) fn add_retry(&self) {
         self.0.c.retries.fetch_add(1, Relaxed);
     }
 
     /// A figure that changes whenever the copy moves at all (bytes done,
-    /// written, zeroed or skipped, or the watermark); for stall detection.
+    /// written, zeroed or skipped, or the watermark) or waits for the bandwidth
+    /// limit (a low limit may allow a request only every few minutes); for
+    /// stall detection.
     pub(crate) fn work(&self) -> u64 {
         let c = &self.0.c;
-        [&c.done, &c.written, &c.zeroed, &c.skipped, &c.watermark, &c.verified]
+        [&c.done, &c.written, &c.zeroed, &c.skipped, &c.watermark, &c.verified, &c.held]
             .iter()
             .fold(0u64, |acc, v| acc.wrapping_add(v.load(Relaxed)))
     }
@@ -202,6 +223,8 @@ impl Progress {
         let planned = c.planned.load(Relaxed);
         let stage = Stage::from_u8(c.stage.load(Relaxed));
         let rate = self.0.window.lock().map(|mut w| w.rate(now, done)).unwrap_or(0.0);
+        let held = c.held.load(Relaxed);
+        let limited = self.0.held_window.lock().is_ok_and(|mut w| limited(&mut w, now, held));
         let remaining = planned.saturating_sub(done);
         let eta = if remaining == 0 {
             Some(Duration::ZERO)
@@ -225,8 +248,15 @@ impl Progress {
             throughput_bps: rate as u64,
             eta,
             waiting_on: self.waiting_on(),
+            limited,
         }
     }
+}
+
+/// Whether copy threads were held back by the limit (`held` nanoseconds so
+/// far) for at least [`LIMITED_SHARE`] of the window ending at `now`.
+fn limited(w: &mut RateWindow, now: Instant, held: u64) -> bool {
+    w.rate(now, held) / 1e9 >= LIMITED_SHARE
 }
 
 /// A moving-window rate estimate: bytes over the last `span`, sampled whenever a
@@ -327,6 +357,21 @@ mod tests {
         assert!(p.snapshot().waiting_on.is_some_and(|w| w.starts_with("flush on target t")));
         p.set_hang(1, None);
         assert_eq!(p.snapshot().waiting_on, None);
+    }
+
+    #[test]
+    fn limited_means_held_back_lately() {
+        let t0 = Instant::now();
+        let mut w = RateWindow::new(HELD_WINDOW);
+        w.reset(t0, 0);
+        let s = |ms| t0 + Duration::from_millis(ms);
+        // Two threads, each held a tenth of the time: not limited.
+        assert!(!limited(&mut w, s(1000), 200_000_000));
+        // Then both held half of the time for two seconds: limited.
+        assert!(limited(&mut w, s(2000), 1_200_000_000));
+        assert!(limited(&mut w, s(3000), 2_200_000_000));
+        // Then no longer held: the window forgets.
+        assert!(!limited(&mut w, s(5400), 2_200_000_000));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! What a copy is asked to do, and how: [`CopySpec`] (the servers, full or
-//! incremental, resume point), [`Changes`], [`Tuning`] (connections, request
+//! incremental, resume point, bandwidth limit), [`Changes`], [`Tuning`] (connections, request
 //! sizes, timeouts, retries) and the [`CancelToken`] that stops a copy or a
 //! verification from another thread.
 //!
@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use super::limit::Limit;
 use super::plan::Area;
 use super::retry::RetryPolicy;
 
@@ -100,6 +101,9 @@ pub struct CopySpec {
     pub resume_from: u64,
     pub verify: bool,
     pub tuning: Tuning,
+    /// The bandwidth limit this copy obeys (with its ancestors'), changed by
+    /// others while it runs; `None`: no limit.
+    pub limit: Option<Arc<Limit>>,
 }
 
 /// Cancels a running copy from any thread.

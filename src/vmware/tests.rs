@@ -377,6 +377,7 @@ fn copy(source: &NbdSource, target: &NbdSource, areas: &DiskAreas, destination_i
         resume_from: 0,
         verify: false,
         tuning: Tuning::default(),
+        limit: None,
     };
     Copier::new(spec).run(&|_| {}).unwrap_or_else(|e| panic!("{e}"))
 }

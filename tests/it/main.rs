@@ -15,6 +15,7 @@ mod copy;
 mod daemon;
 mod db;
 mod history;
+mod limits;
 mod orchestrator;
 mod peers;
 mod trust;

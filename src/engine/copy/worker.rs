@@ -86,6 +86,10 @@ pub(super) struct Worker<'a> {
     finished: bool,
     /// What this worker last reported as waited on.
     hang: Option<(Instant, String)>,
+    /// Refused by the bandwidth limit: issue nothing before this.
+    held_until: Option<Instant>,
+    /// Since when the limit holds this worker back (for `Snapshot::limited`).
+    held_since: Option<Instant>,
 }
 
 impl<'a> Worker<'a> {
@@ -117,6 +121,8 @@ impl<'a> Worker<'a> {
             exhausted: false,
             finished: false,
             hang: None,
+            held_until: None,
+            held_since: None,
         }
     }
 
@@ -213,9 +219,40 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Starts reads and zero requests until every slot is busy.
+    /// Asks the bandwidth limit for the bytes of `chunk`; if refused, the
+    /// chunk waits in `retry` and nothing more is issued until it is due.
+    fn admit(&mut self, chunk: Chunk, now: Instant) -> bool {
+        let Some(limit) = &self.ctx.spec.limit else { return true };
+        match limit.take(chunk.length, now) {
+            Ok(()) => {
+                if let Some(since) = self.held_since.take() {
+                    self.ctx.progress.add_held(now.saturating_duration_since(since));
+                }
+                true
+            }
+            Err(wait) => {
+                // Counted as it goes, so that a long hold shows while it lasts.
+                if let Some(since) = self.held_since.replace(now) {
+                    self.ctx.progress.add_held(now.saturating_duration_since(since));
+                }
+                // Asking again at least every tick: a raised limit applies at once.
+                let due = now + wait.min(TICK);
+                self.held_until = Some(due);
+                self.retry.push((due, chunk));
+                false
+            }
+        }
+    }
+
+    /// Starts reads and zero requests until every slot is busy (or the
+    /// bandwidth limit says wait). Only data costs bandwidth: reads, and zeros
+    /// sent as data to a target that cannot zero; zero requests are free.
     fn issue(&mut self) -> Result<(), CopyError> {
         let now = Instant::now();
+        if self.held_until.is_some_and(|t| t > now) {
+            return Ok(());
+        }
+        self.held_until = None;
         while self.in_use() < self.ctx.slots && self.src.live().is_some() && self.dst.live().is_some() {
             let chunk = if let Some(i) = self.retry.iter().position(|(t, _)| *t <= now) {
                 self.retry.swap_remove(i).1
@@ -233,6 +270,10 @@ impl<'a> Worker<'a> {
                         self.retry.push((now, chunk));
                         break;
                     };
+                    if !self.admit(chunk, now) {
+                        self.free.push(buf);
+                        break;
+                    }
                     if self.src.busy() == 0 {
                         self.src.last_activity = now;
                     }
@@ -249,7 +290,12 @@ impl<'a> Worker<'a> {
                         }
                     }
                 }
-                Action::Zero => self.issue_zero(chunk)?,
+                Action::Zero => {
+                    if !self.ctx.can_zero && !self.admit(chunk, now) {
+                        break;
+                    }
+                    self.issue_zero(chunk)?
+                }
                 // Skipped ranges are filtered out of the plan before dispatch.
                 Action::Skip => self.ctx.dispatcher().durable(chunk.offset),
             }

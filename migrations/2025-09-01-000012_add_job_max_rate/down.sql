@@ -1,0 +1,1 @@
+ALTER TABLE replication_jobs DROP COLUMN IF EXISTS max_rate;
