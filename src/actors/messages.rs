@@ -169,7 +169,8 @@ pub enum Query {
 
 impl Query {
     /// Whether the query only reads, so that it need not wait behind the
-    /// writer's queue (submit, cancel and forgetting a snapshot change rows).
+    /// writer's queue (submit, cancel, setting a limit and forgetting a snapshot
+    /// change rows).
     pub fn is_read(&self) -> bool {
         !matches!(
             self,
