@@ -16,6 +16,8 @@
 //! - `sparse-zero`: as sparse, both tools with --destination-is-zero
 //! - `latency`: pattern + delay filter (delay-read) → memory + delay filter
 //!   (delay-write)
+//! - `wan-25ms-1gbit`, `wan-50ms-10gbit`: `pattern` behind nbdkit's rate and
+//!   delay filters (1 Gbit/s and 25 ms per read; 10 Gbit/s and 50 ms) → memory
 //! - `daemon`: N disks (`--disks`, default 4) copied in each round by one job of
 //!   `blockrepl serve` queued with plain SQL in a private MariaDB, by N parallel
 //!   `nbdcopy --flush` and by N parallel `blockrepl copy` (see `daemon.rs`).

@@ -41,7 +41,28 @@ pub fn pairs() -> Vec<Pair> {
         Pair { name: "sparse", servers: |o| sparse(o, false) },
         Pair { name: "sparse-zero", servers: |o| sparse(o, true) },
         Pair { name: "latency", servers: latency },
+        Pair { name: "wan-25ms-1gbit", servers: |o| wan(o, "25ms", "1G") },
+        Pair { name: "wan-50ms-10gbit", servers: |o| wan(o, "50ms", "10G") },
     ]
+}
+
+/// A source across a WAN: `pattern` behind nbdkit's rate filter (`rate` is in
+/// bits per second, for all connections together) and delay filter (`delay`
+/// added to every read) → `memory`.
+fn wan(o: &Settings, delay: &str, bits: &str) -> Servers {
+    let s = human(o.wan_size);
+    Servers {
+        source: strings(&[
+            "--filter=rate",
+            "--filter=delay",
+            "pattern",
+            &format!("size={s}"),
+            &format!("rate={bits}"),
+            &format!("delay-read={delay}"),
+        ]),
+        target: strings(&["memory", &format!("size={s}"), "allocator=malloc"]),
+        flags: Vec::new(),
+    }
 }
 
 /// `pattern` (fully allocated) → `memory`.

@@ -20,7 +20,7 @@ const EXAMPLES: &str = "examples:
 #[command(name = "scripts/bench", bin_name = "scripts/bench", after_help = EXAMPLES)]
 pub struct Options {
     /// Scenarios to run (default: all of dense, sparse, sparse-zero, latency,
-    /// daemon; daemon is skipped with a note when MariaDB is not installed and it
+    /// wan-25ms-1gbit, wan-50ms-10gbit, daemon; daemon is skipped with a note when MariaDB is not installed and it
     /// was not named; load runs only when named)
     #[arg(value_name = "SCENARIO")]
     pub scenarios: Vec<String>,
@@ -49,6 +49,9 @@ pub struct Options {
     /// Default 2G (256M with --quick)
     #[arg(long, value_parser = parse_size)]
     latency_size: Option<u64>,
+    /// WAN scenarios (wan-25ms-1gbit, wan-50ms-10gbit): default 1G (256M with --quick)
+    #[arg(long, value_parser = parse_size)]
+    wan_size: Option<u64>,
     /// Latency scenario: delay per request, nbdkit syntax
     #[arg(long, default_value = "2ms")]
     delay: String,
@@ -119,6 +122,7 @@ pub struct Settings {
     pub sparse_percent: u32,
     pub seed: u64,
     pub latency_size: u64,
+    pub wan_size: u64,
     pub delay: String,
     pub no_write_delay: bool,
     pub disks: u32,
@@ -172,6 +176,7 @@ impl Options {
             sparse_percent: self.sparse_percent,
             seed: self.seed,
             latency_size: size(self.latency_size, 2 << 30, 256 << 20),
+            wan_size: size(self.wan_size, 1 << 30, 256 << 20),
             delay: self.delay.clone(),
             no_write_delay: self.no_write_delay,
             disks: self.disks,
