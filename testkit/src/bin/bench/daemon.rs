@@ -92,18 +92,28 @@ fn disk_servers(o: &Settings, i: u32) -> (Vec<String>, Vec<String>) {
     (source, strings(&["memory", &format!("size={s}"), "allocator=malloc"]))
 }
 
+/// What a scenario with a private MariaDB needs (nothing with an external one).
+pub fn needs_mariadb() -> Vec<&'static str> {
+    if std::env::var(mariadb::URL_VAR).is_ok_and(|u| !u.is_empty()) {
+        Vec::new()
+    } else {
+        vec!["mariadbd", "mariadb-install-db"]
+    }
+}
+
 /// The daemon's configuration: the defaults, but for the database, the admin
 /// socket (in `dir`, group: ours), the node id, logs on stderr, the discovery
 /// interval and, when given, the disks copied at once.
-fn config(o: &Settings, dir: &Path, db_url: &str) -> String {
+pub fn config(o: &Settings, dir: &Path, db_url: &str, node: &str) -> String {
     let q = |s: &str| Value::from(s).to_string();
     let group = nix::unistd::Group::from_gid(nix::unistd::getgid()).ok().flatten().map_or("root".into(), |g| g.name);
     let mut c = format!(
-        "# written by scripts/bench\n[database]\nurl = {}\n[admin]\nsocket = {}\ngroup = {}\n[node]\nid = \"bench\"\n\
+        "# written by scripts/bench\n[database]\nurl = {}\n[admin]\nsocket = {}\ngroup = {}\n[node]\nid = {}\n\
          [discovery]\ninterval = {}\n[log]\ntarget = \"stderr\"\nlevel = \"info\"\n",
         q(db_url),
         q(&Daemon::admin_socket_in(dir).display().to_string()),
         q(&group),
+        q(node),
         q(&o.discovery_interval)
     );
     if let Some(n) = o.max_concurrent_disks {
@@ -118,11 +128,7 @@ impl Scenario for DaemonJob {
     }
 
     fn needs(&self) -> Vec<&'static str> {
-        if std::env::var(mariadb::URL_VAR).is_ok_and(|u| !u.is_empty()) {
-            Vec::new()
-        } else {
-            vec!["mariadbd", "mariadb-install-db"]
-        }
+        needs_mariadb()
     }
 
     fn run(&self, bench: &Bench, dir: &Path) -> Result<Box<dyn Outcome>, Stop> {
@@ -150,7 +156,7 @@ impl Scenario for DaemonJob {
         let db = server.fresh_database("bench");
         let t_db = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let mut daemon = Daemon::start_with(dir, &config(opt, dir, &db.url), "bench", &[], DAEMON_WRAPPER);
+        let mut daemon = Daemon::start_with(dir, &config(opt, dir, &db.url, "bench"), "bench", &[], DAEMON_WRAPPER);
         let t_daemon = t.elapsed().as_secs_f64();
         let mut conn = db.connect();
         // created_at (a column default) then comes out in UTC, like the daemon's times.

@@ -26,11 +26,11 @@ use testkit::harness::{Daemon, Server};
 use testkit::jobs::queue_sql;
 use testkit::mariadb;
 
-use crate::daemon::stop;
+use crate::daemon::{config, needs_mariadb, stop};
 use crate::pair::strings;
 use crate::run::{self, DAEMON_WRAPPER, OWN_SESSION, Stop};
 use crate::scenario::{Bench, DetailRow, Outcome, ResultRow, Scenario};
-use crate::settings::{Settings, human};
+use crate::settings::human;
 
 pub struct Load;
 
@@ -145,25 +145,6 @@ fn job_id(i: u64) -> String {
     format!("load-{i:06}")
 }
 
-/// The daemon's configuration, as scripts/bench's daemon scenario writes it.
-fn config(o: &Settings, dir: &Path, db_url: &str, node: &str) -> String {
-    let q = |s: &str| serde_json::Value::from(s).to_string();
-    let group = nix::unistd::Group::from_gid(nix::unistd::getgid()).ok().flatten().map_or("root".into(), |g| g.name);
-    let mut c = format!(
-        "# written by scripts/bench\n[database]\nurl = {}\n[admin]\nsocket = {}\ngroup = {}\n[node]\nid = {}\n\
-         [discovery]\ninterval = {}\n[log]\ntarget = \"stderr\"\nlevel = \"info\"\n",
-        q(db_url),
-        q(&Daemon::admin_socket_in(dir).display().to_string()),
-        q(&group),
-        q(node),
-        q(&o.discovery_interval)
-    );
-    if let Some(n) = o.max_concurrent_disks {
-        c += &format!("[copy]\nmax_concurrent_disks = {n}\n");
-    }
-    c
-}
-
 /// One daemon of the run and its memory along the way.
 struct Node {
     name: String,
@@ -179,11 +160,7 @@ impl Scenario for Load {
     }
 
     fn needs(&self) -> Vec<&'static str> {
-        if std::env::var(mariadb::URL_VAR).is_ok_and(|u| !u.is_empty()) {
-            Vec::new()
-        } else {
-            vec!["mariadbd", "mariadb-install-db"]
-        }
+        needs_mariadb()
     }
 
     fn run(&self, bench: &Bench, dir: &Path) -> Result<Box<dyn Outcome>, Stop> {
