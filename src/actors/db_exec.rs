@@ -35,7 +35,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use diesel::MysqlConnection;
+use diesel::{Connection, MysqlConnection};
 
 use super::messages::*;
 use crate::config::Settings;
@@ -293,55 +293,54 @@ impl DbExec {
         self.link.run(what, limit, f)
     }
 
-    fn write(&mut self, w: &Write) -> Result<(), DbError> {
-        let limit = self.timeout;
-        match w {
-            Write::Disk(p) => self.with_conn(
-                || format!("writing disk {} of job {}", p.update.disk_id, p.update.job_id),
-                limit,
-                |c| db::update_disk(c, &p.owner, &p.update),
-            ),
-            Write::Record(r) => self.with_conn(
-                || format!("recording an event of job {}", r.job_id()),
-                limit,
-                |c| match &r.entry {
-                    Entry::Event(e) => db::insert_events(c, &r.owner, std::slice::from_ref(e)).map(drop),
-                    Entry::Cbt(cbt) => db::record_cbt(c, &r.owner, cbt).map(drop),
-                },
-            ),
-            Write::Job(u) => self.with_conn(|| format!("writing job {}", u.id), limit, |c| db::update_job(c, u)),
-            Write::Release(r) => self.with_conn(
-                || format!("releasing the lease on job {}", r.job_id),
-                limit,
-                |c| db::release_lease(c, &r.job_id, &r.owner).map(drop),
-            ),
-        }
-    }
-
+    /// Writes a batch in one transaction: all of it, or (the database being
+    /// unavailable, or the transaction rolled back by a deadlock) none of it,
+    /// to be tried again. Writes the database refuses one by one (an illegal
+    /// transition because the operator cancelled the job meanwhile, a job this
+    /// run no longer owns) are logged and dropped: retrying cannot help.
     fn batch(&mut self, writes: Vec<Write>) -> BatchDone {
-        let mut done = BatchDone { jobs: 0, disks: 0, records: 0, unwritten: Vec::new(), error: None };
-        let mut it = writes.into_iter();
-        while let Some(w) = it.next() {
-            match self.write(&w) {
-                Ok(()) => match w {
-                    Write::Job(_) => done.jobs += 1,
-                    Write::Disk(_) => done.disks += 1,
-                    Write::Record(_) => done.records += 1,
-                    Write::Release(_) => {}
-                },
-                Err(e) if e.is_unavailable() => {
-                    done.unwritten.push(w);
-                    done.unwritten.extend(it);
-                    done.error = Some(e);
-                    break;
+        let limit = self.timeout;
+        let n = writes.len();
+        let r = self.with_conn(
+            || format!("writing a batch of {n} changes"),
+            limit,
+            |c| c.transaction(|c| write_all(c, &writes)),
+        );
+        match r {
+            Ok(done) => done,
+            Err(e) if e.is_retryable() => BatchDone::failed(writes, e),
+            // Not the database's state but something in the batch the server
+            // cannot take (and rolled back): one write at a time, each in its
+            // own transaction, so that only what is refused is lost.
+            Err(e) => {
+                tracing::warn!(error = %e, "database refused a batch of {n} changes; writing them one at a time");
+                let mut done = BatchDone::default();
+                let mut it = writes.into_iter();
+                while let Some(w) = it.next() {
+                    let one = std::slice::from_ref(&w);
+                    match self.with_conn(
+                        || "writing one change".into(),
+                        limit,
+                        |c| c.transaction(|c| write_all(c, one)),
+                    ) {
+                        Ok(d) => done.add(d),
+                        Err(e) if e.is_retryable() => {
+                            done.unwritten.push(w);
+                            done.unwritten.extend(it);
+                            done.error = Some(e);
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "database refused a write; dropped");
+                            if matches!(w, Write::Renew(_)) {
+                                done.renewals.push(Renewal::Lost);
+                            }
+                        }
+                    }
                 }
-                // Refused, not unavailable (e.g. an illegal transition because the
-                // operator cancelled the job meanwhile, or a job this run no longer
-                // owns): retrying cannot help.
-                Err(e) => tracing::warn!(error = %e, "database refused a write; dropped"),
+                done
             }
         }
-        done
     }
 
     fn exec(&mut self, msg: Exec) -> Result<ExecReply, DbError> {
@@ -353,23 +352,80 @@ impl DbExec {
             Exec::Claim(m) => {
                 self.with_conn(|| "claiming jobs".into(), limit, |c| claim(c, &m)).map(ExecReply::Claimed)
             }
-            Exec::Renew(m) => self
-                .with_conn(
-                    || format!("renewing the lease on job {}", m.job_id),
-                    limit,
-                    |c| {
-                        if !db::renew_lease(c, &m.job_id, &m.owner, m.lease)? {
-                            return Ok(Renewal::Lost);
-                        }
-                        Ok(Renewal::Held { max_rate: db::job_max_rate(c, &m.job_id)? })
-                    },
-                )
-                .map(ExecReply::Renewed),
             Exec::Query(q) => {
                 self.with_conn(|| "answering an admin request".into(), limit, |c| answer(c, q)).map(ExecReply::Query)
             }
         }
     }
+}
+
+/// The writes of a batch on `c`, a few statements in all, in the batch's
+/// order by kind: disks, records, jobs (a job's final status after its disks'
+/// last figures), lease releases (after everything of their job), renewals.
+fn write_all(c: &mut MysqlConnection, writes: &[Write]) -> Result<BatchDone, DbError> {
+    let mut done = BatchDone::default();
+    let disks: Vec<(&Owner, &db::DiskUpdate)> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Disk(p) => Some((&p.owner, &p.update)),
+            _ => None,
+        })
+        .collect();
+    for (i, why) in db::update_disks(c, &disks)? {
+        tracing::warn!(job_id = %disks[i].1.job_id, disk_id = %disks[i].1.disk_id, error = %why, "database refused a write; dropped");
+    }
+    done.disks = disks.len() as u64;
+    let events: Vec<(&Owner, &db::NewJobEvent)> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Record(Record { owner, entry: Entry::Event(e) }) => Some((owner, e)),
+            _ => None,
+        })
+        .collect();
+    db::insert_owned_events(c, &events)?;
+    done.records += events.len() as u64;
+    for w in writes {
+        if let Write::Record(Record { owner, entry: Entry::Cbt(cbt) }) = w {
+            db::record_cbt(c, owner, cbt)?;
+            done.records += 1;
+        }
+    }
+    let jobs: Vec<db::JobUpdate> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Job(u) => Some(u.clone()),
+            _ => None,
+        })
+        .collect();
+    for (i, why) in db::update_jobs(c, &jobs)? {
+        tracing::warn!(job_id = %jobs[i].id, error = %why, "database refused a write; dropped");
+    }
+    done.jobs = jobs.len() as u64;
+    for w in writes {
+        if let Write::Release(r) = w {
+            db::release_lease(c, &r.job_id, &r.owner)?;
+        }
+    }
+    let renewals: Vec<&RenewLease> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Renew(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    // One lease length for all (the setting); a reload between two renewals
+    // only moves which one applies.
+    if let Some(lease) = renewals.iter().map(|m| m.lease).max() {
+        let jobs: Vec<(&str, &Owner)> = renewals.iter().map(|m| (m.job_id.as_str(), &m.owner)).collect();
+        done.renewals = db::renew_leases(c, &jobs, lease)?
+            .into_iter()
+            .map(|held| match held {
+                Some(max_rate) => Renewal::Held { max_rate },
+                None => Renewal::Lost,
+            })
+            .collect();
+    }
+    Ok(done)
 }
 
 /// Answers a query on `c`: the one place that maps a [`Query`] to the database

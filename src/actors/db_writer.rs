@@ -31,6 +31,8 @@ const TICK: Duration = Duration::from_millis(200);
 /// dropped (and counted as failures) beyond this.
 const MAX_RECORDS: usize = 100_000;
 
+type Answer<T> = tokio::sync::oneshot::Sender<Result<T, DbError>>;
+
 /// See the module documentation.
 pub struct DbWriter {
     /// The executor, as two recipients so that a test can stand in for it.
@@ -44,6 +46,9 @@ pub struct DbWriter {
     disks: BTreeMap<(String, String), PersistDisk>,
     records: VecDeque<Record>,
     releases: Vec<ReleaseLease>,
+    /// Renewals waiting for the next batch, and those in the batch in flight.
+    renewals: Vec<(RenewLease, Answer<Renewal>)>,
+    renewing: Vec<Answer<Renewal>>,
     in_flight: bool,
     /// Writes in the batch in flight (part of the backlog).
     in_flight_writes: usize,
@@ -70,6 +75,8 @@ impl DbWriter {
             disks: BTreeMap::new(),
             records: VecDeque::new(),
             releases: Vec::new(),
+            renewals: Vec::new(),
+            renewing: Vec::new(),
             in_flight: false,
             in_flight_writes: 0,
             retry_at: None,
@@ -79,7 +86,7 @@ impl DbWriter {
     }
 
     fn pending(&self) -> usize {
-        self.jobs.len() + self.disks.len() + self.records.len() + self.releases.len()
+        self.jobs.len() + self.disks.len() + self.records.len() + self.releases.len() + self.renewals.len()
     }
 
     /// Takes what is due into a batch and sends it, unless one is in flight.
@@ -137,6 +144,10 @@ impl DbWriter {
             self.written.forget_job(&r.job_id);
         }
         batch.append(&mut self.releases.drain(..).map(Write::Release).collect());
+        for (m, answer) in self.renewals.drain(..) {
+            batch.push(Write::Renew(m));
+            self.renewing.push(answer);
+        }
         if batch.is_empty() {
             self.answer_flushes(Ok(()));
             return;
@@ -157,7 +168,13 @@ impl DbWriter {
             .spawn(ctx);
     }
 
-    fn batch_done(&mut self, done: BatchDone, ctx: &mut Context<Self>) {
+    fn batch_done(&mut self, mut done: BatchDone, ctx: &mut Context<Self>) {
+        let mut answers = std::mem::take(&mut done.renewals).into_iter();
+        for answer in self.renewing.drain(..) {
+            let _ = answer.send(answers.next().ok_or_else(|| DbError::Unflushed {
+                error: done.error.as_ref().map_or_else(|| "no answer".to_string(), |e| e.to_string()),
+            }));
+        }
         self.stats.job_updates += done.jobs;
         self.stats.disk_updates += done.disks;
         self.stats.records += done.records;
@@ -216,6 +233,8 @@ impl DbWriter {
                 }
                 Write::Record(r) => records.push_back(r),
                 Write::Release(r) => self.releases.insert(0, r),
+                // Answered with the error; the job renews again on its own schedule.
+                Write::Renew(_) => {}
             }
         }
         records.extend(self.records.drain(..));
@@ -265,6 +284,7 @@ impl Supervised for DbWriter {
         tracing::warn!("db writer restarting");
         self.in_flight = false;
         self.in_flight_writes = 0;
+        self.renewing.clear();
     }
 }
 
@@ -351,9 +371,10 @@ impl Handler<ClaimJobs> for DbWriter {
 impl Handler<RenewLease> for DbWriter {
     type Result = ResponseFuture<Result<Renewal, DbError>>;
     fn handle(&mut self, m: RenewLease, _: &mut Context<Self>) -> Self::Result {
-        self.exec(Exec::Renew(m), |r| match r {
-            ExecReply::Renewed(b) => Some(b),
-            _ => None,
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.renewals.push((m, tx));
+        Box::pin(async move {
+            rx.await.unwrap_or_else(|_| Err(DbError::Internal { error: "the database writer restarted".into() }))
         })
     }
 }
@@ -421,9 +442,11 @@ mod tests {
                     Write::Disk(u) => format!("disk {}", u.update.disk_id),
                     Write::Record(_) => "record".into(),
                     Write::Release(r) => format!("release {}", r.job_id),
+                    Write::Renew(m) => format!("renew {}", m.job_id),
                 });
             }
-            MessageResult(BatchDone { jobs: 0, disks: 0, records: 0, unwritten: Vec::new(), error: None })
+            let renewals = writes.iter().filter(|w| matches!(w, Write::Renew(_))).map(|_| Renewal::Lost).collect();
+            MessageResult(BatchDone { renewals, ..BatchDone::default() })
         }
     }
     impl Handler<Exec> for FakeDb {
@@ -504,6 +527,22 @@ mod tests {
             vec!["disk d", "job completed", "release j", "claim"],
             "the last figures, then the release, then the claim: a claim that came first would find the job live and ours"
         );
+    }
+
+    /// Issue 15: renewals share the writer's batch (one transaction, two
+    /// statements for all of them) and each gets its own answer.
+    #[actix_rt::test]
+    async fn lease_renewals_of_many_jobs_go_out_in_one_batch_with_the_progress() {
+        tokio::time::pause();
+        let fake = FakeDb::default().start();
+        let w = writer(&fake);
+        w.do_send(PersistJob(update(10.0, JobStatus::Streaming)));
+        let renew =
+            |job: &str| RenewLease { job_id: job.into(), owner: Owner::default(), lease: Duration::from_secs(60) };
+        let (a, b) = (w.send(renew("a")), w.send(renew("b")));
+        let (a, b) = tokio::join!(a, b);
+        assert_eq!((a.unwrap().unwrap(), b.unwrap().unwrap()), (Renewal::Lost, Renewal::Lost), "the fake's answers");
+        assert_eq!(fake.send(Take).await.unwrap(), vec!["job streaming", "renew a", "renew b"], "one batch");
     }
 
     #[derive(Message)]

@@ -89,7 +89,9 @@ pub struct Claimed {
 
 /// JobAggregator → DbWriter: extend our lease. `Renewal::Lost`: stop, the job
 /// is no longer ours (another node or run owns it, or it finished elsewhere).
-#[derive(Message, Debug)]
+/// Renewals wait for the writer's next batch (a tick at most) and share its
+/// statements.
+#[derive(Message, Debug, Clone)]
 #[rtype(result = "Result<Renewal, DbError>")]
 pub struct RenewLease {
     pub job_id: String,
@@ -479,25 +481,38 @@ pub enum Write {
     Record(Record),
     Job(JobUpdate),
     Release(ReleaseLease),
+    /// Answered in [`BatchDone::renewals`], in the batch's order.
+    Renew(RenewLease),
 }
 
-/// DbWriter → executor: write these in order. The reply says how far it got.
+/// DbWriter → executor: write these, in one transaction. The reply says what was done.
 #[derive(Message)]
 #[rtype(result = "BatchDone")]
 pub struct Batch(pub Vec<Write>);
 
+#[derive(Default)]
 pub struct BatchDone {
     pub jobs: u64,
     pub disks: u64,
     pub records: u64,
-    /// Writes not done because the database is unavailable, from the first failed one.
+    /// The answers to the batch's renewals, in order (empty when it failed).
+    pub renewals: Vec<Renewal>,
+    /// Writes not done because the database is unavailable or busy; to be tried again.
     pub unwritten: Vec<Write>,
     pub error: Option<DbError>,
 }
 
 impl BatchDone {
     pub fn failed(unwritten: Vec<Write>, error: DbError) -> Self {
-        Self { jobs: 0, disks: 0, records: 0, unwritten, error: Some(error) }
+        Self { unwritten, error: Some(error), ..Self::default() }
+    }
+
+    /// Adds what `other` did (its error aside).
+    pub fn add(&mut self, other: BatchDone) {
+        self.jobs += other.jobs;
+        self.disks += other.disks;
+        self.records += other.records;
+        self.renewals.extend(other.renewals);
     }
 }
 
@@ -508,7 +523,6 @@ pub enum Exec {
     Migrate,
     Query(Query),
     Claim(ClaimJobs),
-    Renew(RenewLease),
 }
 
 // One reply at a time crosses back from the executor: boxing the larger
@@ -518,5 +532,4 @@ pub enum ExecReply {
     Migrated(Vec<String>),
     Query(QueryResult),
     Claimed(Vec<Claimed>),
-    Renewed(Renewal),
 }

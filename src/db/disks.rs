@@ -12,57 +12,20 @@
 
 use std::collections::BTreeMap;
 
-use diesel::dsl::sql;
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool, Datetime, Double, Integer, Nullable, Text};
+use diesel::sql_types::{BigInt, Bool, Double, Integer, Nullable, Text};
 
 use super::DbError;
-use super::jobs::{greatest, greatest_percent, refusal};
 use super::models::{CbtRecord, DiskUpdate, Owner};
 use super::schema::cbt_history as c;
-use super::schema::replication_jobs as j;
-use super::schema::vm_disks as d;
 
 /// Applies `update` to one disk, if `owner` holds its job.
 pub fn update_disk(conn: &mut MysqlConnection, owner: &Owner, update: &DiskUpdate) -> Result<(), DbError> {
-    let changes = (
-        update.sync_status.map(|s| d::sync_status.eq(s.as_db())),
-        update.capacity_bytes.map(|v| d::capacity_bytes.eq(v)),
-        update.planned_bytes.map(|v| d::planned_bytes.eq(v)),
-        update.bytes_synced.map(|v| d::bytes_synced.eq(greatest("bytes_synced", v))),
-        update.skipped_bytes.map(|v| d::skipped_bytes.eq(v)),
-        update.sync_progress_percent.map(|p| d::sync_progress_percent.eq(greatest_percent("sync_progress_percent", p))),
-        update.throughput_bps.map(|v| d::throughput_bps.eq(v)),
-        update.error_message.as_ref().map(|m| d::error_message.eq(m.as_deref())),
-        update.disk_change_id.as_deref().map(|id| d::disk_change_id.eq(id)),
-        update.change_id.as_deref().map(|id| d::change_id.eq(id)),
-        update.resume_offset.map(|o| match update.restart {
-            // An integer, so formatting it into the statement is safe.
-            true => d::resume_offset.eq(sql::<BigInt>(&o.to_string())),
-            false => d::resume_offset.eq(greatest("resume_offset", o)),
-        }),
-        // Always set, so an update is never empty and always marks the row touched.
-        d::updated_at.eq(sql::<Datetime>("UTC_TIMESTAMP(6)")),
-    );
-    let held = j::table
-        .select(j::id)
-        .filter(j::id.eq(&update.job_id))
-        .filter(j::owner_node.eq(&owner.node))
-        .filter(j::owner_run.eq(&owner.run));
-    let updated = diesel::update(d::table)
-        .filter(d::job_id.eq_any(held))
-        .filter(d::disk_id.eq(&update.disk_id))
-        .set(changes)
-        .execute(conn)
-        .map_err(DbError::query(format!("updating disk '{}' of job '{}'", update.disk_id, update.job_id)))?;
-    if updated == 1 {
-        return Ok(());
+    match super::batch::update_disks(conn, &[(owner, update)])?.pop() {
+        Some((_, why)) => Err(why),
+        None => Ok(()),
     }
-    Err(match refusal(conn, &update.job_id, Some(owner), None)? {
-        e @ (DbError::NotOwner { .. } | DbError::NotFound { .. }) => e,
-        _ => DbError::DiskNotFound { job: update.job_id.clone(), disk: update.disk_id.clone() },
-    })
 }
 
 /// Writes the CBT history row of one disk for one attempt of its job, if

@@ -109,6 +109,16 @@ impl DbError {
         matches!(self, DbError::InvalidUrl { .. } | DbError::Rejected { .. })
     }
 
+    /// True when the same write may succeed if tried again: the database is
+    /// unavailable ([`DbError::is_unavailable`]), or the server gave up on the
+    /// statement because of other transactions (a deadlock, which rolls the whole
+    /// transaction back, or a lock wait that timed out).
+    pub fn is_retryable(&self) -> bool {
+        self.is_unavailable()
+            || matches!(self, DbError::Query { error: DieselError::DatabaseError(_, info), .. }
+                if LOCKS.iter().any(|m| info.message().to_ascii_lowercase().contains(m)))
+    }
+
     /// True when the database could not be reached or the connection broke, so
     /// that reconnecting later may help (as opposed to a refused statement).
     pub fn is_unavailable(&self) -> bool {
@@ -131,6 +141,10 @@ impl DbError {
         }
     }
 }
+
+/// Lower-case fragments of the server's messages for ER_LOCK_DEADLOCK (1213)
+/// and ER_LOCK_WAIT_TIMEOUT (1205).
+const LOCKS: [&str; 2] = ["deadlock found", "lock wait timeout exceeded"];
 
 /// Lower-case fragments of the messages of MariaDB Connector/C, libmysqlclient
 /// and the server that mean the connection is gone (CR_SERVER_GONE_ERROR,

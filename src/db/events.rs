@@ -4,35 +4,16 @@
 
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Datetime, Nullable, Text};
 
 use super::DbError;
-use super::models::{JobEvent, NewJobEvent, Owner, to_micros};
+use super::models::{JobEvent, NewJobEvent, Owner};
 use super::schema::job_events as e;
 
-/// Inserts `events` of jobs `owner` holds, one INSERT ... SELECT each, so that an
+/// Inserts `events` of jobs `owner` holds (see `batch::insert_owned_events`): an
 /// event of a job `owner` no longer holds is not written; returns how many were.
 pub fn insert_events(conn: &mut MysqlConnection, owner: &Owner, events: &[NewJobEvent]) -> Result<usize, DbError> {
-    let mut written = 0;
-    for ev in events {
-        written += diesel::sql_query(
-            "INSERT INTO job_events (job_id, disk_id, correlation_id, level, stage, message, created_at) \
-             SELECT id, ?, ?, ?, ?, ?, COALESCE(?, UTC_TIMESTAMP(6)) FROM replication_jobs \
-             WHERE id = ? AND owner_node = ? AND owner_run = ?",
-        )
-        .bind::<Nullable<Text>, _>(&ev.disk_id)
-        .bind::<Text, _>(&ev.correlation_id)
-        .bind::<Text, _>(&ev.level)
-        .bind::<Text, _>(&ev.stage)
-        .bind::<Text, _>(&ev.message)
-        .bind::<Nullable<Datetime>, _>(ev.created_at.map(to_micros))
-        .bind::<Text, _>(&ev.job_id)
-        .bind::<Text, _>(&owner.node)
-        .bind::<Text, _>(&owner.run)
-        .execute(conn)
-        .map_err(DbError::query(format!("inserting an event of job '{}'", ev.job_id)))?;
-    }
-    Ok(written)
+    let events: Vec<(&Owner, &NewJobEvent)> = events.iter().map(|e| (owner, e)).collect();
+    super::batch::insert_owned_events(conn, &events)
 }
 
 /// Up to `limit` events of a job, newest first.

@@ -26,10 +26,7 @@ use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::{BigInt, Bool, Datetime, Nullable};
 
 use super::DbError;
-use super::models::{
-    Disk, Job, JobUpdate, LeftSnapshot, NewDisk, NewJob, Owner, Word, live_statuses, percent_to_decimal, status_values,
-    to_micros,
-};
+use super::models::{Disk, Job, JobUpdate, LeftSnapshot, NewDisk, NewJob, Owner, Word, live_statuses, status_values};
 use super::schema::replication_jobs as j;
 use super::schema::vm_disks as d;
 use crate::state::JobStatus;
@@ -48,19 +45,32 @@ fn utc_now() -> SqlLiteral<Datetime> {
 /// The server's time `lease` from now. A lease too long to express is capped at
 /// ten years, which is forever for a job.
 fn lease_expiry(lease: Duration) -> SqlLiteral<Nullable<Datetime>, impl QueryFragment<Mysql> + QueryId + Send> {
+    sql::<Nullable<Datetime>>("UTC_TIMESTAMP(6) + INTERVAL ").bind::<BigInt, _>(lease_micros(lease)).sql(" MICROSECOND")
+}
+
+/// [`lease_expiry`] as SQL text (an integer, so formatting it in is safe).
+pub(super) fn lease_expiry_sql(lease: Duration) -> String {
+    format!("UTC_TIMESTAMP(6) + INTERVAL {} MICROSECOND", lease_micros(lease))
+}
+
+fn lease_micros(lease: Duration) -> i64 {
     const TEN_YEARS_US: i64 = 10 * 366 * 24 * 3600 * 1_000_000;
-    let micros = i64::try_from(lease.as_micros()).unwrap_or(TEN_YEARS_US).min(TEN_YEARS_US);
-    sql::<Nullable<Datetime>>("UTC_TIMESTAMP(6) + INTERVAL ").bind::<BigInt, _>(micros).sql(" MICROSECOND")
+    i64::try_from(lease.as_micros()).unwrap_or(TEN_YEARS_US).min(TEN_YEARS_US)
 }
 
 /// `replication_jobs.status` is exactly one of `statuses` (`pending` also
 /// matching `replicating`), compared case-sensitively. The plain `IN` lets the
 /// status indexes serve; `BINARY` makes the comparison exact.
 fn status_is(statuses: &[JobStatus]) -> SqlLiteral<Bool> {
+    sql(&status_in("replication_jobs.status", statuses))
+}
+
+/// [`status_is`] as SQL text, for `column`.
+pub(super) fn status_in(column: &str, statuses: &[JobStatus]) -> String {
     // The values are the daemon's own status words (lower-case ASCII letters),
     // never input, so writing them into the statement is safe.
     let list = status_values(statuses).iter().map(|v| format!("'{v}'")).collect::<Vec<_>>().join(", ");
-    sql(&format!("(replication_jobs.status IN ({list}) AND BINARY replication_jobs.status IN ({list}))"))
+    format!("({column} IN ({list}) AND BINARY {column} IN ({list}))")
 }
 
 /// The job's rows belong to `owner` (node and run).
@@ -251,17 +261,7 @@ pub fn claim_jobs(
 /// another node or run owns it now, or it has finished (e.g. an operator
 /// cancelled it through another appliance).
 pub fn renew_lease(conn: &mut MysqlConnection, id: &str, owner: &Owner, lease: Duration) -> Result<bool, DbError> {
-    let updated = diesel::update(j::table)
-        .filter(j::id.eq(id))
-        .filter(owned_by(owner))
-        .filter(status_is(&live_statuses()))
-        // Naming `updated_at` keeps its ON UPDATE from firing: a renewal is no
-        // change of the job, and an orchestrator's "no update for N minutes"
-        // query must see a stalled job as stalled.
-        .set((j::lease_expires_at.eq(lease_expiry(lease)), j::updated_at.eq(j::updated_at)))
-        .execute(conn)
-        .map_err(DbError::query(format!("renewing the lease on job '{id}'")))?;
-    Ok(updated == 1)
+    Ok(super::batch::renew_leases(conn, &[(id, owner)], lease)?.pop().flatten().is_some())
 }
 
 /// A job's `max_rate` as it is now (see [`renew_lease`]: read with each renewal).
@@ -390,33 +390,10 @@ pub fn count_jobs_by_status(conn: &mut MysqlConnection) -> Result<Vec<(String, i
 /// percentage and the bytes transferred never go down. When refused, nothing
 /// changes and the error says why.
 pub fn update_job(conn: &mut MysqlConnection, update: &JobUpdate) -> Result<(), DbError> {
-    let allowed = match update.status {
-        Some(to) => JobStatus::predecessors(to),
-        None => live_statuses(),
-    };
-    let changes = (
-        update.status.map(|s| j::status.eq(s.as_db())),
-        update.current_operation.map(|o| j::current_operation.eq(o.as_str())),
-        update.progress_percent.map(|p| j::progress_percent.eq(greatest_percent("progress_percent", p))),
-        update.bytes_transferred.map(|v| j::bytes_transferred.eq(greatest("bytes_transferred", v))),
-        update.total_bytes.map(|v| j::total_bytes.eq(v)),
-        update.transfer_speed_bps.map(|v| j::transfer_speed_bps.eq(v)),
-        update.eta_seconds.map(|v| j::eta_seconds.eq(v)),
-        update.error_message.as_deref().map(|m| j::error_message.eq(m)),
-        update.last_progress_at.map(|t| j::last_progress_at.eq(to_micros(t))),
-        update.started_at.map(|t| j::started_at.eq(to_micros(t))),
-        update.completed_at.map(|t| j::completed_at.eq(to_micros(t))),
-        update.vmware_snapshot.as_ref().map(|s| j::vmware_snapshot.eq(s.as_deref())),
-        // Always set, so an update is never empty and always marks the row touched.
-        j::updated_at.eq(utc_now()),
-    );
-    let target = j::table.filter(j::id.eq(&update.id)).filter(status_is(&allowed));
-    let updated = match &update.owner {
-        Some(owner) => diesel::update(target.filter(owned_by(owner))).set(changes).execute(conn),
-        None => diesel::update(target).set(changes).execute(conn),
+    match super::batch::update_jobs(conn, std::slice::from_ref(update))?.pop() {
+        Some((_, why)) => Err(why),
+        None => Ok(()),
     }
-    .map_err(DbError::query(format!("updating job '{}'", update.id)))?;
-    if updated == 1 { Ok(()) } else { Err(refusal(conn, &update.id, update.owner.as_ref(), update.status)?) }
 }
 
 /// The snapshots VMware jobs left behind: jobs that ended, hold no live lease,
@@ -456,18 +433,6 @@ pub fn forget_snapshot(conn: &mut MysqlConnection, left: &LeftSnapshot) -> Resul
         .execute(conn)
         .map_err(DbError::query(format!("forgetting the snapshot of job '{}'", left.job_id)))?;
     Ok(updated == 1)
-}
-
-/// `GREATEST(column, value)`: the comparison and the write are one atomic step,
-/// so a figure never goes down, whoever writes it. (An integer, so formatting
-/// it into the statement is safe.)
-pub(super) fn greatest(column: &'static str, value: i64) -> SqlLiteral<BigInt> {
-    sql::<BigInt>(&format!("GREATEST({column}, {value})"))
-}
-
-/// [`greatest`] for a DECIMAL(5,2) percentage.
-pub(super) fn greatest_percent(column: &'static str, value: f64) -> SqlLiteral<diesel::sql_types::Numeric> {
-    sql(&format!("GREATEST({column}, {})", percent_to_decimal(value)))
 }
 
 /// Cancels a job on an operator's request and returns its new status. An
