@@ -90,13 +90,18 @@ struct Column<'r, R> {
     value: Box<dyn Fn(&R, &mut Statement) -> Option<()> + 'r>,
 }
 
-/// `UPDATE <table> SET <cases>, updated_at = UTC_TIMESTAMP(6) WHERE <conditions>`
-/// for `rows`: `key` writes a row's key condition (bound), `cond` its extra
-/// conditions (owner, status).
+/// `UPDATE <table> SET <cases>, updated_at = UTC_TIMESTAMP(6) WHERE <keys> IN
+/// (...) AND (<conditions>)` for `rows`: `key` writes a row's key condition
+/// (bound), `cond` its extra conditions (owner, status), `keys` names the
+/// table's unique key and `key_values` binds a row's. The `IN` list makes every
+/// row a point lookup on that key, so the statement locks only its own rows:
+/// two daemons writing their own jobs never wait for each other (a scan of the
+/// `OR`ed conditions would lock every row it passes, and deadlock them).
 fn update_rows<R>(
     table: &str,
     rows: &[R],
     columns: &[Column<'_, R>],
+    (keys, key_values): (&str, &dyn Fn(&R, &mut Statement)),
     key: impl Fn(&R, &mut Statement),
     cond: impl Fn(&R, &mut Statement),
 ) -> Statement {
@@ -119,7 +124,14 @@ fn update_rows<R>(
         }
         st.sql(" ELSE ").sql(c.name).sql(" END, ");
     }
-    st.sql("updated_at = UTC_TIMESTAMP(6) WHERE ");
+    st.sql("updated_at = UTC_TIMESTAMP(6) WHERE ").sql(keys).sql(" IN (");
+    for (i, r) in rows.iter().enumerate() {
+        if i > 0 {
+            st.sql(", ");
+        }
+        key_values(r, &mut st);
+    }
+    st.sql(") AND (");
     for (i, r) in rows.iter().enumerate() {
         if i > 0 {
             st.sql(" OR ");
@@ -129,6 +141,7 @@ fn update_rows<R>(
         cond(r, &mut st);
         st.sql(")");
     }
+    st.sql(")");
     st
 }
 
@@ -189,6 +202,9 @@ pub fn update_jobs(conn: &mut MysqlConnection, updates: &[JobUpdate]) -> Result<
             "replication_jobs",
             chunk,
             &columns,
+            ("id", &|u: &JobUpdate, st: &mut Statement| {
+                st.text(&u.id);
+            }),
             |u, st| {
                 st.sql("id = ").text(&u.id);
             },
@@ -292,6 +308,9 @@ pub fn update_disks(
             "vm_disks",
             chunk,
             &columns,
+            ("(job_id, disk_id)", &|(_, u): &Row<'_>, st: &mut Statement| {
+                st.sql("(").text(&u.job_id).sql(", ").text(&u.disk_id).sql(")");
+            }),
             |(_, u), st| {
                 st.sql("job_id = ").text(&u.job_id).sql(" AND disk_id = ").text(&u.disk_id);
             },
@@ -396,7 +415,14 @@ pub fn renew_leases(
             .sql(&expiry)
             .sql(", updated_at = updated_at WHERE ")
             .sql(&status_in("status", &live_statuses()))
-            .sql(" AND (");
+            .sql(" AND id IN (");
+        for (i, (id, _)) in chunk.iter().enumerate() {
+            if i > 0 {
+                st.sql(", ");
+            }
+            st.text(id);
+        }
+        st.sql(") AND (");
         for (i, (id, owner)) in chunk.iter().enumerate() {
             if i > 0 {
                 st.sql(" OR ");

@@ -12,6 +12,13 @@
 //! do), API latency p50/p95/p99 and 5xx per endpoint, each daemon's memory
 //! (start, after every 1,000 jobs, peak, end), the split of the jobs between the
 //! daemons and how often each job was claimed (once, or the run is failed).
+//!
+//! With `--steady RATE` the jobs do not drain: each daemon may run all its
+//! share at once (`copy.max_concurrent_disks`, one connection and small
+//! requests per disk), every job is limited to RATE bytes/s, and once every job
+//! is streaming the API probes pause and MariaDB's counters are read over
+//! [`STEADY_WINDOW`]: the statements per second the daemons make in steady
+//! state (progress, checkpoints and lease renewals of every running job).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -34,8 +41,10 @@ use crate::settings::human;
 
 pub struct Load;
 
-/// Source/target pairs the jobs share.
+/// Source/target pairs the jobs share (in steady state, one pair per
+/// [`JOBS_PER_PAIR`] jobs running at once).
 const PAIRS: u32 = 4;
+const JOBS_PER_PAIR: u32 = 50;
 /// Jobs queued per transaction.
 const BATCH: u32 = 100;
 /// The pause between two API requests to one daemon.
@@ -52,6 +61,12 @@ const ENDPOINTS: [&str; 3] = ["jobs", "progress/ID", "health"];
 const WRITES: &str = "'COM_INSERT','COM_UPDATE','COM_DELETE','COM_REPLACE','COM_INSERT_SELECT'";
 /// Reads this benchmark makes per sample (the counters and the statuses).
 const OWN_PER_SAMPLE: u64 = 2;
+/// How long statements are counted in steady state, and how long before that
+/// the probes pause (so that none is in flight).
+const STEADY_WINDOW: Duration = Duration::from_secs(30);
+const STEADY_SETTLE: Duration = Duration::from_secs(3);
+/// How long every job may take to be running, in steady-state mode.
+const RUNNING_DEADLINE: Duration = Duration::from_secs(900);
 
 #[derive(QueryableByName)]
 struct Pair {
@@ -70,15 +85,29 @@ fn pairs(conn: &mut MysqlConnection, sql: &str) -> Result<Vec<(String, String)>,
 
 /// The statements executed so far: (reads, writes), MariaDB's counters.
 fn statements(conn: &mut MysqlConnection) -> Result<(u64, u64), Stop> {
+    let (reads, writes, _) = counters(conn)?;
+    Ok((reads, writes))
+}
+
+/// Reads, writes and transaction statements (`BEGIN`, `COMMIT`) so far.
+fn counters(conn: &mut MysqlConnection) -> Result<(u64, u64, u64), Stop> {
     let sql = format!(
         "SELECT UPPER(VARIABLE_NAME) AS k, VARIABLE_VALUE AS v FROM information_schema.GLOBAL_STATUS \
-         WHERE VARIABLE_NAME IN ('COM_SELECT',{WRITES})"
+         WHERE VARIABLE_NAME IN ('COM_SELECT','COM_BEGIN','COM_COMMIT',{WRITES})"
     );
     let rows = pairs(conn, &sql)?;
-    let sum = |reads: bool| -> u64 {
-        rows.iter().filter(|(k, _)| (k == "COM_SELECT") == reads).filter_map(|(_, v)| v.parse::<u64>().ok()).sum()
+    let sum = |f: &dyn Fn(&str) -> bool| -> u64 {
+        rows.iter().filter(|(k, _)| f(k)).filter_map(|(_, v)| v.parse::<u64>().ok()).sum()
     };
-    Ok((sum(true), sum(false)))
+    let txn = |k: &str| k == "COM_BEGIN" || k == "COM_COMMIT";
+    Ok((sum(&|k| k == "COM_SELECT"), sum(&|k| k != "COM_SELECT" && !txn(k)), sum(&txn)))
+}
+
+/// Jobs streaming now.
+fn running(conn: &mut MysqlConnection) -> Result<u64, Stop> {
+    let rows =
+        pairs(conn, "SELECT 'n' AS k, CAST(COUNT(*) AS CHAR) AS v FROM replication_jobs WHERE status = 'streaming'")?;
+    Ok(rows.first().and_then(|(_, v)| v.parse().ok()).unwrap_or(0))
 }
 
 /// Jobs finished (completed or failed) and jobs failed.
@@ -111,11 +140,15 @@ fn get(socket: &Path, path: &str) -> Result<u16, String> {
 type Probe = (usize, Duration, u16);
 
 /// Probes `socket` in turn until `done`.
-fn probe(socket: PathBuf, jobs: u32, seed: u64, done: &AtomicBool) -> (Vec<Probe>, Vec<String>) {
+fn probe(socket: PathBuf, jobs: u32, seed: u64, done: &AtomicBool, quiet: &AtomicBool) -> (Vec<Probe>, Vec<String>) {
     let (mut seen, mut errors) = (Vec::new(), Vec::new());
     let mut rng = seed | 1;
     let mut i = 0;
     while !done.load(Ordering::Relaxed) {
+        if quiet.load(Ordering::Relaxed) {
+            std::thread::sleep(PROBE_EVERY);
+            continue;
+        }
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
@@ -168,7 +201,8 @@ impl Scenario for Load {
         let size = human(o.load_size);
         let mut servers = Vec::new();
         let mut uris = Vec::new();
-        for i in 0..PAIRS {
+        let pairs = if o.steady.is_some() { o.jobs.div_ceil(JOBS_PER_PAIR).max(PAIRS) } else { PAIRS };
+        for i in 0..pairs {
             let args = strings(&[
                 "sparse-random",
                 &format!("size={size}"),
@@ -188,12 +222,12 @@ impl Scenario for Load {
             let d = dir.join(format!("daemon{}", k + 1));
             std::fs::create_dir_all(&d).map_err(|e| Stop::failed(format!("{}: {e}", d.display())))?;
             let name = format!("load-node-{}", k + 1);
-            let daemon = Daemon::start_with(&d, &config(o, &d, &db.url, &name), &name, &[], DAEMON_WRAPPER);
+            let daemon = Daemon::start_with(&d, &load_config(o, &d, &db.url, &name), &name, &[], DAEMON_WRAPPER);
             let rss_start = memory(daemon.pid().as_raw(), "VmRSS:").unwrap_or(0);
             nodes.push(Node { name, daemon, rss_start, rss_at: Vec::new() });
         }
         println!(
-            "\n## load: {} one-disk jobs of {size} (sparse-random 50 %, {PAIRS} shared source/target pairs) queued at \
+            "\n## load: {} one-disk jobs of {size} (sparse-random 50 %, {pairs} shared source/target pairs) queued at \
              once, {} daemon(s) on one MariaDB (database {}); discovery.interval {}",
             o.jobs, o.daemons, db.name, o.discovery_interval
         );
@@ -203,11 +237,27 @@ impl Scenario for Load {
         }
         for s in &mut servers {
             if !s.alive() {
-                bench.odd(format!("load: an nbdkit server died (a target refused a wrong write?): {}", s.uri()));
+                bench.odd(format!(
+                    "load: an nbdkit server died (a target refused a wrong write?): {}: {}",
+                    s.uri(),
+                    s.log_tail(3)
+                ));
             }
         }
         Ok(Box::new(outcome?))
     }
+}
+
+/// The daemons' configuration; in steady state, room for every job at once,
+/// each with one connection and small requests.
+fn load_config(o: &crate::settings::Settings, dir: &Path, db_url: &str, node: &str) -> String {
+    if o.steady.is_none() {
+        return config(o, dir, db_url, node);
+    }
+    let mut all_at_once = o.clone();
+    all_at_once.max_concurrent_disks = Some(o.jobs.div_ceil(o.daemons));
+    // `config` writes the [copy] section last.
+    config(&all_at_once, dir, db_url, node) + "connections = 1\nrequests = 2\nrequest_size = \"64K\"\nmemory = \"1M\"\n"
 }
 
 fn drain(
@@ -219,16 +269,21 @@ fn drain(
     let o = &bench.opt;
     let mut conn = db.connect();
     let done = AtomicBool::new(false);
-    let (watched, api, api_errors) = std::thread::scope(|scope| {
+    let quiet = AtomicBool::new(false);
+    let (watched, steady, api, api_errors) = std::thread::scope(|scope| {
         let probes: Vec<_> = nodes
             .iter()
             .enumerate()
             .map(|(k, n)| {
-                let (socket, done) = (n.daemon.admin_socket.clone(), &done);
-                scope.spawn(move || probe(socket, o.jobs, o.seed + k as u64, done))
+                let (socket, done, quiet) = (n.daemon.admin_socket.clone(), &done, &quiet);
+                scope.spawn(move || probe(socket, o.jobs, o.seed + k as u64, done, quiet))
             })
             .collect();
         let watched = queue_and_watch(bench, &mut conn, nodes, uris);
+        let steady = match (&watched, o.steady) {
+            (Ok(_), Some(_)) => Some(steady_window(&mut conn, &quiet, o.jobs)),
+            _ => None,
+        };
         done.store(true, Ordering::Relaxed);
         let mut api: Vec<Vec<Probe>> = vec![Vec::new(); ENDPOINTS.len()];
         let mut api_errors = Vec::new();
@@ -239,15 +294,22 @@ fn drain(
             }
             api_errors.extend(errors);
         }
-        (watched, api, api_errors)
+        (watched, steady, api, api_errors)
     });
     let (queued, drained, samples) = watched?;
-    // Every job finished and nobody asks: what the daemons still do with nothing to do.
-    let (r0, w0) = statements(&mut conn)?;
-    std::thread::sleep(IDLE_WINDOW);
-    let (r1, w1) = statements(&mut conn)?;
-    let per_s = |n: u64| n as f64 / IDLE_WINDOW.as_secs_f64();
-    let idle = (per_s(r1.saturating_sub(r0 + 1)), per_s(w1 - w0));
+    let steady = steady.transpose()?;
+    // Every job finished and nobody asks: what the daemons still do with nothing
+    // to do (in steady state the jobs still run: nothing to measure).
+    let idle = match steady {
+        Some(_) => (f64::NAN, f64::NAN),
+        None => {
+            let (r0, w0) = statements(&mut conn)?;
+            std::thread::sleep(IDLE_WINDOW);
+            let (r1, w1) = statements(&mut conn)?;
+            let per_s = |n: u64| n as f64 / IDLE_WINDOW.as_secs_f64();
+            (per_s(r1.saturating_sub(r0 + 1)), per_s(w1 - w0))
+        }
+    };
     let (_, failed) = finished(&mut conn)?;
     let mut outcome = LoadOutcome {
         jobs: o.jobs,
@@ -256,6 +318,7 @@ fn drain(
         drained,
         samples,
         idle,
+        steady,
         nodes: nodes
             .iter()
             .map(|n| {
@@ -284,6 +347,41 @@ fn drain(
     Ok(outcome)
 }
 
+/// Statements per second in steady state (see the module documentation).
+struct Steady {
+    reads: f64,
+    writes: f64,
+    transactions: f64,
+    /// Jobs streaming at the start and at the end of the window.
+    running: (u64, u64),
+}
+
+/// Pauses the probes and counts the daemons' statements over [`STEADY_WINDOW`].
+fn steady_window(conn: &mut MysqlConnection, quiet: &AtomicBool, jobs: u32) -> Result<Steady, Stop> {
+    quiet.store(true, Ordering::Relaxed);
+    std::thread::sleep(STEADY_SETTLE);
+    let before = running(conn)?;
+    let (r0, w0, t0) = counters(conn)?;
+    let start = Instant::now();
+    std::thread::sleep(STEADY_WINDOW);
+    let (r1, w1, t1) = counters(conn)?;
+    let secs = start.elapsed().as_secs_f64();
+    let after = running(conn)?;
+    quiet.store(false, Ordering::Relaxed);
+    // Less this function's own reads: the second `counters` and the first `running`.
+    let steady = Steady {
+        reads: r1.saturating_sub(r0 + 2) as f64 / secs,
+        writes: (w1 - w0) as f64 / secs,
+        transactions: (t1 - t0) as f64 / secs,
+        running: (before, after),
+    };
+    println!(
+        "  steady state, {before} → {after} of {jobs} jobs streaming: {:.1} reads/s, {:.1} writes/s, {:.1} BEGIN+COMMIT/s",
+        steady.reads, steady.writes, steady.transactions
+    );
+    Ok(steady)
+}
+
 /// One reading of the counters, once a second.
 #[derive(Clone, Copy)]
 struct Sample {
@@ -307,8 +405,11 @@ fn queue_and_watch(
     for first in (0..jobs).step_by(BATCH as usize) {
         let mut sql = "START TRANSACTION;".to_string();
         for i in first..(first + BATCH).min(jobs) {
-            let (s, t) = &uris[(i % PAIRS) as usize];
+            let (s, t) = &uris[i as usize % uris.len()];
             sql += &queue_sql(&job_id(u64::from(i)), &[("disk-1", s.clone(), t.clone())]);
+        }
+        if let Some(rate) = bench.opt.steady {
+            sql += &format!("UPDATE replication_jobs SET max_rate = {rate} WHERE max_rate IS NULL;");
         }
         sql += "COMMIT;";
         conn.batch_execute(&sql).map_err(|e| Stop::failed(format!("load: queueing: {e}")))?;
@@ -338,6 +439,18 @@ fn queue_and_watch(
         }
         if fin >= u64::from(jobs) {
             return Ok((queued, t0.elapsed(), samples));
+        }
+        if bench.opt.steady.is_some() {
+            if running(conn)? >= u64::from(jobs) {
+                println!("  every job is streaming after {:.1} s", t0.elapsed().as_secs_f64());
+                return Ok((queued, t0.elapsed(), samples));
+            }
+            if fin > 0 {
+                return Err(Stop::failed(format!("load: {fin} job(s) finished before all ran: raise --load-size")));
+            }
+            if t0.elapsed() > RUNNING_DEADLINE {
+                return Err(Stop::failed(format!("load: not every job is streaming after {RUNNING_DEADLINE:?}")));
+            }
         }
         for n in nodes.iter_mut() {
             if let Some(st) = n.daemon.exited() {
@@ -369,6 +482,7 @@ struct LoadOutcome {
     samples: Vec<Sample>,
     /// Reads and writes per second once every job finished, with no API request.
     idle: (f64, f64),
+    steady: Option<Steady>,
     nodes: Vec<NodeFigures>,
     /// The probes, by endpoint.
     api: Vec<Vec<Probe>>,
@@ -453,7 +567,7 @@ impl Outcome for LoadOutcome {
         let mut s = format!(
             "\n### load: {} jobs, {} daemon(s)\n\n\
              | figure | value |\n|---|---:|\n\
-             | time to drain (first INSERT → last job finished) | {secs:.1} s |\n\
+             | time to drain (first INSERT → last job finished; in steady state → every job streaming) | {secs:.1} s |\n\
              | jobs/s | {:.1} |\n| failed jobs | {} |\n\
              | writes/s during the drain: mean, median, p95 of 1-s samples | {mean_w:.0}, {:.0}, {:.0} |\n\
              | reads/s during the drain (the API probes' included): mean, median, p95 | {mean_r:.0}, {:.0}, {:.0} |\n\
@@ -472,6 +586,21 @@ impl Outcome for LoadOutcome {
             self.idle.0,
             self.reclaimed.len(),
         );
+        if let Some(st) = &self.steady {
+            s += &format!(
+                "\n| steady state: every job running, over {} s, no API request | value |\n|---|---:|\n\
+                 | jobs streaming at start / end | {} / {} |\n\
+                 | statements/s in all (reads + writes + BEGIN/COMMIT) | {:.1} |\n\
+                 | reads/s, writes/s, BEGIN+COMMIT/s | {:.1}, {:.1}, {:.1} |\n",
+                STEADY_WINDOW.as_secs(),
+                st.running.0,
+                st.running.1,
+                st.reads + st.writes + st.transactions,
+                st.reads,
+                st.writes,
+                st.transactions
+            );
+        }
         s += "\n| API endpoint | requests | p50 ms | p95 ms | p99 ms | max ms | 5xx | no answer |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";
         for (which, seen) in self.api.iter().enumerate() {
             let mut ms: Vec<f64> = seen.iter().map(|p| p.1.as_secs_f64() * 1e3).collect();

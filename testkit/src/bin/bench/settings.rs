@@ -12,6 +12,7 @@ const EXAMPLES: &str = "examples:
   scripts/bench daemon --disks 8 --daemon-size 512M --runs 7
   scripts/bench load                  # 1,000 small jobs, 2 daemons on one database (only when named)
   scripts/bench load --jobs 10000 --daemons 1
+  scripts/bench load --steady 16K --load-size 64M   # 1,000 jobs running at once
   scripts/bench dense --blockrepl-args= --blockrepl-args='--connections 2' --nbdcopy-args='-C 4'";
 
 /// Benchmark `blockrepl copy` (and, in the daemon scenario, `blockrepl serve` with a
@@ -84,6 +85,11 @@ pub struct Options {
     /// Load scenario: size of each job's disk (sparse-random, 50 %)
     #[arg(long, value_parser = parse_size, default_value = "1M")]
     load_size: u64,
+    /// Load scenario, steady state: run every job at once, each limited to RATE
+    /// bytes/s (e.g. 16K, with --load-size 64M), and count the statements the
+    /// daemons make per second once all are running, instead of draining
+    #[arg(long, value_parser = parse_size, value_name = "RATE")]
+    steady: Option<u64>,
     /// Daemon scenario: POST /api/v1/discover on the admin socket after each INSERT,
     /// so that the job does not wait for the next discovery tick
     #[arg(long)]
@@ -136,6 +142,8 @@ pub struct Settings {
     pub jobs: u32,
     pub daemons: u32,
     pub load_size: u64,
+    /// The steady-state load run's per-job rate (see `load.rs`).
+    pub steady: Option<u64>,
     pub verbose: bool,
 }
 
@@ -159,6 +167,9 @@ impl Options {
         }
         if self.jobs < 1 || self.daemons < 1 || self.load_size < 4096 {
             usage("--jobs and --daemons must be >= 1, --load-size >= 4K");
+        }
+        if self.steady == Some(0) {
+            usage("--steady must be a rate above 0");
         }
         if self.max_concurrent_disks == Some(0) {
             usage("--max-concurrent-disks must be >= 1");
@@ -189,6 +200,7 @@ impl Options {
             jobs: self.jobs,
             daemons: self.daemons,
             load_size: self.load_size,
+            steady: self.steady,
             verbose: self.verbose,
         }
     }
