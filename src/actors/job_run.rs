@@ -255,7 +255,7 @@ impl JobRun {
             DiskReportKind::Planned(info) => {
                 if let Some(d) = self.t.disk_mut(disk_id) {
                     // Bytes below the checkpoint count as done from here on.
-                    d.set_plan(info.planned_bytes, info.done_bytes);
+                    d.set_plan(info.planned_bytes, info.done_bytes, info.unplanned_bytes);
                     d.capacity = info.disk_size;
                     d.blocks = info.blocks;
                     d.skipped = info.skipped_bytes;
@@ -271,7 +271,7 @@ impl JobRun {
                 self.persist_disk(disk_id);
                 if self.t.planned_now() && !self.transfer_started && self.ending.is_none() {
                     self.transfer_started = true;
-                    self.advance(JobStatus::Streaming, Operation::StartExports);
+                    self.advance(JobStatus::Streaming, self.copy_operation(Operation::StartExports));
                     self.out.push(Effect::StartTransfer);
                 }
                 self.on_progress();
@@ -281,7 +281,7 @@ impl JobRun {
                     d.copying = true;
                     d.status = DiskStatus::Streaming;
                 }
-                self.advance(JobStatus::Streaming, Operation::Transfer);
+                self.advance(JobStatus::Streaming, self.copy_operation(Operation::Transfer));
                 self.persist_disk(disk_id);
             }
             DiskReportKind::Progress(s) => {
@@ -303,6 +303,14 @@ impl JobRun {
                 if s.stage == Stage::Verifying {
                     self.finalizing_if_copied();
                 }
+                // The last plan completed while copying: Discover is over.
+                if self.t.status == JobStatus::Streaming
+                    && self.t.operation == Operation::Discover
+                    && !self.t.planning()
+                    && self.t.disks.iter().any(|d| d.copying)
+                {
+                    self.advance(JobStatus::Streaming, Operation::Transfer);
+                }
                 self.persist_disk(disk_id);
                 self.on_progress();
             }
@@ -311,6 +319,13 @@ impl JobRun {
                     d.watermark = d.watermark.max(watermark);
                 }
                 self.persist_disk(disk_id);
+            }
+            DiskReportKind::Engine(Event::Planned { blocks, .. }) => {
+                // A plan made while copying is complete (one made first came
+                // with `Planned`).
+                if let Some(d) = self.t.disk_mut(disk_id) {
+                    d.blocks = blocks;
+                }
             }
             DiskReportKind::Engine(e) => {
                 // Retries (a few rows per kind and minute: the engine folds them),
@@ -888,6 +903,12 @@ impl JobRun {
         self.advance(status, op);
     }
 
+    /// The operation of a streaming job: `Discover` while a disk still plans
+    /// while it copies (the database's and the API's "planning"), else `op`.
+    fn copy_operation(&self, op: Operation) -> Operation {
+        if self.t.planning() { Operation::Discover } else { op }
+    }
+
     /// Moves the job to `status`/`op` if that is a legal step, and says so.
     fn advance(&mut self, status: JobStatus, op: Operation) {
         if !self.t.status.can_become(status) {
@@ -1032,6 +1053,7 @@ mod tests {
             skipped_bytes: 0,
             done_bytes: 0,
             unmapped_bytes: 0,
+            unplanned_bytes: 0,
         }
     }
 

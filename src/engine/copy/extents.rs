@@ -2,6 +2,9 @@
 //! (a dirty bitmap) while planning: block-status queries over the disk, several
 //! in flight, answers clipped to what was asked, failures retried, and, for
 //! allocation only, a range that cannot be described left to be read as data.
+//! Answers are handed on in offset order as soon as everything before them is
+//! known, so that a full copy can start on the first extents while the rest is
+//! still being asked about.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
@@ -41,6 +44,25 @@ impl Copier {
         size: u64,
         events: &(dyn Fn(Event) + Sync),
     ) -> Result<(Vec<Extent>, Option<Unmapped>), CopyError> {
+        let mut all = Vec::new();
+        let unmapped = self.extents_in_order(src, ctx, size, events, &|| false, &mut |_, mut e| all.append(&mut e))?;
+        Ok((all, unmapped))
+    }
+
+    /// As [`Copier::extents`], handing the extents to `sink` in offset order as
+    /// soon as everything below them is known: `sink(known, extents)` says that
+    /// the disk is described up to `known`, and `extents` are the new ones
+    /// (a range the source could not describe comes as one data extent). Stops
+    /// with [`CopyError::Cancelled`] when cancelled or when `halt` says so.
+    pub(super) fn extents_in_order(
+        &self,
+        src: &mut Handle,
+        ctx: &str,
+        size: u64,
+        events: &(dyn Fn(Event) + Sync),
+        halt: &dyn Fn() -> bool,
+        sink: &mut dyn FnMut(u64, Vec<Extent>),
+    ) -> Result<Option<Unmapped>, CopyError> {
         let spec = &self.spec;
         let reporter = self.reporter(events);
         let may_guess = ctx == "base:allocation";
@@ -66,8 +88,10 @@ impl Copier {
         let mut found: BTreeMap<u64, Extent> = BTreeMap::new();
         let mut unmapped: Option<Unmapped> = None;
         let mut last_reply = Instant::now();
+        // Everything below this offset was handed to `sink`.
+        let mut known = 0;
         while !(todo.is_empty() && asked.is_empty()) {
-            if self.cancel.is_cancelled() {
+            if self.cancel.is_cancelled() || halt() {
                 return Err(CopyError::Cancelled { watermark: spec.resume_from });
             }
             let now = Instant::now();
@@ -121,9 +145,15 @@ impl Copier {
                 } else if may_guess {
                     let u = unmapped.get_or_insert_with(|| (0, error.to_string()));
                     u.0 += end - start;
+                    // Read as data: what a plan does with what nothing describes.
+                    found.insert(start, Extent { offset: start, length: end - start, flags: 0 });
                 } else {
                     return Err(io(start, end - start, failures, error));
                 }
+            }
+            let ready = known_prefix(&mut found, &mut known);
+            if !ready.is_empty() {
+                sink(known, ready);
             }
             reporter.flush(false);
             if !asked.is_empty() && last_reply.elapsed() > timeout {
@@ -134,8 +164,32 @@ impl Copier {
                 return Err(io(0, size, 1, error));
             }
         }
-        Ok((found.into_values().collect(), unmapped))
+        if known < size {
+            return Err(CopyError::Internal(format!(
+                "planning ended with the disk described only up to offset {known}"
+            )));
+        }
+        Ok(unmapped)
     }
+}
+
+/// Takes out of `found` the extents that continue, without a gap, from `known`,
+/// and moves `known` to their end.
+fn known_prefix(found: &mut BTreeMap<u64, Extent>, known: &mut u64) -> Vec<Extent> {
+    let mut out = Vec::new();
+    while let Some(entry) = found.first_entry() {
+        let e = *entry.get();
+        if e.offset > *known {
+            break;
+        }
+        entry.remove();
+        // Segments do not overlap, so this is only defensive.
+        if e.offset + e.length > *known {
+            out.push(e);
+            *known = e.offset + e.length;
+        }
+    }
+    out
 }
 
 /// Adds the extents of `ctx` in `replies` that fall inside `[start, end)` to
@@ -190,5 +244,19 @@ mod tests {
         assert_eq!(take_extents(&[reply("base:allocation", 0, &[10, 0])], "base:allocation", 0, 64, &mut found), 10);
         assert_eq!(take_extents(&replies, "other", 100, 160, &mut found), 100);
         assert_eq!(found.len(), 1);
+    }
+
+    #[test]
+    fn extents_are_handed_on_only_once_everything_below_is_known() {
+        let e = |offset, length| Extent { offset, length, flags: 0 };
+        let mut found: BTreeMap<u64, Extent> = [(100, e(100, 50)), (300, e(300, 10))].into();
+        let mut known = 0;
+        assert!(known_prefix(&mut found, &mut known).is_empty(), "0..100 is not known yet");
+        found.insert(0, e(0, 100));
+        assert_eq!(known_prefix(&mut found, &mut known), [e(0, 100), e(100, 50)]);
+        assert_eq!((known, found.len()), (150, 1));
+        found.insert(150, e(150, 150));
+        assert_eq!(known_prefix(&mut found, &mut known), [e(150, 150), e(300, 10)]);
+        assert_eq!((known, found.len()), (310, 0));
     }
 }
