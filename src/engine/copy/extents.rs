@@ -19,6 +19,8 @@ use crate::engine::plan::Extent;
 const EXTENTS_STEP: u64 = 1 << 30;
 /// Block-status queries in flight at once while planning.
 const EXTENTS_IN_FLIGHT: usize = 8;
+/// The smallest piece the rest of a segment is split into (see `rest_in_pieces`).
+const MIN_PIECE: u64 = 64 << 10;
 /// Attempts at a `base:allocation` query before its range is read as data: a
 /// wrong guess costs reading holes, not correctness, so it is not worth the whole
 /// retry budget.
@@ -127,7 +129,10 @@ impl Copier {
                                 NbdError { message: format!("server returned no extents at offset {start}"), errno: 0 };
                             failed.push((start, end, failures, error));
                         } else if advanced < end {
-                            todo.push_front((advanced, end, 0, Instant::now()));
+                            let now = Instant::now();
+                            for (from, to) in rest_in_pieces(start, advanced, end).into_iter().rev() {
+                                todo.push_front((from, to, 0, now));
+                            }
                         }
                     }
                     (Err(error), _) => failed.push((start, end, failures, error)),
@@ -171,6 +176,23 @@ impl Copier {
         }
         Ok(unmapped)
     }
+}
+
+/// The rest `[advanced, end)` of a segment whose answer stopped at `advanced`,
+/// in the order to ask: pieces the size of what the answer covered (a server
+/// that answers for little at a time will likely do so again), enough to keep
+/// [`EXTENTS_IN_FLIGHT`] queries going, then the tail. A server that answers
+/// slowly for 1 MiB at a time is so asked about 8 MiB at a time, not 1.
+fn rest_in_pieces(start: u64, advanced: u64, end: u64) -> Vec<(u64, u64)> {
+    let piece = (advanced - start).max(MIN_PIECE);
+    let mut out = Vec::with_capacity(EXTENTS_IN_FLIGHT);
+    let mut at = advanced;
+    while out.len() + 1 < EXTENTS_IN_FLIGHT && end - at > piece {
+        out.push((at, at + piece));
+        at += piece;
+    }
+    out.push((at, end));
+    out
 }
 
 /// Takes out of `found` the extents that continue, without a gap, from `known`,
@@ -244,6 +266,17 @@ mod tests {
         assert_eq!(take_extents(&[reply("base:allocation", 0, &[10, 0])], "base:allocation", 0, 64, &mut found), 10);
         assert_eq!(take_extents(&replies, "other", 100, 160, &mut found), 100);
         assert_eq!(found.len(), 1);
+    }
+
+    #[test]
+    fn the_rest_of_a_short_answer_is_asked_in_pieces_of_its_size() {
+        const M: u64 = 1 << 20;
+        let got = rest_in_pieces(0, M, 1024 * M);
+        assert_eq!(got.len(), EXTENTS_IN_FLIGHT);
+        assert_eq!(got[..3], [(M, 2 * M), (2 * M, 3 * M), (3 * M, 4 * M)]);
+        assert_eq!(got.last(), Some(&(7 * M, 1024 * M)), "then the tail, in one");
+        assert_eq!(rest_in_pieces(0, M, 3 * M / 2), [(M, 3 * M / 2)]);
+        assert_eq!(rest_in_pieces(0, 1, 3 * MIN_PIECE)[0], (1, 1 + MIN_PIECE), "never tiny pieces");
     }
 
     #[test]
