@@ -1073,6 +1073,7 @@ mod tests {
             watermark: planned * 2,
             unmapped_bytes: 0,
             flushed: true,
+            planning_seconds: 0.0,
         }
     }
 

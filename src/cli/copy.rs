@@ -88,6 +88,7 @@ struct JsonSummary {
     retries: u64,
     unmapped_bytes: u64,
     flushed: bool,
+    planning_seconds: f64,
 }
 
 fn changes(args: &CopyArgs) -> anyhow::Result<Changes> {
@@ -180,6 +181,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
             retries: summary.retries,
             unmapped_bytes: summary.unmapped_bytes,
             flushed: summary.flushed,
+            planning_seconds: summary.planning_seconds,
         };
         println!("{}", serde_json::to_string(&j)?);
     } else if bar.is_some() {

@@ -81,8 +81,10 @@ impl Copier {
             attempts,
             error,
         };
-        // Segments still to ask about (start, end, failures, not before); an answer
-        // may cover only a prefix of its segment, and the rest is asked again.
+        // Segments still to ask about (start, end, failures, not before), in offset
+        // order, so that the lowest are asked first and what is known from the
+        // start of the disk grows steadily; an answer may cover only a prefix of
+        // its segment, and the rest is asked again.
         let now = Instant::now();
         let mut todo: VecDeque<(u64, u64, u32, Instant)> =
             (0..size).step_by(EXTENTS_STEP as usize).map(|p| (p, (p + EXTENTS_STEP).min(size), 0, now)).collect();
@@ -130,8 +132,8 @@ impl Copier {
                             failed.push((start, end, failures, error));
                         } else if advanced < end {
                             let now = Instant::now();
-                            for (from, to) in rest_in_pieces(start, advanced, end).into_iter().rev() {
-                                todo.push_front((from, to, 0, now));
+                            for (from, to) in rest_in_pieces(start, advanced, end) {
+                                ask_in_order(&mut todo, (from, to, 0, now));
                             }
                         }
                     }
@@ -146,7 +148,7 @@ impl Copier {
                 }
                 if error.is_transient() && failures < attempts {
                     reporter.retry(Role::Source, Request::new("block status", start, end - start), failures, &error);
-                    todo.push_front((start, end, failures, Instant::now() + policy.delay(failures)));
+                    ask_in_order(&mut todo, (start, end, failures, Instant::now() + policy.delay(failures)));
                 } else if may_guess {
                     let u = unmapped.get_or_insert_with(|| (0, error.to_string()));
                     u.0 += end - start;
@@ -176,6 +178,12 @@ impl Copier {
         }
         Ok(unmapped)
     }
+}
+
+/// Queues a segment to ask about at its place in offset order.
+fn ask_in_order(todo: &mut VecDeque<(u64, u64, u32, Instant)>, segment: (u64, u64, u32, Instant)) {
+    let at = todo.partition_point(|t| t.0 < segment.0);
+    todo.insert(at, segment);
 }
 
 /// The rest `[advanced, end)` of a segment whose answer stopped at `advanced`,

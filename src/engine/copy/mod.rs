@@ -102,6 +102,10 @@ pub struct Summary {
     /// Whether the target was flushed (false only for an allowed target without
     /// flush).
     pub flushed: bool,
+    /// Seconds from the first block-status query to the complete plan (0 when
+    /// nothing was asked of the source); overlaps copying when the copy plans
+    /// while it copies.
+    pub planning_seconds: f64,
 }
 
 /// What planning found, before anything is copied.
@@ -145,6 +149,8 @@ pub struct Copier {
     prepared: Mutex<Option<Prepared>>,
     retry_log: Mutex<RetryLog<RetryKey>>,
     fence: Fence,
+    /// When planning started, and how long it took once complete.
+    plan_clock: Mutex<(Option<Instant>, f64)>,
 }
 
 impl Copier {
@@ -157,6 +163,7 @@ impl Copier {
             prepared: Mutex::new(None),
             retry_log,
             fence: Fence::default(),
+            plan_clock: Mutex::new((None, 0.0)),
         }
     }
 
@@ -194,6 +201,7 @@ impl Copier {
             events(Event::NoFlush);
         }
         self.set_stage(Stage::Planning, events);
+        self.plan_clock.lock().unwrap_or_else(|e| e.into_inner()).0 = Some(Instant::now());
         if spec.resume_from > servers.source_size {
             return Err(CopyError::Internal(format!(
                 "resume offset {} is beyond the end of the disk ({} bytes)",
@@ -221,6 +229,7 @@ impl Copier {
             return Ok(info);
         }
         let (plan, unmapped) = self.plan(&mut src, &servers, events)?;
+        self.planned_now();
         let unmapped_bytes = unmapped.as_ref().map_or(0, |u| u.0);
         if let Some((bytes, error)) = unmapped {
             events(Event::Unmapped { bytes, error });
@@ -241,6 +250,12 @@ impl Copier {
         *self.lock_prepared() =
             Some(Prepared { plan: Some(plan), resume, unmapped_bytes, conns: Some((src, dst, servers)) });
         Ok(info)
+    }
+
+    /// The plan is complete: stops the planning clock.
+    fn planned_now(&self) {
+        let mut clock = self.plan_clock.lock().unwrap_or_else(|e| e.into_inner());
+        clock.1 = clock.0.map_or(0.0, |t| t.elapsed().as_secs_f64());
     }
 
     /// Whether this copy plans while it copies: a full copy whose source describes
@@ -396,6 +411,7 @@ impl Copier {
             watermark,
             unmapped_bytes,
             flushed: servers.can_flush,
+            planning_seconds: self.plan_clock.lock().unwrap_or_else(|e| e.into_inner()).1,
         })
     }
 

@@ -79,6 +79,7 @@ impl Copier {
         };
         let plan = planner.finish();
         ctx.dispatcher().complete();
+        self.planned_now();
         self.progress.set_stage(Stage::Copying);
         (ctx.events)(Event::Stage(Stage::Copying));
         let unmapped_bytes = unmapped.as_ref().map_or(0, |u| u.0);
