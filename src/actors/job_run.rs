@@ -1163,6 +1163,26 @@ mod tests {
     }
 
     #[test]
+    fn a_job_whose_disk_plans_while_copying_is_in_discover_until_the_plan_is_complete() {
+        let rows = [disk("a", DiskStatus::Pending, 0)];
+        let (mut run, _) = started(&rows, &Settings::defaults());
+        let deferred = PlanInfo { planned_bytes: 0, unplanned_bytes: 1000, ..planned(0) };
+        assert_eq!(actions(&run.report("a", DiskReportKind::Planned(deferred), None)), ["transfer"]);
+        run.report("a", DiskReportKind::Started, None);
+        let op = |run: &JobRun| (run.t.status, run.t.operation);
+        assert_eq!(op(&run), (JobStatus::Streaming, Operation::Discover), "copying, still planning");
+        let planning = Snapshot { stage: Stage::Planning, unplanned_bytes: 500, ..snap(100, 200, 0) };
+        run.report("a", DiskReportKind::Progress(planning), None);
+        assert_eq!(op(&run), (JobStatus::Streaming, Operation::Discover));
+        // 100 done of at most 200 + 500: the unplanned part counts as data.
+        assert_eq!(run.t.percent(), 100.0 * 100.0 / 700.0);
+        assert_eq!(run.t.eta_seconds(), None);
+        run.report("a", DiskReportKind::Progress(snap(150, 300, 10)), None);
+        assert_eq!(op(&run), (JobStatus::Streaming, Operation::Transfer), "planned: Discover is over");
+        assert_eq!(run.t.percent(), 50.0);
+    }
+
+    #[test]
     fn the_transfer_starts_once_every_disk_is_planned() {
         let rows = two_disks();
         let (mut run, _) = started(&rows, &Settings::defaults());
