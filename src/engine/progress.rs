@@ -122,7 +122,10 @@ struct Counters {
     stage: AtomicU8,
     disk_size: AtomicU64,
     planned: AtomicU64,
-    unplanned: AtomicU64,
+    /// The most the plan can come to: planned bytes plus the part of the disk
+    /// not planned yet. One figure, so that a reader never adds a planned part
+    /// to an unplanned part of another moment (the percentage could then dip).
+    bound: AtomicU64,
     /// Planned bytes below the resume point: counted as done, but not by this
     /// run, so not as speed.
     credited: AtomicU64,
@@ -178,7 +181,7 @@ impl Progress {
         let c = &self.0.c;
         c.disk_size.store(disk_size, Relaxed);
         c.planned.store(planned, Relaxed);
-        c.unplanned.store(0, Relaxed);
+        c.bound.store(planned, Relaxed);
         c.credited.store(already_done, Relaxed);
         c.done.store(already_done, Relaxed);
         c.skipped.store(skipped, Relaxed);
@@ -191,21 +194,19 @@ impl Progress {
     /// whole disk still to be asked about.
     pub(crate) fn start_plan(&self, disk_size: u64) {
         self.set_plan(disk_size, 0, 0, 0);
-        self.0.c.unplanned.store(disk_size, Relaxed);
+        self.0.c.bound.store(disk_size, Relaxed);
     }
 
     /// More of a growing plan: `planned` bytes to read (`already_done` of them
     /// below the resume point), `skipped` bytes left alone, and `unplanned`
-    /// bytes of the disk still to be asked about.
+    /// bytes of the disk still to be asked about. Called by one thread.
     pub(crate) fn extend_plan(&self, planned: u64, already_done: u64, skipped: u64, unplanned: u64) {
         let c = &self.0.c;
-        // Planned before the unplanned part shrinks: a reader may see a
-        // denominator a little too large for a moment, never too small.
-        c.planned.fetch_add(planned, Relaxed);
+        let total = c.planned.fetch_add(planned, Relaxed) + planned;
+        c.bound.store(total + unplanned, Relaxed);
         c.credited.fetch_add(already_done, Relaxed);
         c.done.fetch_add(already_done, Relaxed);
         c.skipped.fetch_add(skipped, Relaxed);
-        c.unplanned.store(unplanned, Relaxed);
     }
 
     pub(crate) fn add(&self, t: Tally) {
@@ -243,7 +244,7 @@ impl Progress {
     /// stall detection.
     pub(crate) fn work(&self) -> u64 {
         let c = &self.0.c;
-        [&c.done, &c.written, &c.zeroed, &c.skipped, &c.watermark, &c.verified, &c.held, &c.unplanned]
+        [&c.done, &c.written, &c.zeroed, &c.skipped, &c.watermark, &c.verified, &c.held, &c.bound]
             .iter()
             .fold(0u64, |acc, v| acc.wrapping_add(v.load(Relaxed)))
     }
@@ -275,7 +276,9 @@ impl Progress {
         let now = Instant::now();
         let done = c.done.load(Relaxed);
         let planned = c.planned.load(Relaxed);
-        let unplanned = c.unplanned.load(Relaxed);
+        // Planning only turns unplanned bytes into planned bytes or holes, so the
+        // bound of any moment is at least the planned bytes of a later one.
+        let unplanned = c.bound.load(Relaxed).saturating_sub(planned);
         let stage = Stage::from_u8(c.stage.load(Relaxed));
         let own = done.saturating_sub(c.credited.load(Relaxed));
         let rate = self.0.window.lock().map(|mut w| w.rate(now, own)).unwrap_or(0.0);

@@ -282,7 +282,7 @@ mod tests {
         let got = rest_in_pieces(0, M, 1024 * M);
         assert_eq!(got.len(), EXTENTS_IN_FLIGHT);
         assert_eq!(got[..3], [(M, 2 * M), (2 * M, 3 * M), (3 * M, 4 * M)]);
-        assert_eq!(got.last(), Some(&(7 * M, 1024 * M)), "then the tail, in one");
+        assert_eq!(got.last(), Some(&(8 * M, 1024 * M)), "then the tail, in one");
         assert_eq!(rest_in_pieces(0, M, 3 * M / 2), [(M, 3 * M / 2)]);
         assert_eq!(rest_in_pieces(0, 1, 3 * MIN_PIECE)[0], (1, 1 + MIN_PIECE), "never tiny pieces");
     }

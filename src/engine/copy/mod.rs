@@ -316,7 +316,11 @@ impl Copier {
                 self.set_stage(Stage::Copying, events);
                 Dispatcher::new(ranges, plan.disk_size, copy_max, zero_max)
             }
-            None => Dispatcher::streaming(resume, disk_size, copy_max, zero_max),
+            None => {
+                // New connections (a parked copy) went through `Connecting`.
+                self.set_stage(Stage::Planning, events);
+                Dispatcher::streaming(resume, disk_size, copy_max, zero_max)
+            }
         };
         let ctx = Ctx {
             spec,
