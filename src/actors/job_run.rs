@@ -260,14 +260,18 @@ impl JobRun {
                     d.blocks = info.blocks;
                     d.skipped = info.skipped_bytes;
                 }
-                self.event(
-                    Some(disk_id),
-                    Level::Info,
+                let line = if info.unplanned_bytes > 0 {
+                    format!(
+                        "planning while copying: the source describes its {} bytes as the copy goes",
+                        info.disk_size
+                    )
+                } else {
                     format!(
                         "planned: {} bytes to read in {} ranges, {} to zero, of {}",
                         info.planned_bytes, info.blocks, info.zero_bytes, info.disk_size
-                    ),
-                );
+                    )
+                };
+                self.event(Some(disk_id), Level::Info, line);
                 self.persist_disk(disk_id);
                 if self.t.planned_now() && !self.transfer_started && self.ending.is_none() {
                     self.transfer_started = true;
@@ -320,11 +324,16 @@ impl JobRun {
                 }
                 self.persist_disk(disk_id);
             }
-            DiskReportKind::Engine(Event::Planned { blocks, .. }) => {
-                // A plan made while copying is complete (one made first came
-                // with `Planned`).
-                if let Some(d) = self.t.disk_mut(disk_id) {
-                    d.blocks = blocks;
+            DiskReportKind::Engine(Event::Planned { disk_size, planned_bytes, blocks }) => {
+                // Also sent by a plan made first, which `Planned` already told.
+                let Some(d) = self.t.disk_mut(disk_id) else { return self.take() };
+                let late = d.blocks != blocks || d.planned != planned_bytes;
+                d.blocks = blocks;
+                if late {
+                    let line = format!(
+                        "planned while copying: {planned_bytes} bytes to read in {blocks} ranges, of {disk_size}"
+                    );
+                    self.event(Some(disk_id), Level::Info, line);
                 }
             }
             DiskReportKind::Engine(e) => {

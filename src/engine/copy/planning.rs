@@ -13,7 +13,7 @@ use super::servers::Servers;
 use super::{Copier, Event};
 use crate::engine::error::CopyError;
 use crate::engine::nbd::Handle;
-use crate::engine::plan::{Action, Plan, Planner};
+use crate::engine::plan::{Action, Extent, Plan, Planner, Range};
 use crate::engine::progress::Stage;
 
 /// Fails the copy unless the planning thread completed the dispatcher's plan:
@@ -46,7 +46,7 @@ impl Copier {
         let size = servers.source_size;
         let mut planner = Planner::new(size, self.spec.destination_is_zero, servers.min_block);
         let halt = || ctx.stop.load(Ordering::SeqCst);
-        let mut feed = |known: u64, extents: Vec<crate::engine::plan::Extent>| {
+        let mut feed = |known: u64, extents: Vec<Extent>| {
             let ranges = planner.add(known, &extents);
             let through = planner.planned_through();
             let bytes = |a: Action| ranges.iter().filter(|r| r.action == a).map(|r| r.length).sum::<u64>();
@@ -60,7 +60,7 @@ impl Copier {
             // ranges need nothing.
             let todo = ranges.iter().filter(|r| r.action != Action::Skip && r.end() > resume).map(|r| {
                 let start = r.offset.max(resume);
-                crate::engine::plan::Range { offset: start, length: r.end() - start, action: r.action }
+                Range { offset: start, length: r.end() - start, action: r.action }
             });
             ctx.dispatcher().push(todo, through.max(resume));
         };
