@@ -255,23 +255,27 @@ impl JobRun {
             DiskReportKind::Planned(info) => {
                 if let Some(d) = self.t.disk_mut(disk_id) {
                     // Bytes below the checkpoint count as done from here on.
-                    d.set_plan(info.planned_bytes, info.done_bytes);
+                    d.set_plan(info.planned_bytes, info.done_bytes, info.unplanned_bytes);
                     d.capacity = info.disk_size;
                     d.blocks = info.blocks;
                     d.skipped = info.skipped_bytes;
                 }
-                self.event(
-                    Some(disk_id),
-                    Level::Info,
+                let line = if info.unplanned_bytes > 0 {
+                    format!(
+                        "planning while copying: the source describes its {} bytes as the copy goes",
+                        info.disk_size
+                    )
+                } else {
                     format!(
                         "planned: {} bytes to read in {} ranges, {} to zero, of {}",
                         info.planned_bytes, info.blocks, info.zero_bytes, info.disk_size
-                    ),
-                );
+                    )
+                };
+                self.event(Some(disk_id), Level::Info, line);
                 self.persist_disk(disk_id);
                 if self.t.planned_now() && !self.transfer_started && self.ending.is_none() {
                     self.transfer_started = true;
-                    self.advance(JobStatus::Streaming, Operation::StartExports);
+                    self.advance(JobStatus::Streaming, self.copy_operation(Operation::StartExports));
                     self.out.push(Effect::StartTransfer);
                 }
                 self.on_progress();
@@ -281,7 +285,7 @@ impl JobRun {
                     d.copying = true;
                     d.status = DiskStatus::Streaming;
                 }
-                self.advance(JobStatus::Streaming, Operation::Transfer);
+                self.advance(JobStatus::Streaming, self.copy_operation(Operation::Transfer));
                 self.persist_disk(disk_id);
             }
             DiskReportKind::Progress(s) => {
@@ -303,6 +307,14 @@ impl JobRun {
                 if s.stage == Stage::Verifying {
                     self.finalizing_if_copied();
                 }
+                // The last plan completed while copying: Discover is over.
+                if self.t.status == JobStatus::Streaming
+                    && self.t.operation == Operation::Discover
+                    && !self.t.planning()
+                    && self.t.disks.iter().any(|d| d.copying)
+                {
+                    self.advance(JobStatus::Streaming, Operation::Transfer);
+                }
                 self.persist_disk(disk_id);
                 self.on_progress();
             }
@@ -311,6 +323,18 @@ impl JobRun {
                     d.watermark = d.watermark.max(watermark);
                 }
                 self.persist_disk(disk_id);
+            }
+            DiskReportKind::Engine(Event::Planned { disk_size, planned_bytes, blocks }) => {
+                // Also sent by a plan made first, which `Planned` already told.
+                let Some(d) = self.t.disk_mut(disk_id) else { return self.take() };
+                let late = d.blocks != blocks || d.planned != planned_bytes;
+                d.blocks = blocks;
+                if late {
+                    let line = format!(
+                        "planned while copying: {planned_bytes} bytes to read in {blocks} ranges, of {disk_size}"
+                    );
+                    self.event(Some(disk_id), Level::Info, line);
+                }
             }
             DiskReportKind::Engine(e) => {
                 // Retries (a few rows per kind and minute: the engine folds them),
@@ -888,6 +912,12 @@ impl JobRun {
         self.advance(status, op);
     }
 
+    /// The operation of a streaming job: `Discover` while a disk still plans
+    /// while it copies (the database's and the API's "planning"), else `op`.
+    fn copy_operation(&self, op: Operation) -> Operation {
+        if self.t.planning() { Operation::Discover } else { op }
+    }
+
     /// Moves the job to `status`/`op` if that is a legal step, and says so.
     fn advance(&mut self, status: JobStatus, op: Operation) {
         if !self.t.status.can_become(status) {
@@ -1032,6 +1062,7 @@ mod tests {
             skipped_bytes: 0,
             done_bytes: 0,
             unmapped_bytes: 0,
+            unplanned_bytes: 0,
         }
     }
 
@@ -1051,6 +1082,7 @@ mod tests {
             watermark: planned * 2,
             unmapped_bytes: 0,
             flushed: true,
+            planning_seconds: 0.0,
         }
     }
 
@@ -1137,6 +1169,26 @@ mod tests {
         assert_eq!(last_job(&effects).and_then(|u| u.status), Some(JobStatus::Preparing));
         assert!(run.t.started_at.is_some());
         assert!(logs(&effects)[0].starts_with("claimed by n1; run r1"));
+    }
+
+    #[test]
+    fn a_job_whose_disk_plans_while_copying_is_in_discover_until_the_plan_is_complete() {
+        let rows = [disk("a", DiskStatus::Pending, 0)];
+        let (mut run, _) = started(&rows, &Settings::defaults());
+        let deferred = PlanInfo { planned_bytes: 0, unplanned_bytes: 1000, ..planned(0) };
+        assert_eq!(actions(&run.report("a", DiskReportKind::Planned(deferred), None)), ["transfer"]);
+        run.report("a", DiskReportKind::Started, None);
+        let op = |run: &JobRun| (run.t.status, run.t.operation);
+        assert_eq!(op(&run), (JobStatus::Streaming, Operation::Discover), "copying, still planning");
+        let planning = Snapshot { stage: Stage::Planning, unplanned_bytes: 500, ..snap(100, 200, 0) };
+        run.report("a", DiskReportKind::Progress(planning), None);
+        assert_eq!(op(&run), (JobStatus::Streaming, Operation::Discover));
+        // 100 done of at most 200 + 500: the unplanned part counts as data.
+        assert_eq!(run.t.percent(), 100.0 * 100.0 / 700.0);
+        assert_eq!(run.t.eta_seconds(), None);
+        run.report("a", DiskReportKind::Progress(snap(150, 300, 10)), None);
+        assert_eq!(op(&run), (JobStatus::Streaming, Operation::Transfer), "planned: Discover is over");
+        assert_eq!(run.t.percent(), 50.0);
     }
 
     #[test]

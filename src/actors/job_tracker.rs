@@ -1,7 +1,10 @@
 //! The figures and state of one job, as plain data: [`DiskTrack`] per disk and
 //! [`JobTracker`] over them. Figures are sums of bytes over the disks, never
 //! averages of percentages, and the percentage only counts once every disk is
-//! planned, so it never goes down when a late disk adds to the total. A resumed
+//! planned, so it never goes down when a late disk adds to the total. A disk that
+//! plans while it copies counts the part it has not planned yet as if it were
+//! all data ([`DiskTrack::unplanned`]), so its growing plan never lowers the
+//! percentage either (the engine's `Snapshot::percent` does the same). A resumed
 //! run starts from the figures its rows show (see [`DiskTrack::floor`]), so the
 //! percentage does not drop when a run restarts from a checkpoint below them.
 //!
@@ -29,8 +32,12 @@ pub struct DiskTrack {
     /// `planned` may be used for the percentage: this run planned the disk, or
     /// an earlier run did (its figures in the row), until this run's plan arrives.
     pub planned_known: bool,
-    /// This run's plan arrived (the transfer waits for every disk's).
+    /// This run's plan arrived (the transfer waits for every disk's), or its
+    /// planning started in a copy that plans while it copies.
     pub planned_now: bool,
+    /// Bytes of the disk this run's plan has not reached yet (0 once planned):
+    /// counted in the percentage's denominator as if all were data.
+    pub unplanned: u64,
     pub blocks: u64,
     /// Planned bytes done in this run's count (below its checkpoint included).
     pub done: u64,
@@ -74,6 +81,7 @@ impl DiskTrack {
             planned,
             planned_known: completed || planned > 0,
             planned_now: completed,
+            unplanned: 0,
             blocks: 0,
             done: if completed { planned } else { 0 },
             floor: if completed { planned } else { (d.bytes_synced.max(0) as u64).min(planned) },
@@ -99,16 +107,21 @@ impl DiskTrack {
     }
 
     pub fn percent(&self) -> f64 {
-        if self.planned_known { crate::engine::progress::percent(self.shown_done(), self.planned) } else { 0.0 }
+        if self.planned_known {
+            crate::engine::progress::percent(self.shown_done(), self.planned + self.unplanned)
+        } else {
+            0.0
+        }
     }
 
     /// This run's plan: the figures of an earlier run stand only if it planned
     /// the same bytes.
-    pub(super) fn set_plan(&mut self, planned: u64, done: u64) {
+    pub(super) fn set_plan(&mut self, planned: u64, done: u64, unplanned: u64) {
         if planned != self.planned {
             self.floor = 0;
         }
         self.planned = planned;
+        self.unplanned = unplanned;
         self.done = done;
         self.planned_known = true;
         self.planned_now = true;
@@ -133,6 +146,7 @@ impl DiskTrack {
         self.watermark = self.watermark.max(s.durable_watermark);
         self.waiting_on = s.waiting_on.clone();
         self.stage = Some(s.stage);
+        self.unplanned = s.unplanned_bytes;
         if s.planned_bytes > 0 || s.disk_size > 0 {
             if s.planned_bytes != self.planned {
                 self.floor = 0;
@@ -280,6 +294,15 @@ impl JobTracker {
         self.disks.iter().map(|d| d.planned).sum()
     }
 
+    /// A disk still plans while it copies.
+    pub fn planning(&self) -> bool {
+        self.disks.iter().any(|d| d.unplanned > 0 && !d.status.is_terminal())
+    }
+
+    fn unplanned(&self) -> u64 {
+        self.disks.iter().filter(|d| !d.status.is_terminal()).map(|d| d.unplanned).sum()
+    }
+
     pub fn done(&self) -> u64 {
         self.disks.iter().map(DiskTrack::shown_done).sum()
     }
@@ -293,19 +316,19 @@ impl JobTracker {
         if !self.all_planned() {
             return 0.0;
         }
-        if self.planned() == 0 {
+        if self.planned() + self.unplanned() == 0 {
             // Nothing to read: done only if every disk is (a disk that failed
             // before planning planned nothing, and did nothing).
             let all_done = self.disks.iter().all(|d| d.status == DiskStatus::Completed);
             return if all_done { 100.0 } else { 0.0 };
         }
-        crate::engine::progress::percent(self.done(), self.planned())
+        crate::engine::progress::percent(self.done(), self.planned() + self.unplanned())
     }
 
     pub fn eta_seconds(&self) -> Option<u64> {
         let remaining = self.planned().saturating_sub(self.done());
         match self.throughput() {
-            _ if !self.all_planned() => None,
+            _ if !self.all_planned() || self.planning() => None,
             _ if remaining == 0 => Some(0),
             0 => None,
             bps => Some(remaining.div_ceil(bps)),
@@ -314,7 +337,9 @@ impl JobTracker {
 
     /// Everything the job has done; grows while it makes progress of any kind.
     pub fn work(&self) -> u64 {
-        let bytes: u64 = self.disks.iter().map(|d| d.done + d.zeroed + d.skipped + d.verified).sum();
+        // Planning moves too (a resumed run plans below its checkpoint before
+        // it copies anything): the unplanned bytes shrink.
+        let bytes: u64 = self.disks.iter().map(|d| d.done + d.zeroed + d.skipped + d.verified + d.unplanned).sum();
         let steps: u64 = self
             .disks
             .iter()
@@ -460,6 +485,7 @@ pub(super) mod tests {
             stage: Stage::Copying,
             disk_size: planned * 2,
             planned_bytes: planned,
+            unplanned_bytes: 0,
             bytes_done: done,
             bytes_written: done,
             zeroed_bytes: 0,
@@ -614,13 +640,13 @@ pub(super) mod tests {
         assert!(!t.planned_now(), "the transfer still waits for this run's plan");
         assert_eq!(t.take_milestone(), None, "milestones already announced are not repeated");
         // This run's plan: 580 bytes below the checkpoint are done.
-        t.disk_mut("a").unwrap().set_plan(1000, 580);
+        t.disk_mut("a").unwrap().set_plan(1000, 580, 0);
         assert!(t.planned_now());
         assert_eq!((t.percent(), t.done()), (70.0, 700), "not below what was shown");
         t.disk_mut("a").unwrap().apply(&snap(750, 1000, 1));
         assert_eq!(t.percent(), 75.0);
         // Another plan (the source changed): the earlier figures mean nothing.
-        t.disk_mut("a").unwrap().set_plan(2000, 0);
+        t.disk_mut("a").unwrap().set_plan(2000, 0, 0);
         assert_eq!(t.percent(), 0.0);
     }
 

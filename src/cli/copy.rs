@@ -88,6 +88,7 @@ struct JsonSummary {
     retries: u64,
     unmapped_bytes: u64,
     flushed: bool,
+    planning_seconds: f64,
 }
 
 fn changes(args: &CopyArgs) -> anyhow::Result<Changes> {
@@ -180,6 +181,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
             retries: summary.retries,
             unmapped_bytes: summary.unmapped_bytes,
             flushed: summary.flushed,
+            planning_seconds: summary.planning_seconds,
         };
         println!("{}", serde_json::to_string(&j)?);
     } else if bar.is_some() {
@@ -209,8 +211,11 @@ fn new_bar() -> ProgressBar {
 fn draw_until_done(bar: &ProgressBar, progress: &Progress, done: &mpsc::Receiver<()>) {
     loop {
         let s = progress.snapshot();
-        bar.set_length(s.planned_bytes.max(1));
-        bar.set_position(s.bytes_done.min(s.planned_bytes.max(1)));
+        // While planning, the bar's end is the most the plan can come to, so that
+        // it never moves back (see `Snapshot::percent`).
+        let total = (s.planned_bytes + s.unplanned_bytes).max(1);
+        bar.set_length(total);
+        bar.set_position(s.bytes_done.min(total));
         bar.set_prefix(format!("{:?}", s.stage).to_lowercase());
         bar.set_message(progress_line(&s));
         if done.recv_timeout(Duration::from_millis(250)) != Err(mpsc::RecvTimeoutError::Timeout) {
@@ -227,9 +232,10 @@ pub fn progress_line(s: &Snapshot) -> String {
         None => "-".into(),
     };
     format!(
-        "{} / {}  {}/s  ETA {}{}",
+        "{} / {}{}  {}/s  ETA {}{}",
         human_bytes(s.bytes_done),
         human_bytes(s.planned_bytes),
+        if s.planning() { " planned so far" } else { "" },
         human_bytes(s.throughput_bps),
         eta,
         if s.limited { "  (limited)" } else { "" }

@@ -145,28 +145,124 @@ fn push_merged(out: &mut Vec<Range>, r: Range) {
 /// Full copy: data extents are copied; extents that read as zero are zeroed on the
 /// target, or skipped when the target is known to read as zeros.
 pub fn full(disk_size: u64, extents: &[Extent], destination_is_zero: bool) -> Plan {
-    let zero_action = if destination_is_zero { Action::Skip } else { Action::Zero };
+    let ranges = piece(0, disk_size, extents, zero_action(destination_is_zero));
+    let blocks = ranges.iter().filter(|r| r.action == Action::Copy).count() as u64;
+    Plan { disk_size, ranges, blocks }
+}
+
+fn zero_action(destination_is_zero: bool) -> Action {
+    if destination_is_zero { Action::Skip } else { Action::Zero }
+}
+
+/// The ranges of `[start, end)` of a full plan, from the extents that describe it.
+fn piece(start: u64, end: u64, extents: &[Extent], zero_action: Action) -> Vec<Range> {
     let mut ranges = Vec::new();
-    let mut pos = 0;
+    let mut pos = start;
     for e in extents {
         // Extents arrive in order from the server; tolerate gaps or overlaps by
         // treating anything not described as data (the safe choice).
-        let start = e.offset.max(pos).min(disk_size);
-        let end = (e.offset + e.length).min(disk_size);
-        if start > pos {
-            push_merged(&mut ranges, Range { offset: pos, length: start - pos, action: Action::Copy });
+        let from = e.offset.max(pos).min(end);
+        let to = (e.offset + e.length).min(end);
+        if from > pos {
+            push_merged(&mut ranges, Range { offset: pos, length: from - pos, action: Action::Copy });
         }
-        if end > start {
+        if to > from {
             let action = if e.flags & STATE_ZERO != 0 { zero_action } else { Action::Copy };
-            push_merged(&mut ranges, Range { offset: start, length: end - start, action });
-            pos = end;
+            push_merged(&mut ranges, Range { offset: from, length: to - from, action });
+            pos = to;
         }
     }
-    if pos < disk_size {
-        push_merged(&mut ranges, Range { offset: pos, length: disk_size - pos, action: Action::Copy });
+    if pos < end {
+        push_merged(&mut ranges, Range { offset: pos, length: end - pos, action: Action::Copy });
     }
-    let blocks = ranges.iter().filter(|r| r.action == Action::Copy).count() as u64;
-    Plan { disk_size, ranges, blocks }
+    ranges
+}
+
+/// A full plan made a piece at a time, while the source is still being asked
+/// about the rest: extents go in, in offset order, and come out as aligned
+/// ranges as soon as the whole blocks they cover are known. The pieces put
+/// together are exactly `full(..).aligned(block)` of all the extents: a piece
+/// ends on a block boundary (or at the end of the disk), so no block is shared
+/// by two pieces and aligning each piece aligns the whole.
+#[derive(Debug)]
+pub struct Planner {
+    disk_size: u64,
+    block: u64,
+    zero_action: Action,
+    /// Extents known past `emitted`, not yet planned (they end in a part block).
+    pending: Vec<Extent>,
+    /// Everything below this offset is planned.
+    emitted: u64,
+    /// The source has been asked about everything below this offset.
+    known: u64,
+    /// The plan so far (aligned, merged).
+    ranges: Vec<Range>,
+    /// The last unaligned range, and the data extents counted so far (as `full`
+    /// counts them).
+    last_raw: Option<Range>,
+    blocks: u64,
+}
+
+impl Planner {
+    pub fn new(disk_size: u64, destination_is_zero: bool, block: u64) -> Self {
+        Self {
+            disk_size,
+            block: block.max(1),
+            zero_action: zero_action(destination_is_zero),
+            pending: Vec::new(),
+            emitted: 0,
+            known: 0,
+            ranges: Vec::new(),
+            last_raw: None,
+            blocks: 0,
+        }
+    }
+
+    /// Everything below this offset is planned.
+    pub fn planned_through(&self) -> u64 {
+        self.emitted
+    }
+
+    /// The source described the disk up to `known` with `extents` (which start
+    /// where the previous call's known part ended; a gap reads as data). Returns
+    /// the ranges this plans, in whole blocks.
+    pub fn add(&mut self, known: u64, extents: &[Extent]) -> Vec<Range> {
+        self.pending.extend_from_slice(extents);
+        self.known = self.known.max(known.min(self.disk_size));
+        let cut = if self.known >= self.disk_size { self.disk_size } else { self.known / self.block * self.block };
+        if cut <= self.emitted {
+            return Vec::new();
+        }
+        let raw = piece(self.emitted, cut, &self.pending, self.zero_action);
+        for r in &raw {
+            match &mut self.last_raw {
+                Some(last) if last.action == r.action && last.end() == r.offset => last.length += r.length,
+                _ => {
+                    self.blocks += u64::from(r.action == Action::Copy);
+                    self.last_raw = Some(*r);
+                }
+            }
+        }
+        // What lies past the cut waits for the rest of its block.
+        self.pending.retain(|e| e.offset + e.length > cut);
+        for e in &mut self.pending {
+            if e.offset < cut {
+                e.length -= cut - e.offset;
+                e.offset = cut;
+            }
+        }
+        let aligned = Plan { disk_size: self.disk_size, ranges: raw, blocks: 0 }.aligned(self.block).ranges;
+        for r in &aligned {
+            push_merged(&mut self.ranges, *r);
+        }
+        self.emitted = cut;
+        aligned
+    }
+
+    /// The whole plan, once `add` was told about the whole disk.
+    pub fn finish(self) -> Plan {
+        Plan { disk_size: self.disk_size, ranges: self.ranges, blocks: self.blocks }
+    }
 }
 
 /// Incremental copy: every changed range is read (a range that now reads as zero
@@ -416,6 +512,48 @@ mod tests {
             dirty_areas(&e, 262144 + 50),
             vec![Area { start: 65536, length: 131072 }, Area { start: 262144, length: 50 }]
         );
+    }
+
+    /// Feeds `extents` to a [`Planner`] in the pieces `cuts` says (offsets up
+    /// to which the source has answered) and checks that the pieces come out in
+    /// order, in whole blocks, and make exactly the plan of the whole disk.
+    fn check_planner(size: u64, extents: &[Extent], dz: bool, block: u64, cuts: &[u64]) {
+        let whole = full(size, extents, dz).aligned(block);
+        let mut p = Planner::new(size, dz, block);
+        let mut got: Vec<Range> = Vec::new();
+        let mut fed = 0;
+        for &cut in cuts.iter().chain([&size]) {
+            let part: Vec<Extent> = extents[fed..].iter().take_while(|e| e.offset < cut).copied().collect();
+            fed += part.len();
+            let before = p.planned_through();
+            let pieces = p.add(cut, &part);
+            for r in &pieces {
+                assert!(r.offset >= before && r.end() <= p.planned_through(), "{r:?} in order");
+                assert!(r.offset % block == 0, "{r:?} aligned to {block}");
+                push_merged(&mut got, *r);
+            }
+            assert!(p.planned_through() <= cut.min(size), "never past what is known");
+        }
+        assert_eq!(p.planned_through(), size);
+        assert_eq!(got, whole.ranges, "pieces of {extents:?} cut at {cuts:?}");
+        let plan = p.finish();
+        assert_eq!(plan.ranges, whole.ranges);
+        assert_eq!(plan.blocks, full(size, extents, dz).blocks);
+    }
+
+    #[test]
+    fn a_plan_made_in_pieces_is_the_plan_of_the_whole() {
+        let e = [ext(0, 4096, STATE_ZERO), ext(4096, 8192, 0), ext(12288, 20000, STATE_ZERO), ext(32288, 100, 0)];
+        let size = 40000;
+        for block in [1, 512, 4096, 65536] {
+            for dz in [false, true] {
+                check_planner(size, &e, dz, block, &[]);
+                check_planner(size, &e, dz, block, &[4096, 12288, 32288]);
+                check_planner(size, &e, dz, block, &[5000, 5001, 20000, 32300]);
+            }
+        }
+        // Extents that stop short of a cut are gaps: read as data.
+        check_planner(100, &[ext(0, 10, STATE_ZERO), ext(50, 50, STATE_ZERO)], false, 1, &[30, 60]);
     }
 
     #[test]

@@ -5,6 +5,16 @@
 //! lives behind a mutex the copy threads never touch. The copy threads touch the
 //! one other mutex, [`Progress::set_hang`], only when a server stops or starts
 //! answering again.
+//!
+//! A full copy may copy while it still plans (see `copy/`): then the stage stays
+//! [`Stage::Planning`] until the plan is complete, `planned_bytes` is what is
+//! planned so far and `unplanned_bytes` the part of the disk not yet asked
+//! about. [`Snapshot::percent`] divides by `planned_bytes + unplanned_bytes`,
+//! the most the plan can still come to: planning only ever turns unplanned
+//! bytes into planned bytes or into holes, so that denominator never grows while
+//! bytes done never shrink (apart from bytes a failed flush takes back), and the
+//! percentage never goes down. It is the true percentage once the plan is
+//! complete; until then it is a lower bound, and the ETA is unknown.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
@@ -47,8 +57,12 @@ impl Stage {
 pub struct Snapshot {
     pub stage: Stage,
     pub disk_size: u64,
-    /// Bytes the plan reads from the source (the denominator).
+    /// Bytes the plan reads from the source (the denominator), so far while
+    /// planning.
     pub planned_bytes: u64,
+    /// Bytes of the disk the plan has not reached yet: 0 once the plan is
+    /// complete. Each of them may still turn out to be data.
+    pub unplanned_bytes: u64,
     /// Planned bytes read and written (as data or as zeros); reaches `planned_bytes`.
     pub bytes_done: u64,
     /// Bytes sent to the target as payload.
@@ -75,6 +89,19 @@ pub struct Snapshot {
     pub limited: bool,
 }
 
+impl Snapshot {
+    /// Whether the plan is still growing.
+    pub fn planning(&self) -> bool {
+        self.unplanned_bytes > 0
+    }
+
+    /// Bytes done as a percentage of the most the plan can come to (see the
+    /// module's documentation): never goes down, exact once planned.
+    pub fn percent(&self) -> f64 {
+        percent(self.bytes_done, self.planned_bytes + self.unplanned_bytes)
+    }
+}
+
 /// `done` of `total` as a percentage; an empty plan is 100 % done.
 pub fn percent(done: u64, total: u64) -> f64 {
     if total == 0 { 100.0 } else { (done as f64 * 100.0 / total as f64).min(100.0) }
@@ -95,6 +122,13 @@ struct Counters {
     stage: AtomicU8,
     disk_size: AtomicU64,
     planned: AtomicU64,
+    /// The most the plan can come to: planned bytes plus the part of the disk
+    /// not planned yet. One figure, so that a reader never adds a planned part
+    /// to an unplanned part of another moment (the percentage could then dip).
+    bound: AtomicU64,
+    /// Planned bytes below the resume point: counted as done, but not by this
+    /// run, so not as speed.
+    credited: AtomicU64,
     done: AtomicU64,
     written: AtomicU64,
     zeroed: AtomicU64,
@@ -147,11 +181,32 @@ impl Progress {
         let c = &self.0.c;
         c.disk_size.store(disk_size, Relaxed);
         c.planned.store(planned, Relaxed);
+        c.bound.store(planned, Relaxed);
+        c.credited.store(already_done, Relaxed);
         c.done.store(already_done, Relaxed);
         c.skipped.store(skipped, Relaxed);
         if let Ok(mut w) = self.0.window.lock() {
-            w.reset(Instant::now(), already_done);
+            w.reset(Instant::now(), 0);
         }
+    }
+
+    /// Starts a plan that grows while the copy runs: nothing planned yet, the
+    /// whole disk still to be asked about.
+    pub(crate) fn start_plan(&self, disk_size: u64) {
+        self.set_plan(disk_size, 0, 0, 0);
+        self.0.c.bound.store(disk_size, Relaxed);
+    }
+
+    /// More of a growing plan: `planned` bytes to read (`already_done` of them
+    /// below the resume point), `skipped` bytes left alone, and `unplanned`
+    /// bytes of the disk still to be asked about. Called by one thread.
+    pub(crate) fn extend_plan(&self, planned: u64, already_done: u64, skipped: u64, unplanned: u64) {
+        let c = &self.0.c;
+        let total = c.planned.fetch_add(planned, Relaxed) + planned;
+        c.bound.store(total + unplanned, Relaxed);
+        c.credited.fetch_add(already_done, Relaxed);
+        c.done.fetch_add(already_done, Relaxed);
+        c.skipped.fetch_add(skipped, Relaxed);
     }
 
     pub(crate) fn add(&self, t: Tally) {
@@ -184,12 +239,12 @@ impl Progress {
     }
 
     /// A figure that changes whenever the copy moves at all (bytes done,
-    /// written, zeroed or skipped, or the watermark) or waits for the bandwidth
+    /// written, zeroed or skipped, the watermark, or planning) or waits for the bandwidth
     /// limit (a low limit may allow a request only every few minutes); for
     /// stall detection.
     pub(crate) fn work(&self) -> u64 {
         let c = &self.0.c;
-        [&c.done, &c.written, &c.zeroed, &c.skipped, &c.watermark, &c.verified, &c.held]
+        [&c.done, &c.written, &c.zeroed, &c.skipped, &c.watermark, &c.verified, &c.held, &c.bound]
             .iter()
             .fold(0u64, |acc, v| acc.wrapping_add(v.load(Relaxed)))
     }
@@ -221,12 +276,18 @@ impl Progress {
         let now = Instant::now();
         let done = c.done.load(Relaxed);
         let planned = c.planned.load(Relaxed);
+        // Planning only turns unplanned bytes into planned bytes or holes, so the
+        // bound of any moment is at least the planned bytes of a later one.
+        let unplanned = c.bound.load(Relaxed).saturating_sub(planned);
         let stage = Stage::from_u8(c.stage.load(Relaxed));
-        let rate = self.0.window.lock().map(|mut w| w.rate(now, done)).unwrap_or(0.0);
+        let own = done.saturating_sub(c.credited.load(Relaxed));
+        let rate = self.0.window.lock().map(|mut w| w.rate(now, own)).unwrap_or(0.0);
         let held = c.held.load(Relaxed);
         let limited = self.0.held_window.lock().is_ok_and(|mut w| limited(&mut w, now, held));
         let remaining = planned.saturating_sub(done);
-        let eta = if remaining == 0 {
+        let eta = if unplanned > 0 {
+            None
+        } else if remaining == 0 {
             Some(Duration::ZERO)
         } else if rate >= 1.0 {
             Some(Duration::from_secs_f64(remaining as f64 / rate))
@@ -237,6 +298,7 @@ impl Progress {
             stage,
             disk_size: c.disk_size.load(Relaxed),
             planned_bytes: planned,
+            unplanned_bytes: unplanned,
             bytes_done: done,
             bytes_written: c.written.load(Relaxed),
             zeroed_bytes: c.zeroed.load(Relaxed),
@@ -372,6 +434,31 @@ mod tests {
         assert!(limited(&mut w, s(3000), 2_200_000_000));
         // Then no longer held: the window forgets.
         assert!(!limited(&mut w, s(5400), 2_200_000_000));
+    }
+
+    #[test]
+    fn the_percentage_of_a_growing_plan_never_goes_down() {
+        let p = Progress::new();
+        p.start_plan(1000);
+        let mut last = 0.0;
+        let mut check = |p: &Progress, expected: f64| {
+            let s = p.snapshot();
+            assert_eq!(s.percent(), expected, "{s:?}");
+            assert!(s.percent() >= last);
+            last = s.percent();
+        };
+        check(&p, 0.0);
+        // 0..200 planned: 100 data (50 of them below a resume point), 100 hole.
+        p.extend_plan(100, 50, 0, 800);
+        assert!(p.snapshot().planning() && p.snapshot().eta.is_none());
+        check(&p, 50.0 / 900.0 * 100.0);
+        p.add(Tally { done: 50, written: 50, ..Tally::default() });
+        check(&p, 100.0 / 900.0 * 100.0);
+        // The rest is a hole: the bound falls to the plan, the percentage rises.
+        p.extend_plan(0, 0, 0, 0);
+        assert!(!p.snapshot().planning());
+        check(&p, 100.0);
+        assert_eq!(p.snapshot().throughput_bps, 0, "resumed bytes are not speed");
     }
 
     #[test]

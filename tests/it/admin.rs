@@ -313,8 +313,9 @@ fn a_submitted_job_starts_at_once_and_every_read_command_follows_it() {
     assert!(latency < Duration::from_secs(1), "claimed {latency:?} after the submission");
 
     // While it runs: the live view, with the documented shape, by id and by export name.
-    let p = progress_until(&daemon, "job-a", "a connected export", |p| {
-        p["status"] == "Streaming" && p["nbd"]["exports"][0]["connected"] == true
+    // (The stage is Discover until the disk's plan, made while copying, is complete.)
+    let p = progress_until(&daemon, "job-a", "a connected export, planned", |p| {
+        p["status"] == "Streaming" && p["nbd"]["exports"][0]["connected"] == true && p["stage"] == "Transfer"
     });
     check_progress_shape(&p);
     assert_eq!((p["source"].as_str(), p["stage"].as_str()), (Some("live"), Some("Transfer")));

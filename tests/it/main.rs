@@ -18,6 +18,7 @@ mod history;
 mod limits;
 mod orchestrator;
 mod peers;
+mod planning;
 mod trust;
 mod vmware;
 

@@ -2,6 +2,12 @@
 //! aligned boundaries, remembers which chunks are not yet durable, and so knows
 //! the durable watermark. Pure: no I/O, no threads (the workers share it behind
 //! a lock).
+//!
+//! The plan may still be growing while chunks are handed out (a full copy plans
+//! while it copies): the planner [`Dispatcher::push`]es ranges in offset order
+//! and says when the plan is [`Dispatcher::complete`]. Until then an empty queue
+//! means "wait", not "done", and the watermark never passes what is planned: a
+//! checkpoint covers only offsets that are both planned and durable.
 
 use std::collections::BTreeSet;
 
@@ -27,12 +33,54 @@ pub(super) struct Dispatcher {
     zero_max: u64,
     /// Offsets of chunks handed out and not yet durable.
     outstanding: BTreeSet<u64>,
+    /// Everything below this offset is planned (`end` once complete).
+    planned_through: u64,
+    /// No range will be pushed any more.
+    complete: bool,
 }
 
 impl Dispatcher {
+    /// A dispatcher over a complete plan.
     pub(super) fn new(ranges: Vec<plan::Range>, end: u64, copy_max: u64, zero_max: u64) -> Self {
         let pos = ranges.first().map_or(end, |r| r.offset);
-        Self { ranges, idx: 0, pos, end, copy_max, zero_max, outstanding: BTreeSet::new() }
+        Self {
+            ranges,
+            idx: 0,
+            pos,
+            end,
+            copy_max,
+            zero_max,
+            outstanding: BTreeSet::new(),
+            planned_through: end,
+            complete: true,
+        }
+    }
+
+    /// A dispatcher whose plan is still to come, from `start` (the resume
+    /// point: everything below it is durable already) to `end`.
+    pub(super) fn streaming(start: u64, end: u64, copy_max: u64, zero_max: u64) -> Self {
+        let mut d = Self::new(Vec::new(), end, copy_max, zero_max);
+        d.pos = start;
+        d.planned_through = start;
+        d.complete = false;
+        d
+    }
+
+    /// More of the plan: `ranges` (in order, at or after what was pushed
+    /// before) and everything below `through` is planned.
+    pub(super) fn push(&mut self, ranges: impl IntoIterator<Item = plan::Range>, through: u64) {
+        self.ranges.extend(ranges);
+        self.planned_through = self.planned_through.max(through.min(self.end));
+    }
+
+    /// The plan is whole: an empty queue now means the end.
+    pub(super) fn complete(&mut self) {
+        self.complete = true;
+        self.planned_through = self.end;
+    }
+
+    pub(super) fn is_complete(&self) -> bool {
+        self.complete
     }
 
     pub(super) fn next(&mut self) -> Option<Chunk> {
@@ -62,14 +110,15 @@ impl Dispatcher {
     /// in success only when this is `None`.
     pub(super) fn unfinished(&self) -> Option<u64> {
         let w = self.watermark();
-        (w < self.end || !self.outstanding.is_empty()).then_some(w)
+        (!self.complete || w < self.end || !self.outstanding.is_empty()).then_some(w)
     }
 
-    /// Everything planned below this offset is durable.
+    /// Everything below this offset is planned, and everything planned below it
+    /// is durable.
     pub(super) fn watermark(&self) -> u64 {
         let next = match self.ranges[self.idx.min(self.ranges.len())..].iter().find(|r| r.end() > self.pos) {
             Some(r) => self.pos.max(r.offset),
-            None => self.end,
+            None => self.planned_through,
         };
         self.outstanding.first().map_or(next, |&o| o.min(next))
     }
@@ -109,5 +158,26 @@ mod tests {
         assert_eq!(d.watermark(), 500);
         d.durable(e.offset);
         assert_eq!(d.watermark(), 1000, "all done: the end of the disk");
+    }
+
+    #[test]
+    fn a_growing_plan_holds_the_watermark_at_what_is_planned() {
+        let mut d = Dispatcher::streaming(100, 1000, 100, 100);
+        assert_eq!((d.next(), d.watermark(), d.unfinished()), (None, 100, Some(100)), "nothing planned: wait");
+        d.push([r(100, 150, Action::Copy)], 300);
+        let a = d.next().unwrap();
+        let b = d.next().unwrap();
+        assert_eq!((a.offset, b.offset, b.length), (100, 200, 50));
+        assert!(d.next().is_none() && !d.is_complete(), "more may come");
+        d.durable(a.offset);
+        d.durable(b.offset);
+        assert_eq!(d.watermark(), 300, "durable up to what is planned, never past it");
+        d.push([r(600, 100, Action::Zero)], 700);
+        assert_eq!(d.watermark(), 600, "the gap needs nothing");
+        let c = d.next().unwrap();
+        d.durable(c.offset);
+        assert_eq!((d.watermark(), d.unfinished()), (700, Some(700)));
+        d.complete();
+        assert_eq!((d.next(), d.watermark(), d.unfinished()), (None, 1000, None), "all done");
     }
 }

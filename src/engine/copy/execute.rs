@@ -87,17 +87,19 @@ impl Ctx<'_> {
 /// Runs the workers and watches them until all are done: moves the durable
 /// watermark, asks for a flush on every connection each checkpoint interval,
 /// fails a copy that stalls, and reports folded retries. Returns the watermark.
-pub(super) fn execute(ctx: &Ctx<'_>, connections: usize, src: Handle, dst: Handle) -> Result<u64, CopyError> {
+/// The first worker starts on `src` (when given) and `dst`; the others open
+/// their own connections.
+pub(super) fn execute(ctx: &Ctx<'_>, connections: usize, src: Option<Handle>, dst: Handle) -> Result<u64, CopyError> {
     let (done_tx, done_rx) = mpsc::channel::<()>();
-    let mut first = Some((src, dst));
+    let mut first = Some((src, Some(dst)));
     let results: Vec<std::thread::Result<()>> = std::thread::scope(|s| {
         let mut joins = Vec::with_capacity(connections);
         for i in 0..connections {
-            let handles = first.take();
+            let (s_handle, d_handle) = first.take().unwrap_or((None, None));
             let done = done_tx.clone();
             let builder = std::thread::Builder::new().name(format!("copy-{i}"));
             let spawned = builder.spawn_scoped(s, move || {
-                if let Err(e) = Worker::new(ctx, i, handles).run() {
+                if let Err(e) = Worker::new(ctx, i, s_handle, d_handle).run() {
                     ctx.fail(e);
                 }
                 // The receiver outlives every worker; a send error cannot happen.

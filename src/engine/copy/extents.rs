@@ -2,6 +2,9 @@
 //! (a dirty bitmap) while planning: block-status queries over the disk, several
 //! in flight, answers clipped to what was asked, failures retried, and, for
 //! allocation only, a range that cannot be described left to be read as data.
+//! Answers are handed on in offset order as soon as everything before them is
+//! known, so that a full copy can start on the first extents while the rest is
+//! still being asked about.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
@@ -16,6 +19,8 @@ use crate::engine::plan::Extent;
 const EXTENTS_STEP: u64 = 1 << 30;
 /// Block-status queries in flight at once while planning.
 const EXTENTS_IN_FLIGHT: usize = 8;
+/// The smallest piece the rest of a segment is split into (see `rest_in_pieces`).
+const MIN_PIECE: u64 = 64 << 10;
 /// Attempts at a `base:allocation` query before its range is read as data: a
 /// wrong guess costs reading holes, not correctness, so it is not worth the whole
 /// retry budget.
@@ -41,6 +46,25 @@ impl Copier {
         size: u64,
         events: &(dyn Fn(Event) + Sync),
     ) -> Result<(Vec<Extent>, Option<Unmapped>), CopyError> {
+        let mut all = Vec::new();
+        let unmapped = self.extents_in_order(src, ctx, size, events, &|| false, &mut |_, mut e| all.append(&mut e))?;
+        Ok((all, unmapped))
+    }
+
+    /// As [`Copier::extents`], handing the extents to `sink` in offset order as
+    /// soon as everything below them is known: `sink(known, extents)` says that
+    /// the disk is described up to `known`, and `extents` are the new ones
+    /// (a range the source could not describe comes as one data extent). Stops
+    /// with [`CopyError::Cancelled`] when cancelled or when `halt` says so.
+    pub(super) fn extents_in_order(
+        &self,
+        src: &mut Handle,
+        ctx: &str,
+        size: u64,
+        events: &(dyn Fn(Event) + Sync),
+        halt: &dyn Fn() -> bool,
+        sink: &mut dyn FnMut(u64, Vec<Extent>),
+    ) -> Result<Option<Unmapped>, CopyError> {
         let spec = &self.spec;
         let reporter = self.reporter(events);
         let may_guess = ctx == "base:allocation";
@@ -57,8 +81,10 @@ impl Copier {
             attempts,
             error,
         };
-        // Segments still to ask about (start, end, failures, not before); an answer
-        // may cover only a prefix of its segment, and the rest is asked again.
+        // Segments still to ask about (start, end, failures, not before), in offset
+        // order, so that the lowest are asked first and what is known from the
+        // start of the disk grows steadily; an answer may cover only a prefix of
+        // its segment, and the rest is asked again.
         let now = Instant::now();
         let mut todo: VecDeque<(u64, u64, u32, Instant)> =
             (0..size).step_by(EXTENTS_STEP as usize).map(|p| (p, (p + EXTENTS_STEP).min(size), 0, now)).collect();
@@ -66,8 +92,10 @@ impl Copier {
         let mut found: BTreeMap<u64, Extent> = BTreeMap::new();
         let mut unmapped: Option<Unmapped> = None;
         let mut last_reply = Instant::now();
+        // Everything below this offset was handed to `sink`.
+        let mut known = 0;
         while !(todo.is_empty() && asked.is_empty()) {
-            if self.cancel.is_cancelled() {
+            if self.cancel.is_cancelled() || halt() {
                 return Err(CopyError::Cancelled { watermark: spec.resume_from });
             }
             let now = Instant::now();
@@ -103,7 +131,10 @@ impl Copier {
                                 NbdError { message: format!("server returned no extents at offset {start}"), errno: 0 };
                             failed.push((start, end, failures, error));
                         } else if advanced < end {
-                            todo.push_front((advanced, end, 0, Instant::now()));
+                            let now = Instant::now();
+                            for (from, to) in rest_in_pieces(start, advanced, end) {
+                                ask_in_order(&mut todo, (from, to, 0, now));
+                            }
                         }
                     }
                     (Err(error), _) => failed.push((start, end, failures, error)),
@@ -117,13 +148,19 @@ impl Copier {
                 }
                 if error.is_transient() && failures < attempts {
                     reporter.retry(Role::Source, Request::new("block status", start, end - start), failures, &error);
-                    todo.push_front((start, end, failures, Instant::now() + policy.delay(failures)));
+                    ask_in_order(&mut todo, (start, end, failures, Instant::now() + policy.delay(failures)));
                 } else if may_guess {
                     let u = unmapped.get_or_insert_with(|| (0, error.to_string()));
                     u.0 += end - start;
+                    // Read as data: what a plan does with what nothing describes.
+                    found.insert(start, Extent { offset: start, length: end - start, flags: 0 });
                 } else {
                     return Err(io(start, end - start, failures, error));
                 }
+            }
+            let ready = known_prefix(&mut found, &mut known);
+            if !ready.is_empty() {
+                sink(known, ready);
             }
             reporter.flush(false);
             if !asked.is_empty() && last_reply.elapsed() > timeout {
@@ -134,8 +171,55 @@ impl Copier {
                 return Err(io(0, size, 1, error));
             }
         }
-        Ok((found.into_values().collect(), unmapped))
+        if known < size {
+            return Err(CopyError::Internal(format!(
+                "planning ended with the disk described only up to offset {known}"
+            )));
+        }
+        Ok(unmapped)
     }
+}
+
+/// Queues a segment to ask about at its place in offset order.
+fn ask_in_order(todo: &mut VecDeque<(u64, u64, u32, Instant)>, segment: (u64, u64, u32, Instant)) {
+    let at = todo.partition_point(|t| t.0 < segment.0);
+    todo.insert(at, segment);
+}
+
+/// The rest `[advanced, end)` of a segment whose answer stopped at `advanced`,
+/// in the order to ask: pieces the size of what the answer covered (a server
+/// that answers for little at a time will likely do so again), enough to keep
+/// [`EXTENTS_IN_FLIGHT`] queries going, then the tail. A server that answers
+/// slowly for 1 MiB at a time is so asked about 8 MiB at a time, not 1.
+fn rest_in_pieces(start: u64, advanced: u64, end: u64) -> Vec<(u64, u64)> {
+    let piece = (advanced - start).max(MIN_PIECE);
+    let mut out = Vec::with_capacity(EXTENTS_IN_FLIGHT);
+    let mut at = advanced;
+    while out.len() + 1 < EXTENTS_IN_FLIGHT && end - at > piece {
+        out.push((at, at + piece));
+        at += piece;
+    }
+    out.push((at, end));
+    out
+}
+
+/// Takes out of `found` the extents that continue, without a gap, from `known`,
+/// and moves `known` to their end.
+fn known_prefix(found: &mut BTreeMap<u64, Extent>, known: &mut u64) -> Vec<Extent> {
+    let mut out = Vec::new();
+    while let Some(entry) = found.first_entry() {
+        let e = *entry.get();
+        if e.offset > *known {
+            break;
+        }
+        entry.remove();
+        // Segments do not overlap, so this is only defensive.
+        if e.offset + e.length > *known {
+            out.push(e);
+            *known = e.offset + e.length;
+        }
+    }
+    out
 }
 
 /// Adds the extents of `ctx` in `replies` that fall inside `[start, end)` to
@@ -190,5 +274,30 @@ mod tests {
         assert_eq!(take_extents(&[reply("base:allocation", 0, &[10, 0])], "base:allocation", 0, 64, &mut found), 10);
         assert_eq!(take_extents(&replies, "other", 100, 160, &mut found), 100);
         assert_eq!(found.len(), 1);
+    }
+
+    #[test]
+    fn the_rest_of_a_short_answer_is_asked_in_pieces_of_its_size() {
+        const M: u64 = 1 << 20;
+        let got = rest_in_pieces(0, M, 1024 * M);
+        assert_eq!(got.len(), EXTENTS_IN_FLIGHT);
+        assert_eq!(got[..3], [(M, 2 * M), (2 * M, 3 * M), (3 * M, 4 * M)]);
+        assert_eq!(got.last(), Some(&(8 * M, 1024 * M)), "then the tail, in one");
+        assert_eq!(rest_in_pieces(0, M, 3 * M / 2), [(M, 3 * M / 2)]);
+        assert_eq!(rest_in_pieces(0, 1, 3 * MIN_PIECE)[0], (1, 1 + MIN_PIECE), "never tiny pieces");
+    }
+
+    #[test]
+    fn extents_are_handed_on_only_once_everything_below_is_known() {
+        let e = |offset, length| Extent { offset, length, flags: 0 };
+        let mut found: BTreeMap<u64, Extent> = [(100, e(100, 50)), (300, e(300, 10))].into();
+        let mut known = 0;
+        assert!(known_prefix(&mut found, &mut known).is_empty(), "0..100 is not known yet");
+        found.insert(0, e(0, 100));
+        assert_eq!(known_prefix(&mut found, &mut known), [e(0, 100), e(100, 50)]);
+        assert_eq!((known, found.len()), (150, 1));
+        found.insert(150, e(150, 150));
+        assert_eq!(known_prefix(&mut found, &mut known), [e(150, 150), e(300, 10)]);
+        assert_eq!((known, found.len()), (310, 0));
     }
 }

@@ -2,7 +2,18 @@
 //! with many requests in flight over one or more connection pairs.
 //!
 //! Shape: the calling thread plans, then starts one worker thread per connection
-//! pair and watches them. Each worker runs an event loop over its source and target
+//! pair and watches them. A full copy from a source that takes several
+//! connections (it advertises multi-conn) plans *while* it copies instead: a
+//! planning thread asks the source for its allocation on a connection of its
+//! own and pushes the ranges into the dispatcher in offset order as soon as
+//! they are known, and the workers start on the first ones (a worker that finds
+//! the queue empty before the plan is complete waits for more). The watermark
+//! never passes what is planned, so checkpoints and resumes keep their meaning;
+//! a resumed run plans from the start of the disk again and copies from the
+//! resume point. The stage stays `Planning` until the plan is complete, and the
+//! percentage is kept from going down as `progress.rs` explains. Incremental
+//! copies know their changes up front (or from a dirty bitmap, planned first):
+//! they plan first, as does a source that allows one connection only. Each worker runs an event loop over its source and target
 //! handles: it takes chunks from a shared [`Dispatcher`], reads them, splits the data
 //! into data and zero runs, writes those, and flushes its target connection when
 //! the watching thread asks (every checkpoint interval) and at the end. A chunk
@@ -25,6 +36,7 @@
 //!   verify) and what it returns ([`PlanInfo`], [`Summary`])
 //! - `servers.rs`: URI checks, connecting to both servers, what they can do
 //! - `extents.rs`: the block-status queries that planning asks the source
+//! - `planning.rs`: the planning thread of a copy that plans while it copies
 //! - `report.rs`: [`Event`]s, how requests are named, retries folded into a
 //!   few reports
 //! - `dispatcher.rs`: chunks handed out in plan order, the durable watermark
@@ -36,6 +48,7 @@
 mod dispatcher;
 mod execute;
 mod extents;
+mod planning;
 mod report;
 mod servers;
 mod worker;
@@ -89,6 +102,10 @@ pub struct Summary {
     /// Whether the target was flushed (false only for an allowed target without
     /// flush).
     pub flushed: bool,
+    /// Seconds from the first block-status query to the complete plan (0 when
+    /// nothing was asked of the source); overlaps copying when the copy plans
+    /// while it copies.
+    pub planning_seconds: f64,
 }
 
 /// What planning found, before anything is copied.
@@ -107,11 +124,16 @@ pub struct PlanInfo {
     pub done_bytes: u64,
     /// Bytes planned as data because the source could not say what is allocated.
     pub unmapped_bytes: u64,
+    /// Bytes of the disk not planned yet: the whole disk when the copy plans
+    /// while it copies (the figures above are then zero and come through
+    /// [`Progress`]), 0 when the plan is complete.
+    pub unplanned_bytes: u64,
 }
 
 /// A plan and, until parked or used, the connections it was made on.
 struct Prepared {
-    plan: Plan,
+    /// The plan, or `None` when `run` plans while it copies.
+    plan: Option<Plan>,
     /// Where this run starts: the resume offset, in whole blocks.
     resume: u64,
     unmapped_bytes: u64,
@@ -127,6 +149,8 @@ pub struct Copier {
     prepared: Mutex<Option<Prepared>>,
     retry_log: Mutex<RetryLog<RetryKey>>,
     fence: Fence,
+    /// When planning started, and how long it took once complete.
+    plan_clock: Mutex<(Option<Instant>, f64)>,
 }
 
 impl Copier {
@@ -139,6 +163,7 @@ impl Copier {
             prepared: Mutex::new(None),
             retry_log,
             fence: Fence::default(),
+            plan_clock: Mutex::new((None, 0.0)),
         }
     }
 
@@ -176,16 +201,35 @@ impl Copier {
             events(Event::NoFlush);
         }
         self.set_stage(Stage::Planning, events);
-        let (plan, unmapped) = self.plan(&mut src, &servers, events)?;
-        if spec.resume_from > plan.disk_size {
+        self.plan_clock.lock().unwrap_or_else(|e| e.into_inner()).0 = Some(Instant::now());
+        if spec.resume_from > servers.source_size {
             return Err(CopyError::Internal(format!(
                 "resume offset {} is beyond the end of the disk ({} bytes)",
-                spec.resume_from, plan.disk_size
+                spec.resume_from, servers.source_size
             )));
         }
         // A watermark is a chunk's start, so whole blocks, unless an earlier run
         // had other servers: then the block it falls in is copied again.
         let resume = spec.resume_from / servers.min_block * servers.min_block;
+        if self.plans_while_copying(&servers) {
+            let info = PlanInfo {
+                disk_size: servers.source_size,
+                planned_bytes: 0,
+                blocks: 0,
+                zero_bytes: 0,
+                skipped_bytes: 0,
+                done_bytes: 0,
+                unmapped_bytes: 0,
+                unplanned_bytes: servers.source_size,
+            };
+            self.progress.start_plan(info.disk_size);
+            self.progress.set_watermark(resume);
+            *self.lock_prepared() =
+                Some(Prepared { plan: None, resume, unmapped_bytes: 0, conns: Some((src, dst, servers)) });
+            return Ok(info);
+        }
+        let (plan, unmapped) = self.plan(&mut src, &servers, events)?;
+        self.planned_now();
         let unmapped_bytes = unmapped.as_ref().map_or(0, |u| u.0);
         if let Some((bytes, error)) = unmapped {
             events(Event::Unmapped { bytes, error });
@@ -198,12 +242,27 @@ impl Copier {
             skipped_bytes: plan.bytes(Action::Skip),
             done_bytes: plan.planned_below(resume),
             unmapped_bytes,
+            unplanned_bytes: 0,
         };
         self.progress.set_plan(info.disk_size, info.planned_bytes, info.done_bytes, info.skipped_bytes);
         self.progress.set_watermark(resume);
         events(Event::Planned { disk_size: info.disk_size, planned_bytes: info.planned_bytes, blocks: info.blocks });
-        *self.lock_prepared() = Some(Prepared { plan, resume, unmapped_bytes, conns: Some((src, dst, servers)) });
+        *self.lock_prepared() =
+            Some(Prepared { plan: Some(plan), resume, unmapped_bytes, conns: Some((src, dst, servers)) });
         Ok(info)
+    }
+
+    /// The plan is complete: stops the planning clock.
+    fn planned_now(&self) {
+        let mut clock = self.plan_clock.lock().unwrap_or_else(|e| e.into_inner());
+        clock.1 = clock.0.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    }
+
+    /// Whether this copy plans while it copies: a full copy whose source describes
+    /// its allocation and takes another connection for the planning (multi-conn;
+    /// a server such as `qemu-nbd -e 1` would make it wait forever).
+    fn plans_while_copying(&self, servers: &Servers) -> bool {
+        matches!(self.spec.changes, Changes::Full) && servers.base_allocation && servers.source_multi_conn
     }
 
     /// Closes the connections a prepared copy holds (while it waits its turn, say);
@@ -244,17 +303,25 @@ impl Copier {
             Some(c) => c,
             None => self.connect_pair(events)?,
         };
-        let ranges: Vec<plan::Range> =
-            plan.remaining_from(resume).into_iter().filter(|r| r.action != Action::Skip).collect();
-        let planned = plan.planned_bytes();
-
         let t = &spec.tuning;
         let connections = if servers.multi_conn { t.connections.max(1) } else { 1 };
         let request_size = servers.request_size(t.request_size);
         let per_conn_bufs = (t.buffer_bytes / request_size / connections).max(1);
         let slots = t.requests.max(1).min(per_conn_bufs);
-        self.set_stage(Stage::Copying, events);
         let zero_max = if servers.can_zero { MAX_ZERO_REQUEST } else { request_size as u64 };
+        let (copy_max, disk_size) = (request_size as u64, servers.source_size);
+        let dispatcher = match &plan {
+            Some(plan) => {
+                let ranges = plan.remaining_from(resume).into_iter().filter(|r| r.action != Action::Skip).collect();
+                self.set_stage(Stage::Copying, events);
+                Dispatcher::new(ranges, plan.disk_size, copy_max, zero_max)
+            }
+            None => {
+                // New connections (a parked copy) went through `Connecting`.
+                self.set_stage(Stage::Planning, events);
+                Dispatcher::streaming(resume, disk_size, copy_max, zero_max)
+            }
+        };
         let ctx = Ctx {
             spec,
             progress: &self.progress,
@@ -262,7 +329,7 @@ impl Copier {
             fence: &self.fence,
             events,
             reporter: self.reporter(events),
-            dispatcher: Mutex::new(Dispatcher::new(ranges, plan.disk_size, request_size as u64, zero_max)),
+            dispatcher: Mutex::new(dispatcher),
             stop: AtomicBool::new(false),
             failure: Mutex::new(None),
             fast_zero: AtomicBool::new(servers.can_fast_zero),
@@ -279,7 +346,30 @@ impl Copier {
             min_block: servers.min_block as usize,
             slots,
         };
-        let watermark = execute(&ctx, connections, src, dst)?;
+        let (plan, unmapped_bytes, watermark) = match plan {
+            Some(plan) => (plan, unmapped_bytes, execute(&ctx, connections, Some(src), dst)),
+            // The planning thread keeps the first source connection; the workers
+            // open their own.
+            None => std::thread::scope(|s| {
+                let planner = std::thread::Builder::new()
+                    .name("plan".into())
+                    .spawn_scoped(s, || self.plan_while_copying(&ctx, src, &servers, resume));
+                let planner = match planner {
+                    Ok(p) => p,
+                    Err(e) => return Err(CopyError::Internal(format!("cannot start the planning thread: {e}"))),
+                };
+                let watermark = execute(&ctx, connections, None, dst);
+                match (planner.join(), watermark) {
+                    (Ok(Some((plan, unmapped))), w) => Ok((plan, unmapped, w)),
+                    // Planning stopped because the copy failed or was cancelled
+                    // (or failed it): the copy's error says why.
+                    (Ok(None), Err(e)) => Err(e),
+                    (Ok(None), Ok(_)) => Err(CopyError::Internal("the copy ended before its plan did".into())),
+                    (Err(_), _) => Err(CopyError::Internal("the planning thread panicked".into())),
+                }
+            })?,
+        };
+        let watermark = watermark?;
         let copied = Instant::now();
 
         let verified = if spec.verify {
@@ -312,7 +402,7 @@ impl Copier {
         let this_run = s.bytes_done - plan.planned_below(resume);
         Ok(Summary {
             disk_size: plan.disk_size,
-            planned_bytes: planned,
+            planned_bytes: plan.planned_bytes(),
             bytes_transferred: s.bytes_done,
             bytes_written: s.bytes_written,
             zeroed_bytes: s.zeroed_bytes,
@@ -325,6 +415,7 @@ impl Copier {
             watermark,
             unmapped_bytes,
             flushed: servers.can_flush,
+            planning_seconds: self.plan_clock.lock().unwrap_or_else(|e| e.into_inner()).1,
         })
     }
 

@@ -90,7 +90,10 @@ pub fn validate_uri(role: Role, uri: &str) -> Result<(), CopyError> {
 pub(super) struct Servers {
     pub(super) source_size: u64,
     pub(super) base_allocation: bool,
+    /// Both servers advertise multi-conn.
     pub(super) multi_conn: bool,
+    /// The source does: it takes another connection, for planning.
+    pub(super) source_multi_conn: bool,
     pub(super) can_zero: bool,
     pub(super) can_fast_zero: bool,
     pub(super) can_flush: bool,
@@ -141,11 +144,12 @@ impl Servers {
         if !can_flush && !spec.allow_no_flush {
             return Err(CopyError::NoFlush { uri: spec.target.clone() });
         }
+        let source_multi_conn = src.can_multi_conn().map_err(q(Role::Source, "flags"))?;
         Ok(Self {
             source_size,
             base_allocation,
-            multi_conn: src.can_multi_conn().map_err(q(Role::Source, "flags"))?
-                && dst.can_multi_conn().map_err(q(Role::Target, "flags"))?,
+            multi_conn: source_multi_conn && dst.can_multi_conn().map_err(q(Role::Target, "flags"))?,
+            source_multi_conn,
             can_zero: dst.can_zero().map_err(q(Role::Target, "flags"))?,
             can_fast_zero: dst.can_fast_zero().map_err(q(Role::Target, "flags"))?,
             can_flush,
@@ -205,6 +209,7 @@ mod tests {
             source_size: 0,
             base_allocation: true,
             multi_conn: false,
+            source_multi_conn: false,
             can_zero: true,
             can_fast_zero: false,
             can_flush: true,

@@ -58,6 +58,10 @@ struct InFlight {
     fast_zero: bool,
 }
 
+/// How long a worker waits before it looks for new chunks when the queue was
+/// empty while the plan still grows.
+const PLAN_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+
 pub(super) struct Worker<'a> {
     ctx: &'a Ctx<'a>,
     /// Which worker this is, for the progress's list of waits.
@@ -81,7 +85,10 @@ pub(super) struct Worker<'a> {
     allocated: usize,
     zero_buf: Option<Arc<Vec<u8>>>,
     runs: Vec<zero::Run>,
+    /// No chunk left to take: the plan is complete and handed out.
     exhausted: bool,
+    /// The queue was empty but the plan is still growing: more will come.
+    starved: bool,
     /// Counted as finished in `Ctx::unfinished`.
     finished: bool,
     /// What this worker last reported as waited on.
@@ -94,11 +101,7 @@ pub(super) struct Worker<'a> {
 
 impl<'a> Worker<'a> {
     /// A worker on the given connections, or on new ones made by its first loop.
-    pub(super) fn new(ctx: &'a Ctx<'a>, id: usize, handles: Option<(Handle, Handle)>) -> Self {
-        let (s, d) = match handles {
-            Some((s, d)) => (Some(s), Some(d)),
-            None => (None, None),
-        };
+    pub(super) fn new(ctx: &'a Ctx<'a>, id: usize, s: Option<Handle>, d: Option<Handle>) -> Self {
         Self {
             ctx,
             id,
@@ -119,6 +122,7 @@ impl<'a> Worker<'a> {
             zero_buf: None,
             runs: Vec::new(),
             exhausted: false,
+            starved: false,
             finished: false,
             hang: None,
             held_until: None,
@@ -248,6 +252,7 @@ impl<'a> Worker<'a> {
     /// bandwidth limit says wait). Only data costs bandwidth: reads, and zeros
     /// sent as data to a target that cannot zero; zero requests are free.
     fn issue(&mut self) -> Result<(), CopyError> {
+        self.starved = false;
         let now = Instant::now();
         if self.held_until.is_some_and(|t| t > now) {
             return Ok(());
@@ -258,11 +263,17 @@ impl<'a> Worker<'a> {
                 self.retry.swap_remove(i).1
             } else if self.exhausted {
                 break;
-            } else if let Some(c) = self.ctx.dispatcher().next() {
-                c
             } else {
-                self.exhausted = true;
-                break;
+                let mut d = self.ctx.dispatcher();
+                match d.next() {
+                    Some(c) => c,
+                    None => {
+                        // Asked under the same lock: nothing can be pushed in between.
+                        self.exhausted = d.is_complete();
+                        self.starved = !self.exhausted;
+                        break;
+                    }
+                }
             };
             match chunk.action {
                 Action::Copy => {
@@ -454,7 +465,9 @@ impl<'a> Worker<'a> {
     fn wait(&mut self) {
         self.fenced();
         let now = Instant::now();
-        let mut timeout = TICK;
+        // Waiting for the plan to grow: look again soon, as the planning thread
+        // cannot wake a worker that polls its sockets.
+        let mut timeout = if self.starved { PLAN_WAIT } else { TICK };
         for (t, _) in &self.retry {
             timeout = timeout.min(t.saturating_duration_since(now));
         }

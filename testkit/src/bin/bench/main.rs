@@ -18,6 +18,11 @@
 //!   (delay-write)
 //! - `wan-25ms-1gbit`, `wan-50ms-10gbit`: `pattern` behind nbdkit's rate and
 //!   delay filters (1 Gbit/s and 25 ms per read; 10 Gbit/s and 50 ms) → memory
+//! - `slow-extents`: sparse-random (50 % in 1 MiB runs) behind nbdkit's
+//!   blocksize filter (block status answered for at most 4 MiB at a time) and
+//!   delay filter (`delay-extents`, 20 ms) → sparse-random, same seed; also
+//!   times blockrepl from the same disk without the delay (the copy alone) and
+//!   reports blockrepl's planning time (see `planning.rs`)
 //! - `daemon`: N disks (`--disks`, default 4) copied in each round by one job of
 //!   `blockrepl serve` queued with plain SQL in a private MariaDB, by N parallel
 //!   `nbdcopy --flush` and by N parallel `blockrepl copy` (see `daemon.rs`).
@@ -36,6 +41,7 @@
 mod daemon;
 mod load;
 mod pair;
+mod planning;
 mod report;
 mod run;
 mod scenario;
@@ -56,6 +62,7 @@ fn scenarios() -> Vec<Box<dyn Scenario>> {
     for p in pair::pairs() {
         all.push(Box::new(p));
     }
+    all.push(Box::new(planning::SlowExtents));
     all.push(Box::new(daemon::DaemonJob));
     all.push(Box::new(load::Load));
     all

@@ -21,7 +21,7 @@ const EXAMPLES: &str = "examples:
 #[command(name = "scripts/bench", bin_name = "scripts/bench", after_help = EXAMPLES)]
 pub struct Options {
     /// Scenarios to run (default: all of dense, sparse, sparse-zero, latency,
-    /// wan-25ms-1gbit, wan-50ms-10gbit, daemon; daemon is skipped with a note when MariaDB is not installed and it
+    /// wan-25ms-1gbit, wan-50ms-10gbit, slow-extents, daemon; daemon is skipped with a note when MariaDB is not installed and it
     /// was not named; load runs only when named)
     #[arg(value_name = "SCENARIO")]
     pub scenarios: Vec<String>,
@@ -53,6 +53,14 @@ pub struct Options {
     /// WAN scenarios (wan-25ms-1gbit, wan-50ms-10gbit): default 1G (256M with --quick)
     #[arg(long, value_parser = parse_size)]
     wan_size: Option<u64>,
+    /// slow-extents scenario: size of the source (sparse-random, 50 %); default
+    /// 4G (1G with --quick)
+    #[arg(long, value_parser = parse_size)]
+    extents_size: Option<u64>,
+    /// slow-extents scenario: nbdkit's delay-extents, added to every
+    /// block-status query (each answered for at most 4 MiB)
+    #[arg(long, default_value = "20ms")]
+    extents_delay: String,
     /// Latency scenario: delay per request, nbdkit syntax
     #[arg(long, default_value = "2ms")]
     delay: String,
@@ -129,6 +137,8 @@ pub struct Settings {
     pub seed: u64,
     pub latency_size: u64,
     pub wan_size: u64,
+    pub extents_size: u64,
+    pub extents_delay: String,
     pub delay: String,
     pub no_write_delay: bool,
     pub disks: u32,
@@ -188,6 +198,8 @@ impl Options {
             seed: self.seed,
             latency_size: size(self.latency_size, 2 << 30, 256 << 20),
             wan_size: size(self.wan_size, 1 << 30, 256 << 20),
+            extents_size: size(self.extents_size, 4 << 30, 1 << 30),
+            extents_delay: self.extents_delay.clone(),
             delay: self.delay.clone(),
             no_write_delay: self.no_write_delay,
             disks: self.disks,
