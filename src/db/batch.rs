@@ -308,8 +308,9 @@ pub fn update_disks(
             "vm_disks",
             chunk,
             &columns,
-            ("(job_id, disk_id)", &|(_, u): &Row<'_>, st: &mut Statement| {
-                st.sql("(").text(&u.job_id).sql(", ").text(&u.disk_id).sql(")");
+            // The first column of the unique key (job, disk): a plain list.
+            ("job_id", &|(_, u): &Row<'_>, st: &mut Statement| {
+                st.text(&u.job_id);
             }),
             |(_, u), st| {
                 st.sql("job_id = ").text(&u.job_id).sql(" AND disk_id = ").text(&u.disk_id);

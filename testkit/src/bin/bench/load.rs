@@ -446,7 +446,12 @@ fn queue_and_watch(
                 return Ok((queued, t0.elapsed(), samples));
             }
             if fin > 0 {
-                return Err(Stop::failed(format!("load: {fin} job(s) finished before all ran: raise --load-size")));
+                let why = pairs(
+                    conn,
+                    "SELECT id AS k, COALESCE(error_message, status) AS v FROM replication_jobs \
+                     WHERE status IN ('completed', 'failed') LIMIT 1",
+                )?;
+                return Err(Stop::failed(format!("load: {fin} job(s) finished before all ran, first: {why:?}")));
             }
             if t0.elapsed() > RUNNING_DEADLINE {
                 return Err(Stop::failed(format!("load: not every job is streaming after {RUNNING_DEADLINE:?}")));
