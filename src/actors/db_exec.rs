@@ -282,7 +282,15 @@ impl DbExec {
                 lock_limit,
                 |c| db::lock_node(c, node, session, NODE_LOCK_WAIT),
             ) {
-                Ok(id) => self.session = Some(id),
+                Ok(id) => {
+                    self.session = Some(id);
+                    if let Err(e) =
+                        self.link.run(|| "choosing the isolation level".into(), lock_limit, db::prefer_read_committed)
+                    {
+                        self.link.disconnect();
+                        return Err(e);
+                    }
+                }
                 Err(e) => {
                     // Never write on a connection that does not hold the lock.
                     self.link.disconnect();

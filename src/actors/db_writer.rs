@@ -191,6 +191,17 @@ impl DbWriter {
                     self.send_due(ctx, true);
                 }
             }
+            // Another writer held the rows (two daemons' batches, or a claim):
+            // the database is fine; everything goes back and out again at the
+            // next tick.
+            Some(e) if e.is_lock_conflict() => {
+                tracing::info!(error = %e, "a batch of writes met another transaction's locks; writing it again");
+                self.put_back(done.unwritten);
+                // Whoever waits for a flush (a stop, a claim) waits for the retry.
+                if !self.flush_waiters.is_empty() {
+                    self.send_due(ctx, true);
+                }
+            }
             Some(e) => {
                 self.stats.failures += 1;
                 if self.stats.available {

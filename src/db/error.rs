@@ -114,9 +114,14 @@ impl DbError {
     /// statement because of other transactions (a deadlock, which rolls the whole
     /// transaction back, or a lock wait that timed out).
     pub fn is_retryable(&self) -> bool {
-        self.is_unavailable()
-            || matches!(self, DbError::Query { error: DieselError::DatabaseError(_, info), .. }
-                if LOCKS.iter().any(|m| info.message().to_ascii_lowercase().contains(m)))
+        self.is_unavailable() || self.is_lock_conflict()
+    }
+
+    /// A deadlock or lock-wait timeout: another transaction held the rows, the
+    /// database itself is fine.
+    pub fn is_lock_conflict(&self) -> bool {
+        matches!(self, DbError::Query { error: DieselError::DatabaseError(_, info), .. }
+            if LOCKS.iter().any(|m| info.message().to_ascii_lowercase().contains(m)))
     }
 
     /// True when the database could not be reached or the connection broke, so

@@ -56,6 +56,30 @@ pub use self::{
 #[allow(unused_imports)]
 pub use self::models::Word;
 
+/// Makes the writer's session use READ COMMITTED, unless the server's binary log
+/// needs statements to run under REPEATABLE READ (`binlog_format = STATEMENT`).
+/// The writer's batches update many rows by key in one statement; under
+/// REPEATABLE READ such a statement also locks the index entry after each
+/// key, which may be another daemon's row, and two daemons' batches then
+/// deadlock each other again and again. Under READ COMMITTED a statement locks
+/// only the rows it changes. Returns whether it did.
+pub fn prefer_read_committed(conn: &mut MysqlConnection) -> Result<bool, DbError> {
+    #[derive(QueryableByName)]
+    struct Allowed {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        ok: i64,
+    }
+    let allowed: Allowed =
+        diesel::sql_query("SELECT CAST(@@log_bin = 0 OR @@binlog_format <> 'STATEMENT' AS SIGNED) AS ok")
+            .get_result(conn)
+            .map_err(DbError::query("reading the binary log's format"))?;
+    if allowed.ok == 1 {
+        conn.batch_execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .map_err(DbError::query("choosing READ COMMITTED"))?;
+    }
+    Ok(allowed.ok == 1)
+}
+
 /// Opens a connection and makes its session work in UTC, so that the schema's
 /// `CURRENT_TIMESTAMP(6)` defaults and `ON UPDATE` clauses store UTC like
 /// everything else. The error never contains the URL's password, and tells
@@ -104,6 +128,15 @@ mod tests {
         ping(&mut conn).unwrap();
         let tz: Tz = diesel::sql_query("SELECT @@session.time_zone AS tz").get_result(&mut conn).unwrap();
         assert_eq!(tz.tz, "+00:00");
+    }
+
+    #[test]
+    fn the_writers_session_reads_committed_rows_when_the_binary_log_allows() {
+        let (_db, mut conn) = fresh("read_committed");
+        // The test server keeps no binary log.
+        assert!(prefer_read_committed(&mut conn).unwrap());
+        let level: Tz = diesel::sql_query("SELECT @@session.tx_isolation AS tz").get_result(&mut conn).unwrap();
+        assert_eq!(level.tz, "READ-COMMITTED");
     }
 
     /// One line, with the redacted URL and without the password; `healable`: a

@@ -56,21 +56,24 @@ impl NbdError {
     }
 
     /// True for failures that may succeed when tried again, possibly on a new
-    /// connection: I/O errors, a dropped or reset connection, timeouts.
+    /// connection: I/O errors, a dropped or reset connection, timeouts. A server
+    /// that closes the connection (libnbd says so without an errno, e.g. an
+    /// overloaded server during the handshake) is a dropped connection too.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self.errno,
-            libc::EIO
-                | libc::ENOTCONN
-                | libc::ESHUTDOWN
-                | libc::ECONNRESET
-                | libc::ECONNABORTED
-                | libc::ECONNREFUSED
-                | libc::EPIPE
-                | libc::ETIMEDOUT
-                | libc::EAGAIN
-                | libc::EINTR
-        )
+        (self.errno == 0 && self.message.contains("server disconnected unexpectedly"))
+            || matches!(
+                self.errno,
+                libc::EIO
+                    | libc::ENOTCONN
+                    | libc::ESHUTDOWN
+                    | libc::ECONNRESET
+                    | libc::ECONNABORTED
+                    | libc::ECONNREFUSED
+                    | libc::EPIPE
+                    | libc::ETIMEDOUT
+                    | libc::EAGAIN
+                    | libc::EINTR
+            )
     }
 }
 

@@ -44,7 +44,7 @@ pub struct Load;
 /// Source/target pairs the jobs share (in steady state, one pair per
 /// [`JOBS_PER_PAIR`] jobs running at once).
 const PAIRS: u32 = 4;
-const JOBS_PER_PAIR: u32 = 50;
+const JOBS_PER_PAIR: u32 = 20;
 /// Jobs queued per transaction.
 const BATCH: u32 = 100;
 /// The pause between two API requests to one daemon.
@@ -61,9 +61,10 @@ const ENDPOINTS: [&str; 3] = ["jobs", "progress/ID", "health"];
 const WRITES: &str = "'COM_INSERT','COM_UPDATE','COM_DELETE','COM_REPLACE','COM_INSERT_SELECT'";
 /// Reads this benchmark makes per sample (the counters and the statuses).
 const OWN_PER_SAMPLE: u64 = 2;
-/// How long statements are counted in steady state, and how long before that
-/// the probes pause (so that none is in flight).
-const STEADY_WINDOW: Duration = Duration::from_secs(30);
+/// How long statements are counted in steady state (longer than a lease
+/// renewal's period, 40 s by default, so that a round of renewals is in it),
+/// and how long before that the probes pause (so that none is in flight).
+const STEADY_WINDOW: Duration = Duration::from_secs(60);
 const STEADY_SETTLE: Duration = Duration::from_secs(3);
 /// How long every job may take to be running, in steady-state mode.
 const RUNNING_DEADLINE: Duration = Duration::from_secs(900);
@@ -203,12 +204,20 @@ impl Scenario for Load {
         let mut uris = Vec::new();
         let pairs = if o.steady.is_some() { o.jobs.div_ceil(JOBS_PER_PAIR).max(PAIRS) } else { PAIRS };
         for i in 0..pairs {
-            let args = strings(&[
+            let mut args = strings(&[
                 "sparse-random",
                 &format!("size={size}"),
                 "percent=50",
                 &format!("seed={}", o.seed + u64::from(i)),
             ]);
+            // Short runs of data: with the default runs (megabytes long) some
+            // seeds make a 64M disk all holes, a job that is done at once.
+            if o.steady.is_some() {
+                args.push("runlength=65536".into());
+                // Each of nbdkit's connections has 16 threads by default: with a
+                // thousand connections the machine runs out of threads.
+                args.insert(0, "--threads=2".into());
+            }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let source = Server::nbdkit_under(dir, &format!("source{i}"), &args, OWN_SESSION);
             let target = Server::nbdkit_under(dir, &format!("target{i}"), &args, OWN_SESSION);
@@ -451,7 +460,36 @@ fn queue_and_watch(
                     "SELECT id AS k, COALESCE(error_message, status) AS v FROM replication_jobs \
                      WHERE status IN ('completed', 'failed') LIMIT 1",
                 )?;
-                return Err(Stop::failed(format!("load: {fin} job(s) finished before all ran, first: {why:?}")));
+                let events = match why.first() {
+                    Some((id, _)) => pairs(
+                        conn,
+                        &format!(
+                            "SELECT CAST(id AS CHAR) AS k, message AS v FROM job_events WHERE job_id = '{id}' ORDER BY id"
+                        ),
+                    )?,
+                    None => Vec::new(),
+                };
+                let events: Vec<&str> = events.iter().map(|(_, m)| m.as_str()).collect();
+                let id = why.first().map(|w| w.0.clone()).unwrap_or_default();
+                let disk = pairs(
+                    conn,
+                    &format!(
+                        "SELECT source_uri AS k, CONCAT_WS(' ', capacity_bytes, planned_bytes, bytes_synced, \
+                         skipped_bytes) AS v FROM vm_disks WHERE job_id = '{id}'"
+                    ),
+                )?;
+                let log: Vec<String> = nodes
+                    .iter()
+                    .flat_map(|n| {
+                        n.daemon.log_text().lines().filter(|l| l.contains(&id)).map(str::to_string).collect::<Vec<_>>()
+                    })
+                    .collect();
+                return Err(Stop::failed(format!(
+                    "load: {fin} job(s) finished before all ran, first: {why:?}; its events: {}; its disk \
+                     (capacity planned synced skipped): {disk:?}; its log:\n{}",
+                    events.join(" | "),
+                    log.join("\n")
+                )));
             }
             if t0.elapsed() > RUNNING_DEADLINE {
                 return Err(Stop::failed(format!("load: not every job is streaming after {RUNNING_DEADLINE:?}")));
