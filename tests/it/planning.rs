@@ -75,6 +75,9 @@ fn watch(db: &crate::mariadb::TestDb, daemon: &Daemon, id: &str) -> Vec<Sample> 
         }
         let st = job(db, id, "status").unwrap_or_default();
         if st == "completed" {
+            // The job may have ended between the sample and this read: one more,
+            // of the finished job, so that the last sample is its end.
+            seen.extend(sample(daemon, id));
             return seen;
         }
         assert_ne!(st, "failed", "{:?}\n{}", job(db, id, "error_message"), daemon.log_text());
