@@ -63,6 +63,17 @@ impl Statement {
         self.bind(Value::Text(Some(s.to_string())))
     }
 
+    /// `id = ? AND owner_node = ? AND owner_run = ?`: job `job`'s row while
+    /// `owner` holds it (the fence of every write of a job's rows).
+    fn held(&mut self, job: &str, owner: &Owner) -> &mut Self {
+        self.sql("id = ")
+            .text(job)
+            .sql(" AND owner_node = ")
+            .text(&owner.node)
+            .sql(" AND owner_run = ")
+            .text(&owner.run)
+    }
+
     fn query(self) -> diesel::query_builder::BoxedSqlQuery<'static, Mysql, diesel::query_builder::SqlQuery> {
         let mut q = diesel::sql_query(self.sql).into_boxed::<Mysql>();
         for v in self.values {
@@ -322,13 +333,7 @@ pub fn update_disks(
                 st.sql("job_id = ").text(&u.job_id).sql(" AND disk_id = ").text(&u.disk_id);
             },
             |(owner, u), st| {
-                st.sql(" AND job_id IN (SELECT id FROM replication_jobs WHERE id = ")
-                    .text(&u.job_id)
-                    .sql(" AND owner_node = ")
-                    .text(&owner.node)
-                    .sql(" AND owner_run = ")
-                    .text(&owner.run)
-                    .sql(")");
+                st.sql(" AND job_id IN (SELECT id FROM replication_jobs WHERE ").held(&u.job_id, owner).sql(")");
             },
         );
         let updated = st.execute(conn, &format!("updating {} disks", chunk.len()))?;
@@ -342,12 +347,8 @@ pub fn update_disks(
                 .text(&u.job_id)
                 .sql(" AND disk_id = ")
                 .text(&u.disk_id)
-                .sql(" AND job_id IN (SELECT id FROM replication_jobs WHERE id = ")
-                .text(&u.job_id)
-                .sql(" AND owner_node = ")
-                .text(&owner.node)
-                .sql(" AND owner_run = ")
-                .text(&owner.run)
+                .sql(" AND job_id IN (SELECT id FROM replication_jobs WHERE ")
+                .held(&u.job_id, owner)
                 .sql(")");
             let held: Count =
                 st.query().get_result(conn).map_err(DbError::query("checking a disk's owner".to_string()))?;
@@ -392,12 +393,8 @@ pub fn insert_owned_events(conn: &mut MysqlConnection, events: &[(&Owner, &NewJo
                 .text(&ev.message)
                 .sql(", COALESCE(")
                 .bind(Value::Time(ev.created_at))
-                .sql(", UTC_TIMESTAMP(6)) FROM replication_jobs WHERE id = ")
-                .text(&ev.job_id)
-                .sql(" AND owner_node = ")
-                .text(&owner.node)
-                .sql(" AND owner_run = ")
-                .text(&owner.run);
+                .sql(", UTC_TIMESTAMP(6)) FROM replication_jobs WHERE ")
+                .held(&ev.job_id, owner);
         }
         written += st.execute(conn, &format!("inserting {} events", chunk.len()))?;
     }
