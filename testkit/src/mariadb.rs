@@ -124,6 +124,9 @@ impl MariaDb {
         install
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
+            // Its own temporary tables: two installs at once (two test
+            // processes) collided on names in /tmp.
+            .arg(format!("--tmpdir={}", dir.display()))
             .arg("--skip-test-db")
             .arg("--auth-root-authentication-method=socket")
             .arg(format!("--auth-root-socket-user={os_user}"))
