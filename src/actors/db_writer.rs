@@ -55,6 +55,8 @@ pub struct DbWriter {
     /// No batch before this (the database failed recently).
     retry_at: Option<Instant>,
     flush_waiters: Vec<tokio::sync::oneshot::Sender<Result<(), DbError>>>,
+    /// Ending jobs waiting for their last writes ([`JobWritten`]).
+    job_waiters: Vec<(String, tokio::sync::oneshot::Sender<Result<(), DbError>>)>,
     stats: DbStats,
 }
 
@@ -81,12 +83,38 @@ impl DbWriter {
             in_flight_writes: 0,
             retry_at: None,
             flush_waiters: Vec::new(),
+            job_waiters: Vec::new(),
             stats: DbStats { available: true, ..DbStats::default() },
         }
     }
 
     fn pending(&self) -> usize {
         self.jobs.len() + self.disks.len() + self.records.len() + self.releases.len() + self.renewals.len()
+    }
+
+    /// Something of `job` waits to be written, or may be in the batch in flight.
+    fn holds(&self, job: &str) -> bool {
+        self.in_flight
+            || self.jobs.contains_key(job)
+            || self.disks.keys().any(|(j, _)| j == job)
+            || self.releases.iter().any(|r| r.job_id == job)
+    }
+
+    /// Answers the ending jobs whose writes are all out, or all of them with
+    /// `error` (the database is away: their rows catch up later).
+    fn answer_jobs(&mut self, error: Option<&DbError>) {
+        let waiters = std::mem::take(&mut self.job_waiters);
+        for (job, w) in waiters {
+            match error {
+                Some(e) => {
+                    let _ = w.send(Err(DbError::Unflushed { error: e.to_string() }));
+                }
+                None if !self.holds(&job) => {
+                    let _ = w.send(Ok(()));
+                }
+                None => self.job_waiters.push((job, w)),
+            }
+        }
     }
 
     /// Takes what is due into a batch and sends it, unless one is in flight.
@@ -185,6 +213,11 @@ impl DbWriter {
                 }
                 self.stats.available = true;
                 self.retry_at = None;
+                self.answer_jobs(None);
+                if !self.job_waiters.is_empty() {
+                    // Their releases and last rows go out now, not at the next tick.
+                    self.send_due(ctx, false);
+                }
                 if self.pending() == 0 {
                     self.answer_flushes(Ok(()));
                 } else if !self.flush_waiters.is_empty() {
@@ -210,6 +243,7 @@ impl DbWriter {
                 self.stats.available = false;
                 self.retry_at = Some(Instant::now() + self.retry_interval);
                 self.put_back(done.unwritten);
+                self.answer_jobs(Some(&e));
                 self.answer_flushes(Err(e));
             }
         }
@@ -351,6 +385,19 @@ impl Handler<Flush> for DbWriter {
         self.flush_waiters.push(tx);
         self.retry_at = None;
         self.send_due(ctx, true);
+        Box::pin(async move { rx.await.unwrap_or(Ok(())) })
+    }
+}
+
+impl Handler<JobWritten> for DbWriter {
+    type Result = ResponseFuture<Result<(), DbError>>;
+    fn handle(&mut self, m: JobWritten, ctx: &mut Context<Self>) -> Self::Result {
+        if !self.holds(&m.job_id) {
+            return Box::pin(async { Ok(()) });
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.job_waiters.push((m.job_id, tx));
+        self.send_due(ctx, false);
         Box::pin(async move { rx.await.unwrap_or(Ok(())) })
     }
 }
@@ -538,6 +585,31 @@ mod tests {
             vec!["disk d", "job completed", "release j", "claim"],
             "the last figures, then the release, then the claim: a claim that came first would find the job live and ours"
         );
+    }
+
+    #[actix_rt::test]
+    async fn an_ending_job_hears_once_its_last_writes_are_out_and_not_before() {
+        tokio::time::pause();
+        let fake = FakeDb::default().start();
+        let w = writer(&fake);
+        // Another job's throttled progress is not hurried by it.
+        w.do_send(PersistJob(JobUpdate { id: "other".into(), ..update(10.0, JobStatus::Streaming) }));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        w.do_send(PersistJob(JobUpdate { id: "other".into(), ..update(10.5, JobStatus::Streaming) }));
+        let disk = DiskUpdate { job_id: "j".into(), disk_id: "d".into(), ..DiskUpdate::default() };
+        w.do_send(PersistDisk { owner: Owner::default(), update: disk });
+        w.do_send(PersistJob(update(100.0, JobStatus::Completed)));
+        w.do_send(ReleaseLease { job_id: "j".into(), owner: Owner::default() });
+        w.send(JobWritten { job_id: "j".into() }).await.unwrap().unwrap();
+        let out = fake.send(Take).await.unwrap();
+        assert_eq!(
+            out,
+            vec!["job streaming", "disk d", "job completed", "release j"],
+            "answered after the job's last figures and its release, without the other job's throttled write"
+        );
+        // Nothing of the job left: answered at once.
+        w.send(JobWritten { job_id: "j".into() }).await.unwrap().unwrap();
+        assert!(fake.send(Take).await.unwrap().is_empty());
     }
 
     /// Issue 15: renewals share the writer's batch (one transaction, two

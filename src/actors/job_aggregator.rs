@@ -53,6 +53,10 @@ fn round_s(d: std::time::Duration) -> std::time::Duration {
 /// before every request; this stops the job's actors and rows).
 const FENCE_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// How long an ended job's actor waits for its last rows to be written (it
+/// shows the job's final figures meanwhile); the database may be away.
+const LAST_WRITES: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct JobAggregator {
     deps: JobDeps,
     discovery: Recipient<JobEnded>,
@@ -67,6 +71,10 @@ pub struct JobAggregator {
     disk_started: HashMap<String, Instant>,
     /// A VMware job's vSphere worker, started with its first step.
     vsphere: Option<VsphereWorker>,
+    /// The job ended (its actor waits for its last writes): nothing more is done.
+    ending: bool,
+    /// The lease renewals and fence checks, cancelled when the job ends.
+    timers: Vec<SpawnHandle>,
     /// The job's bandwidth limit, below the appliance's; each disk's copy gets
     /// a node below it, so the disks share it fairly.
     limit: Arc<Limit>,
@@ -98,12 +106,18 @@ impl JobAggregator {
             suspend_waiters: Vec::new(),
             disk_started: HashMap::new(),
             vsphere: None,
+            ending: false,
+            timers: Vec::new(),
         }
     }
 
     /// Carries out what the job's run decided, in order. Writes were decided
     /// only while the rows were ours ([`JobRun::may_write`]).
     fn carry_out(&mut self, effects: Vec<Effect>, ctx: &mut Context<Self>) {
+        if self.ending {
+            // The job ended; its last writes are on their way.
+            return;
+        }
         let job_id = self.run.t.job_id.clone();
         for e in effects {
             match e {
@@ -142,19 +156,35 @@ impl JobAggregator {
                 Effect::CancelCopies => self.copiers.values().for_each(|c| c.do_send(CancelCopy)),
                 Effect::Heartbeat(work) => self.deps.watchdog.do_send(Heartbeat { job_id: job_id.clone(), work }),
                 Effect::Stop { release } => {
+                    self.ending = true;
+                    self.timers.drain(..).for_each(|t| {
+                        ctx.cancel_future(t);
+                    });
                     self.deps.watchdog.do_send(Unwatch { job_id: job_id.clone() });
-                    if release {
-                        let owner = self.run.owner().clone();
-                        self.deps.db.do_send(ReleaseLease { job_id: job_id.clone(), owner });
-                    }
-                    self.discovery.do_send(JobEnded { job_id: job_id.clone() });
                     for w in self.suspend_waiters.drain(..) {
                         let _ = w.send(());
                     }
-                    ctx.stop();
+                    if !release {
+                        self.end(ctx);
+                        return;
+                    }
+                    let owner = self.run.owner().clone();
+                    self.deps.db.do_send(ReleaseLease { job_id: job_id.clone(), owner });
+                    // Until the job's last rows are written, `progress` shows
+                    // this actor's final figures: without it, it would show the
+                    // rows as they were, a job that seems to go back.
+                    let written = tokio::time::timeout(LAST_WRITES, self.deps.db.send(JobWritten { job_id }));
+                    written.into_actor(self).map(|_, act, ctx| act.end(ctx)).spawn(ctx);
+                    return;
                 }
             }
         }
+    }
+
+    /// The job's actor is gone: discovery may count its slot free.
+    fn end(&mut self, ctx: &mut Context<Self>) {
+        self.discovery.do_send(JobEnded { job_id: self.run.t.job_id.clone() });
+        ctx.stop();
     }
 
     /// Hands `step` to the job's vSphere worker, starting it with the first.
@@ -224,6 +254,8 @@ impl JobAggregator {
         reply
             .into_actor(self)
             .map(move |res, act, ctx| match res {
+                // The job ended while the renewal was out.
+                _ if act.ending => {}
                 Ok(Ok(Ok(Renewal::Held { max_rate }))) => {
                     act.run.renewed(sent, lease);
                     act.set_limit(row_rate(max_rate), "the job's row");
@@ -259,11 +291,11 @@ impl Actor for JobAggregator {
         // Lease renewal; losing the job stops it without touching its rows, and so
         // does a fence that expires because no renewal got through in time.
         let lease = self.deps.settings.discovery.lease;
-        ctx.run_interval(lease / 3, |act, ctx| act.renew(ctx));
-        ctx.run_interval(FENCE_CHECK, |act, ctx| {
+        self.timers.push(ctx.run_interval(lease / 3, |act, ctx| act.renew(ctx)));
+        self.timers.push(ctx.run_interval(FENCE_CHECK, |act, ctx| {
             let effects = act.run.check_fence();
             act.carry_out(effects, ctx);
-        });
+        }));
         let rows = std::mem::take(&mut self.rows);
         let chain = std::mem::take(&mut self.chain);
         let effects = self.run.start(&rows, &self.deps.settings, &chain);
@@ -336,7 +368,12 @@ impl Handler<Suspend> for JobAggregator {
     type Result = ResponseFuture<()>;
     fn handle(&mut self, _: Suspend, ctx: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.suspend_waiters.push(tx);
+        if self.ending {
+            // Already ended: nothing to suspend.
+            let _ = tx.send(());
+        } else {
+            self.suspend_waiters.push(tx);
+        }
         let effects = self.run.suspend();
         self.carry_out(effects, ctx);
         Box::pin(async move {

@@ -65,6 +65,15 @@ impl Record {
 #[rtype(result = "Result<(), DbError>")]
 pub struct Flush;
 
+/// JobAggregator → DbWriter, as its job ends: replies once nothing of the job
+/// waits to be written (its rows, its lease release), or with the error that
+/// stopped the writer.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<(), DbError>")]
+pub struct JobWritten {
+    pub job_id: String,
+}
+
 /// DiscoveryActor → DbWriter: claim up to `limit` ready jobs and load them.
 /// Each claim is a new run of its job, with an owner of its own.
 #[derive(Message, Debug)]

@@ -743,3 +743,51 @@ fn admin_reads_answer_while_the_writer_waits_and_health_shows_its_backlog() {
         daemon.cli(&["health", "--json"]).json()["database_backlog"] == json!(0)
     });
 }
+
+#[test]
+fn a_finished_job_shows_its_final_figures_while_its_last_row_waits() {
+    let d = tempdir();
+    let db = server().fresh_database("last_rows");
+    let (src, dst) = servers(d.path(), "lr", "64M", "64M");
+    let daemon = Daemon::start(d.path(), &db.url, &[("BLOCKREPL__DATABASE__TIMEOUT", "60s")]);
+    let file = write_json(d.path(), "job.json", &job_body("job-l", &[("disk-1", src.uri(), dst.uri())]));
+    daemon.cli(&["submit", &file]).assert_ok();
+    wait_until("progress in the database", JOB_DEADLINE, || {
+        job_field(&db, "job-l", "progress_percent").and_then(|p| p.parse::<f64>().ok()).unwrap_or(0.0) > 1.0
+    });
+
+    // The job's row is locked: the copy ends, its last writes wait.
+    let mut blocker = db.connect();
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut blocker,
+        "START TRANSACTION; UPDATE replication_jobs SET vm_name = vm_name WHERE id = 'job-l'",
+    )
+    .unwrap();
+    let done = |p: &Value| p["status"] == "Succeeded" && p["aggregate"]["percent"].as_f64() == Some(100.0);
+    let mut shown = 0.0;
+    progress_until(&daemon, "job-l", "the copy to end", |p| {
+        let pct = p["aggregate"]["percent"].as_f64().unwrap_or(0.0);
+        assert!(pct >= shown, "the percentage went down from {shown}: {p}");
+        shown = pct;
+        done(p)
+    });
+    let stale = job_field(&db, "job-l", "status").unwrap_or_default();
+    assert_ne!(stale, "completed", "the row's last write waits behind the lock");
+
+    // However long the row waits, the job shows what it finished with, not the
+    // row as it was (a job that would seem to go back).
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        let p = daemon.cli(&["progress", "job-l", "--json"]).json();
+        assert!(done(&p), "the finished job shows its final figures: {p}");
+    }
+    assert_eq!(job_field(&db, "job-l", "status"), Some(stale), "the row waited all along");
+
+    diesel::connection::SimpleConnection::batch_execute(&mut blocker, "ROLLBACK").unwrap();
+    wait_until("the row to complete", JOB_DEADLINE, || {
+        job_field(&db, "job-l", "status").as_deref() == Some("completed")
+    });
+    let p = daemon.cli(&["progress", "job-l", "--json"]).json();
+    assert!(done(&p), "and the row shows the same: {p}");
+    assert_eq!(job_field(&db, "job-l", "progress_percent").and_then(|p| p.parse::<f64>().ok()), Some(100.0));
+}
