@@ -447,6 +447,7 @@ fn answer(c: &mut MysqlConnection, q: Query) -> Result<QueryResult, DbError> {
         Query::Submit { job, disks } => db::insert_job(c, &job, &disks).map(|()| QueryResult::Done)?,
         Query::Cancel { job_id } => QueryResult::Status(db::cancel_job(c, &job_id)?),
         Query::History { job_id } => QueryResult::History(db::load_cbt(c, &job_id)?),
+        Query::Limits { job_ids } => QueryResult::Limits(db::job_max_rates(c, &job_ids)?),
         Query::SetMaxRate { job_id, max_rate } => db::set_max_rate(c, &job_id, max_rate).map(|()| QueryResult::Done)?,
         Query::Events { job_id, limit } => QueryResult::Events(db::recent_events(c, &job_id, limit)?),
         Query::LeftSnapshots => QueryResult::Snapshots(db::left_snapshots(c)?),

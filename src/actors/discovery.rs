@@ -23,7 +23,7 @@ use chrono::Utc;
 
 use super::job_aggregator::{JobAggregator, JobDeps};
 use super::job_run::fence_deadline;
-use super::job_tracker::JobTracker;
+use super::job_tracker::{JobTracker, row_rate};
 use super::messages::*;
 use super::vsphere::remove_left_snapshot;
 use crate::db::{JobUpdate, NewJobEvent};
@@ -46,7 +46,13 @@ pub struct DiscoveryActor {
     since_sweep: u32,
     /// The sweep's thread, while it removes snapshots; joined when done.
     sweep: Option<(std::thread::JoinHandle<()>, CancelToken)>,
+    /// The running jobs' `max_rate` columns are being read.
+    reading_limits: bool,
 }
+
+/// How often the running jobs' `max_rate` columns are read: an orchestrator's
+/// change reaches the copies within this (one statement for all the jobs).
+const LIMITS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A sweep of snapshots left behind every this many discoveries (and at start).
 const SWEEP_EVERY: u32 = 10;
@@ -69,7 +75,32 @@ impl DiscoveryActor {
             failing: false,
             since_sweep: 0,
             sweep: None,
+            reading_limits: false,
         }
+    }
+
+    /// Reads the running jobs' `max_rate` columns (set by an orchestrator, or
+    /// by `blockrepl limit` on any appliance) and hands each to its job, which
+    /// changes its limit if the column changed.
+    fn follow_limits(&mut self, ctx: &mut Context<Self>) {
+        if self.reading_limits || self.stopping || self.active.is_empty() {
+            return;
+        }
+        self.reading_limits = true;
+        let job_ids: Vec<String> = self.active.keys().cloned().collect();
+        tokio::time::timeout(LIMITS_EVERY, self.deps.db.send(Query::Limits { job_ids }))
+            .into_actor(self)
+            .map(|res, act, _| {
+                act.reading_limits = false;
+                // The database is away or slow: the next second tries again.
+                let Ok(Ok(Ok(QueryResult::Limits(rates)))) = res else { return };
+                for (id, rate) in rates {
+                    if let Some(agg) = act.active.get(&id) {
+                        agg.do_send(SetLimit { max_rate: row_rate(rate), by: "the job's row" });
+                    }
+                }
+            })
+            .spawn(ctx);
     }
 
     /// Looks for snapshots VMware jobs left behind and removes them on a thread.
@@ -258,6 +289,7 @@ impl Actor for DiscoveryActor {
         self.discover(ctx);
         self.sweep(ctx);
         self.schedule(ctx);
+        ctx.run_interval(LIMITS_EVERY, |act, ctx| act.follow_limits(ctx));
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {

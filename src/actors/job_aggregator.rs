@@ -360,7 +360,7 @@ impl Handler<CancelJob> for JobAggregator {
 impl Handler<SetLimit> for JobAggregator {
     type Result = ();
     fn handle(&mut self, m: SetLimit, _: &mut Context<Self>) {
-        self.set_limit(m.max_rate, "the admin socket");
+        self.set_limit(m.max_rate, m.by);
     }
 }
 

@@ -171,6 +171,10 @@ pub enum Query {
     History {
         job_id: String,
     },
+    /// The `max_rate` columns of running jobs.
+    Limits {
+        job_ids: Vec<String>,
+    },
     /// Set a job's `max_rate` (0: none, stored as NULL).
     SetMaxRate {
         job_id: String,
@@ -203,6 +207,8 @@ pub enum QueryResult {
     Events(Vec<JobEvent>),
     Snapshots(Vec<LeftSnapshot>),
     History(Vec<CbtRecord>),
+    /// (job id, `max_rate`) per job found.
+    Limits(Vec<(String, Option<i64>)>),
 }
 
 /// Anyone → DbWriter: counters for /metrics.
@@ -346,12 +352,14 @@ pub struct Stalled {
 #[rtype(result = "()")]
 pub struct CancelJob;
 
-/// Admin → JobAggregator: the job's bandwidth limit is now `max_rate` bytes/s
-/// (0: none); its row says so already. Running copies follow within a second.
+/// Admin, Discovery → JobAggregator: the job's bandwidth limit is now
+/// `max_rate` bytes/s (0: none), as `by` set it; its row says so already.
+/// Running copies follow at their next request.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct SetLimit {
     pub max_rate: u64,
+    pub by: &'static str,
 }
 
 /// Shutdown (via DiscoveryActor) → JobAggregator: stop, checkpoint, release the

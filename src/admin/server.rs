@@ -490,7 +490,7 @@ async fn apply_limit(st: &State, jobs: &[String], rate: u64) -> Result<Vec<Strin
             _ => return Err(unexpected()),
         }
         if let Some(agg) = st.active(job_id).await?
-            && agg.send(SetLimit { max_rate: rate }).await.is_ok()
+            && agg.send(SetLimit { max_rate: rate, by: "the admin socket" }).await.is_ok()
         {
             running.push(job_id.clone());
         }

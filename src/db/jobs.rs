@@ -264,15 +264,20 @@ pub fn renew_lease(conn: &mut MysqlConnection, id: &str, owner: &Owner, lease: D
     Ok(super::batch::renew_leases(conn, &[(id, owner)], lease)?.pop().flatten().is_some())
 }
 
-/// A job's `max_rate` as it is now (see [`renew_lease`]: read with each renewal).
-pub fn job_max_rate(conn: &mut MysqlConnection, id: &str) -> Result<Option<i64>, DbError> {
-    j::table
-        .filter(j::id.eq(id))
-        .select(j::max_rate)
-        .first::<Option<i64>>(conn)
-        .optional()
-        .map(Option::flatten)
-        .map_err(DbError::query(format!("reading the limit of job '{id}'")))
+/// The `max_rate` of each of `ids` as it is now (a job without a row is left
+/// out): a running job follows its column within a second (Discovery reads
+/// them every second, in statements of at most 500 ids).
+pub fn job_max_rates(conn: &mut MysqlConnection, ids: &[String]) -> Result<Vec<(String, Option<i64>)>, DbError> {
+    let mut rates = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        let rows = j::table
+            .filter(j::id.eq_any(chunk))
+            .select((j::id, j::max_rate))
+            .load::<(String, Option<i64>)>(conn)
+            .map_err(DbError::query(format!("reading the limits of {} jobs", chunk.len())))?;
+        rates.extend(rows);
+    }
+    Ok(rates)
 }
 
 /// Sets a job's bandwidth limit in bytes/s; 0 (none) is stored as NULL. An

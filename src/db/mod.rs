@@ -43,7 +43,7 @@ pub use self::{
     error::{DbError, check_url, redact_url},
     events::{insert_events, recent_events},
     jobs::{
-        cancel_job, claim_jobs, count_jobs_by_status, find_job, forget_snapshot, insert_job, job_max_rate,
+        cancel_job, claim_jobs, count_jobs_by_status, find_job, forget_snapshot, insert_job, job_max_rates,
         left_snapshots, list_jobs, load_job, release_lease, renew_lease, set_max_rate, update_job,
     },
     migrate::migrate,
