@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use xxhash_rust::xxh3::xxh3_128;
 
 use super::error::{CopyError, Role};
+use super::limit::Limit;
 use super::nbd::{self, ConnectOptions, Handle, NbdError, Returned};
 use super::progress::Progress;
 use super::retry::sleep_unless;
@@ -31,6 +32,8 @@ pub struct VerifySpec<'a> {
     pub request_size: usize,
     pub slots: usize,
     pub tuning: &'a Tuning,
+    /// The copy's bandwidth limit: the second read of the source counts too.
+    pub limit: Option<&'a Limit>,
 }
 
 struct Cursor {
@@ -139,16 +142,34 @@ fn verify_worker(shared: &Shared<'_>) -> Result<(), CopyError> {
     let timeout = tuning.stall_timeout.map_or(tuning.request_timeout, |s| s.min(tuning.request_timeout));
     let mut last_reply = Instant::now();
     let mut moved = Instant::now();
+    // The next block, once the limit lets it be read; when the hold began.
+    let mut next: Option<(u64, u64)> = None;
+    let mut held_since: Option<Instant> = None;
     loop {
         if shared.stopped() {
             return Ok(());
         }
         let mut failed: Option<(u64, NbdError)> = None;
+        let mut wait = Duration::from_millis(100);
         while pairs.len() < slots && !exhausted && failed.is_none() {
-            let Some((offset, length)) = shared.next() else {
+            let Some((offset, length)) = next.take().or_else(|| shared.next()) else {
                 exhausted = true;
                 break;
             };
+            let now = Instant::now();
+            if let Some(Err(hold)) = shared.spec.limit.map(|l| l.take(length, now)) {
+                // Held back by the limit, not stalled: asked again within 100 ms.
+                if let Some(since) = held_since.replace(now) {
+                    shared.progress.add_held(now.saturating_duration_since(since));
+                }
+                moved = now;
+                next = Some((offset, length));
+                wait = wait.min(hold);
+                break;
+            }
+            if let Some(since) = held_since.take() {
+                shared.progress.add_held(now.saturating_duration_since(since));
+            }
             pairs.push(Pair { offset, length, hashes: [None, None], failures: 0 });
             failed = issue(&mut hs, &mut free, &mut reads, offset, length).err();
         }
@@ -157,7 +178,7 @@ fn verify_worker(shared: &Shared<'_>) -> Result<(), CopyError> {
         }
         {
             let [a, b] = &mut hs;
-            let _ = nbd::poll(&mut [a, b], Duration::from_millis(100));
+            let _ = nbd::poll(&mut [a, b], wait.max(Duration::from_millis(1)));
         }
         for (side, h) in hs.iter_mut().enumerate() {
             while let Some(c) = h.next_completed() {

@@ -62,6 +62,27 @@ fn copy_max_rate_holds_the_source_to_the_limit() {
     assert_eq!(checksum(&reference.uri()), checksum(&dst.uri()), "the copy is byte-identical");
 }
 
+/// Verification reads the source a second time: those reads count against
+/// the limit too, and a verification held back by it is not a stall.
+#[test]
+fn copy_max_rate_holds_verification_reads_too() {
+    let d = tempdir();
+    let (mut src, stats) = counted_source(d.path(), "src", &["pattern", "size=16M"]);
+    let dst = Server::nbdkit(d.path(), "dst", &["memory", "size=16M", "allocator=malloc"]);
+    let started = Instant::now();
+    let j =
+        blockrepl(&["copy", "--json", "--verify", "--max-rate", "4M", "--stall-timeout", "2s", &src.uri(), &dst.uri()])
+            .json();
+    let wall = started.elapsed().as_secs_f64();
+    src.stop();
+    assert_eq!(j["verified"], true, "{j}");
+    let read = stats_read_bytes(&stats);
+    assert!(read >= 32.0 * MIB * 0.99, "the disk was read twice (copy, verification): {read} bytes");
+    let limit = 4.0 * MIB;
+    let rate = read / wall;
+    assert!(rate <= limit * 1.10, "read at {:.2} MiB/s with a 4M limit, verification included", rate / MIB);
+}
+
 #[test]
 fn copy_max_rate_does_not_count_zeros() {
     // 1 GiB with about 2 % data: at 8M/s the data takes a few seconds, while

@@ -386,6 +386,7 @@ impl Copier {
                     request_size,
                     slots,
                     tuning: t,
+                    limit: spec.limit.as_deref(),
                 },
                 &self.progress,
                 &self.cancel,
