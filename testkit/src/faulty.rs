@@ -20,6 +20,8 @@ pub enum Flush {
     DropsWritesAtMultiConn(u32),
     /// Every flush fails with this error (ENOSPC is not worth retrying, EIO is).
     AlwaysFails(&'static str),
+    /// The same with multi-conn and requests in parallel.
+    AlwaysFailsMultiConn(&'static str),
     /// The server does not offer flush at all; writes go straight to the file.
     Absent,
     /// Multi-conn, requests in parallel, writes straight to the file; a flush on
@@ -75,6 +77,13 @@ impl FileTarget {
                 0,
                 3,
                 "serialize_all_requests",
+                direct,
+                format!(r#"next flushes >/dev/null; echo "{errno} the flush failed" >&2; exit 1"#),
+            ),
+            Flush::AlwaysFailsMultiConn(errno) => (
+                0,
+                0,
+                "parallel",
                 direct,
                 format!(r#"next flushes >/dev/null; echo "{errno} the flush failed" >&2; exit 1"#),
             ),

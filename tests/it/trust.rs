@@ -102,6 +102,33 @@ fn failed_flushes_are_retried_with_the_usual_backoff() {
     assert!(msg.contains(&format!("flush of target {} failed after 4 attempt(s)", dst.uri())), "{msg}");
 }
 
+/// Found by the chaos suite (a target that answered every flush of a
+/// connection with ESHUTDOWN while it went away): with multi-conn, a worker
+/// whose own chunks were done flushed again at once for the others after a
+/// failed flush, and spent its whole retry budget in milliseconds.
+#[test]
+fn failed_flushes_on_multi_conn_are_retried_with_the_usual_backoff() {
+    let d = tempdir();
+    let db = server().fresh_database("flush_backoff_mc");
+    let src = Server::nbdkit(d.path(), "src", &["pattern", "size=4M"]);
+    let dst = FileTarget::start(d.path(), "dst", 4 << 20, Flush::AlwaysFailsMultiConn("EIO"));
+    let policy = [
+        ("BLOCKREPL__COPY__CONNECTIONS", "4"),
+        ("BLOCKREPL__COPY__RETRY_ATTEMPTS", "4"),
+        ("BLOCKREPL__COPY__RETRY_INITIAL_DELAY", "400ms"),
+        ("BLOCKREPL__COPY__RETRY_MAX_DELAY", "10s"),
+    ];
+    let daemon = Daemon::start(d.path(), &db.url, &policy);
+    queue(&db, "job-m", &[("disk-1", src.uri(), dst.uri())]);
+    wait_until("the copy to start", JOB_DEADLINE, || dst.flushes() >= 1);
+    let first = Instant::now();
+    wait_status(&db, "job-m", "failed", &daemon);
+    // Waits of 0.4, 0.8 and 1.6 s between each connection's four attempts.
+    assert!(first.elapsed() >= Duration::from_millis(2800), "gave up after {:?}", first.elapsed());
+    let msg = job(&db, "job-m", "error_message").unwrap_or_default();
+    assert!(msg.contains(&format!("flush of target {} failed after 4 attempt(s)", dst.uri())), "{msg}");
+}
+
 /// Found by the chaos suite's fault matrix: the bytes a failed flush takes back
 /// and the copy writes again are work. The watchdog used to count only a work
 /// figure above its highest so far, so it stopped a job that was busy with its

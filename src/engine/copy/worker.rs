@@ -76,6 +76,8 @@ pub(super) struct Worker<'a> {
     flushing: Option<Flushing>,
     /// Failed flushes since the last good one.
     flush_failures: u32,
+    /// No flush is issued before this: the backoff after a failed one.
+    flush_due: Instant,
     /// The flush round, flush epoch and `flushed_through` last acted on.
     round: u64,
     epoch: u64,
@@ -113,6 +115,7 @@ impl<'a> Worker<'a> {
             unflushed: Vec::new(),
             flushing: None,
             flush_failures: 0,
+            flush_due: Instant::now(),
             round: ctx.flush_round.load(Ordering::SeqCst),
             epoch: ctx.epoch(),
             through: 0,
@@ -470,6 +473,9 @@ impl<'a> Worker<'a> {
         let mut timeout = if self.starved { PLAN_WAIT } else { TICK };
         for (t, _) in &self.retry {
             timeout = timeout.min(t.saturating_duration_since(now));
+        }
+        if self.flush_due > now {
+            timeout = timeout.min(self.flush_due - now);
         }
         for c in [&self.src, &self.dst] {
             if c.handle.is_none() {

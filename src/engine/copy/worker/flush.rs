@@ -40,7 +40,10 @@ impl Worker<'_> {
         let through = self.ctx.completions.load(Ordering::SeqCst);
         // With multi-conn a flush here also covers the other connections' writes.
         let theirs = self.ctx.multi_conn && through > self.ctx.flushed_through.load(Ordering::SeqCst);
-        if self.flushing.is_some() || (self.unflushed.is_empty() && !theirs) {
+        // After a failed flush, the next waits out the backoff: with multi-conn
+        // a worker done with its own chunks would otherwise flush again at
+        // once for the others, and spend its retries in milliseconds.
+        if self.flushing.is_some() || (self.unflushed.is_empty() && !theirs) || Instant::now() < self.flush_due {
             return Ok(());
         }
         if self.fenced() {
@@ -72,6 +75,7 @@ impl Worker<'_> {
         }
         self.ctx.reporter.retry(Role::Target, Request::whole("flush"), self.flush_failures, &error);
         let at = Instant::now() + policy.delay(self.flush_failures);
+        self.flush_due = at;
         let unflushed = std::mem::take(&mut self.unflushed);
         for w in chunks.into_iter().chain(unflushed) {
             self.rewrite(w, at);
