@@ -29,7 +29,10 @@ use testkit::jobs::{JOB_DEADLINE, disk, job, num, one, rows_of};
 use testkit::mariadb::{TestDb, server};
 
 use crate::image::{Rng, write_image};
-use crate::{Round, Tally, Verdict, logged_source, overlap, queue_with_change_ids, read_twice, reads, rows_caught_up};
+use crate::{
+    Round, Tally, Verdict, keep_if_problem, logged_source, overlap, queue_with_change_ids, read_twice, reads, revive,
+    rows_caught_up,
+};
 
 const JOBS: usize = 20;
 const MIB: u64 = 4;
@@ -153,6 +156,16 @@ impl Batch {
         )) as usize
     }
 
+    /// The unfinished jobs: id, status, operation and owner of each.
+    fn unfinished_rows(&self) -> String {
+        one(
+            &self.db,
+            "SELECT GROUP_CONCAT(CONCAT_WS('/', id, status, IFNULL(current_operation, '-'), IFNULL(owner_node, '-')) \
+             SEPARATOR ', ') AS v FROM replication_jobs WHERE status NOT IN ('completed', 'failed', 'cancelled')",
+        )
+        .unwrap_or_default()
+    }
+
     /// Requests of every kind that writes, over every target.
     fn target_requests(&self) -> Vec<usize> {
         (0..JOBS)
@@ -200,7 +213,18 @@ impl Batch {
                     before[i] = reads(&self.read_log(i));
                 }
                 fault_at = Some(Instant::now());
+            } else if fault_at.is_some() {
+                // A claim of A's whose commit was on its way at the fault shows
+                // only now: it is held as well.
+                for (&i, o) in &owners {
+                    if *o == self.a.node && !held.contains(&i) {
+                        checkpoints[i] = num(disk(&self.db, &self.ids[i], "disk-1", "resume_offset")) as u64;
+                        before[i] = reads(&self.read_log(i));
+                        held.push(i);
+                    }
+                }
             }
+            revive(&mut self.sources);
             if let Some(f) = fault_at
                 && taken_over.is_none()
                 && held.iter().all(|&i| {
@@ -222,7 +246,11 @@ impl Batch {
                 break;
             }
             if Instant::now() > end {
-                verdict = Some(Verdict::Stuck(format!("{} jobs unfinished after {JOB_DEADLINE:?}", self.unfinished())));
+                verdict = Some(Verdict::Stuck(format!(
+                    "{} jobs unfinished after {JOB_DEADLINE:?}: {}",
+                    self.unfinished(),
+                    self.unfinished_rows()
+                )));
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -241,6 +269,7 @@ impl Batch {
             ));
         }
         let verdict = verdict.unwrap_or_else(|| self.judge(&held, &before, &checkpoints, &seen, taken_over, kill));
+        let verdict = keep_if_problem(&mut self.dir, verdict);
         let reread = held
             .iter()
             .map(|&i| {

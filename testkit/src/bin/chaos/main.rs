@@ -152,6 +152,59 @@ pub enum Verdict {
     Wrong(String),
 }
 
+impl Verdict {
+    /// Whether the round broke a promise or failed (its files are worth keeping).
+    fn is_problem(&self) -> bool {
+        !matches!(self, Verdict::Identical)
+    }
+
+    /// Adds `note` to the message, if there is one.
+    fn with_note(self, note: &str) -> Verdict {
+        match self {
+            Verdict::Identical => Verdict::Identical,
+            Verdict::FailedCleanly(m) => Verdict::FailedCleanly(format!("{m} {note}")),
+            Verdict::FalseSuccess(m) => Verdict::FalseSuccess(format!("{m} {note}")),
+            Verdict::Stuck(m) => Verdict::Stuck(format!("{m} {note}")),
+            Verdict::Crash(m) => Verdict::Crash(format!("{m} {note}")),
+            Verdict::Wrong(m) => Verdict::Wrong(format!("{m} {note}")),
+        }
+    }
+}
+
+/// Keeps a problem round's directory (the daemon's log, the servers' logs and
+/// request logs, the images) and names it in the verdict; the other rounds'
+/// directories go as usual.
+pub fn keep_if_problem(dir: &mut tempfile::TempDir, verdict: Verdict) -> Verdict {
+    if !verdict.is_problem() {
+        return verdict;
+    }
+    dir.disable_cleanup(true);
+    verdict.with_note(&format!("[files kept in {}]", dir.path().display()))
+}
+
+/// Restarts the sources that died on their own; how many. nbdkit 1.32 aborts
+/// (`raw_send_socket: Assertion 'sock >= 0' failed`) when a client leaves while
+/// a request of its sleeps in the rate filter: after a kill, and when a daemon
+/// drops a connection it no longer needs. The sources are stateless files, and
+/// a source that comes back within a moment is what the daemon must ride out
+/// anyway; every restart is counted and printed.
+pub fn revive(sources: &mut [Server]) -> usize {
+    let mut n = 0;
+    for s in sources.iter_mut().filter(|s| s.pid().is_some()) {
+        if !s.alive() {
+            eprintln!("chaos: the source {} died ({}); started again", s.sock.display(), s.log_tail(1));
+            s.stop();
+            s.start();
+            n += 1;
+        }
+    }
+    REVIVED.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    n
+}
+
+/// Sources started again by [`revive`], over the whole run.
+pub static REVIVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// One round's outcome and measures.
 pub struct Round {
     pub verdict: Verdict,
@@ -270,11 +323,16 @@ fn main() -> ExitCode {
     let started = Instant::now();
     for name in SCENARIOS.into_iter().filter(|n| opt.scenarios.is_empty() || opt.scenarios.iter().any(|s| s == n)) {
         let t = Instant::now();
-        let tally = match name {
+        let revived = REVIVED.load(std::sync::atomic::Ordering::Relaxed);
+        let mut tally = match name {
             "matrix" => matrix::run(&mut rng),
             "two" => appliances::run(rounds, &mut rng),
             _ => scenario(Fault::named(name).expect("a known scenario"), rounds, outages, &mut rng),
         };
+        let n = REVIVED.load(std::sync::atomic::Ordering::Relaxed) - revived;
+        if n > 0 {
+            tally.notes.push(format!("{n} source server(s) aborted on their own (nbdkit 1.32) and were started again"));
+        }
         let took = t.elapsed().as_secs_f64();
         eprintln!("chaos: {name} done in {took:.0} s ({:.1} s a round)", per_round(&tally, took));
         for p in &tally.problems {
@@ -468,6 +526,7 @@ impl World {
                 c.map(Verdict::Crash)
             };
             if let Some(verdict) = crash {
+                let verdict = keep_if_problem(&mut self.dir, verdict);
                 return (Round { verdict, reread: 0, recover: Duration::ZERO }, t0.elapsed(), phase);
             }
             for (i, (name, _)) in DISKS.iter().enumerate() {
@@ -504,6 +563,7 @@ impl World {
             )),
             Ok(_) => self.judge(&checkpoints, &after),
         };
+        let verdict = keep_if_problem(&mut self.dir, verdict);
         let reread = (0..DISKS.len()).map(|i| overlap(&before[i], &after[i])).max().unwrap_or(0);
         (Round { verdict, reread, recover }, lived, phase)
     }
@@ -543,7 +603,7 @@ impl World {
 
     /// Waits for a terminal status; the status, or why it did not come.
     fn wait_end(&mut self) -> Result<String, String> {
-        wait_terminal(&self.db, &self.id, &mut self.daemon)
+        wait_terminal(&self.db, &self.id, &mut self.daemon, &mut self.sources)
     }
 
     /// A completed job: are the promises kept?
@@ -634,9 +694,10 @@ pub fn queue_with_change_ids(db: &TestDb, id: &str, disks: &[(&str, String, Stri
 }
 
 /// Waits for a terminal status; the status, or why it did not come.
-pub fn wait_terminal(db: &TestDb, id: &str, daemon: &mut Daemon) -> Result<String, String> {
+pub fn wait_terminal(db: &TestDb, id: &str, daemon: &mut Daemon, sources: &mut [Server]) -> Result<String, String> {
     let end = Instant::now() + JOB_DEADLINE;
     loop {
+        revive(sources);
         let st = job(db, id, "status").unwrap_or_default();
         if ["completed", "failed", "cancelled"].contains(&st.as_str()) {
             return Ok(st);
