@@ -225,6 +225,7 @@ impl Batch {
                 }
             }
             revive(&mut self.sources);
+            revive(&mut self.targets);
             if let Some(f) = fault_at
                 && taken_over.is_none()
                 && held.iter().all(|&i| {

@@ -182,17 +182,20 @@ pub fn keep_if_problem(dir: &mut tempfile::TempDir, verdict: Verdict) -> Verdict
     verdict.with_note(&format!("[files kept in {}]", dir.path().display()))
 }
 
-/// Restarts the sources that died on their own; how many. nbdkit 1.32 aborts
+/// Restarts the servers that died on their own; how many. nbdkit 1.32 aborts
 /// (`raw_send_socket: Assertion 'sock >= 0' failed`) when a client leaves while
-/// a request of its sleeps in the rate filter: after a kill, and when a daemon
-/// drops a connection it no longer needs. The sources are stateless files, and
-/// a source that comes back within a moment is what the daemon must ride out
-/// anyway; every restart is counted and printed.
-pub fn revive(sources: &mut [Server]) -> usize {
+/// a request of its is still being served, most often one sleeping in the rate
+/// filter: after a kill, and when a daemon drops a connection it no longer
+/// needs. The sources are files read through stateless filters, the targets
+/// `nbdkit file` (nothing cached in the process) or qemu-nbd (which the
+/// target-loss rounds kill and restart themselves); a server that comes back
+/// within a moment is what the daemon must ride out anyway. Every restart is
+/// counted and printed.
+pub fn revive(servers: &mut [Server]) -> usize {
     let mut n = 0;
-    for s in sources.iter_mut().filter(|s| s.pid().is_some()) {
+    for s in servers.iter_mut().filter(|s| s.pid().is_some()) {
         if !s.alive() {
-            eprintln!("chaos: the source {} died ({}); started again", s.sock.display(), s.log_tail(1));
+            eprintln!("chaos: the server {} died ({}); started again", s.sock.display(), s.log_tail(1));
             s.stop();
             s.start();
             n += 1;
@@ -331,7 +334,7 @@ fn main() -> ExitCode {
         };
         let n = REVIVED.load(std::sync::atomic::Ordering::Relaxed) - revived;
         if n > 0 {
-            tally.notes.push(format!("{n} source server(s) aborted on their own (nbdkit 1.32) and were started again"));
+            tally.notes.push(format!("{n} NBD server(s) aborted on their own (nbdkit 1.32) and were started again"));
         }
         let took = t.elapsed().as_secs_f64();
         eprintln!("chaos: {name} done in {took:.0} s ({:.1} s a round)", per_round(&tally, took));
@@ -603,7 +606,7 @@ impl World {
 
     /// Waits for a terminal status; the status, or why it did not come.
     fn wait_end(&mut self) -> Result<String, String> {
-        wait_terminal(&self.db, &self.id, &mut self.daemon, &mut self.sources)
+        wait_terminal(&self.db, &self.id, &mut self.daemon, &mut self.sources, &mut self.targets)
     }
 
     /// A completed job: are the promises kept?
@@ -694,10 +697,17 @@ pub fn queue_with_change_ids(db: &TestDb, id: &str, disks: &[(&str, String, Stri
 }
 
 /// Waits for a terminal status; the status, or why it did not come.
-pub fn wait_terminal(db: &TestDb, id: &str, daemon: &mut Daemon, sources: &mut [Server]) -> Result<String, String> {
+pub fn wait_terminal(
+    db: &TestDb,
+    id: &str,
+    daemon: &mut Daemon,
+    sources: &mut [Server],
+    targets: &mut [Server],
+) -> Result<String, String> {
     let end = Instant::now() + JOB_DEADLINE;
     loop {
         revive(sources);
+        revive(targets);
         let st = job(db, id, "status").unwrap_or_default();
         if ["completed", "failed", "cancelled"].contains(&st.as_str()) {
             return Ok(st);

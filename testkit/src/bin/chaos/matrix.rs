@@ -251,7 +251,7 @@ fn matrix(rng: &mut Rng, tally: &mut Tally) {
         queue(&db, &r.id, &[("disk-m", r.src.uri(), r.dst.uri())]);
     }
     for r in running {
-        let ended = wait_terminal(&db, &r.id, &mut daemon, &mut []);
+        let ended = wait_terminal(&db, &r.id, &mut daemon, &mut [], &mut []);
         judge(&db, &source, r, ended, tally);
     }
     // The others one by one.
@@ -278,7 +278,7 @@ fn matrix(rng: &mut Rng, tally: &mut Tally) {
             }
             During::Nothing => {}
         }
-        let ended = wait_terminal(&db, &r.id, &mut daemon, &mut []);
+        let ended = wait_terminal(&db, &r.id, &mut daemon, &mut [], &mut []);
         if r.cell.during == During::PauseTarget {
             control(&r.pause_socket, b'r');
         }
