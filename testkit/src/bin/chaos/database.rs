@@ -49,7 +49,13 @@ pub fn outage(daemon: &mut Daemon, pause: bool, length: Duration) -> Option<Stri
             } else if took > HEALTH_WITHIN {
                 wrong = Some(format!("health took {took:?} with the database away"));
             } else if settled && reachable == Some(true) {
-                wrong = Some("health said the database is reachable while it was away".to_string());
+                wrong = Some(format!(
+                    "health said the database is reachable while it was away ({:.1} s into the outage, the \
+                     answer took {took:?}, server pid {:?}): {}",
+                    from.elapsed().as_secs_f64(),
+                    db.pid(),
+                    h.stdout.trim()
+                ));
             }
         }
         if let Some(exit) = daemon.exited() {
