@@ -262,6 +262,11 @@ struct DbExec {
     /// This process's last database session, which may still hold the node lock.
     session: Option<u64>,
     timeout: Duration,
+    /// The server ends the writer's session when it idles inside a transaction
+    /// this long (see `db::limit_idle_transactions`): a third of the lease.
+    idle_limit: Duration,
+    /// Whether the server was found to have no such limit (said once).
+    no_idle_limit: bool,
 }
 
 impl DbExec {
@@ -289,6 +294,27 @@ impl DbExec {
                     {
                         self.link.disconnect();
                         return Err(e);
+                    }
+                    let idle = self.idle_limit;
+                    match self.link.run(
+                        || "limiting idle transactions".into(),
+                        lock_limit,
+                        |c| db::limit_idle_transactions(c, idle),
+                    ) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            if !std::mem::replace(&mut self.no_idle_limit, true) {
+                                tracing::warn!(
+                                    "the database server cannot end idle transactions (no idle_transaction_timeout): \
+                                     if this daemon is ever paused in the middle of a write, the rows it locked stay \
+                                     locked until its connection ends, and another appliance waits for them"
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            self.link.disconnect();
+                            return Err(e);
+                        }
                     }
                 }
                 Err(e) => {
@@ -592,6 +618,8 @@ impl ExecThreads {
             node: node.to_string(),
             session: None,
             timeout: settings.database.timeout,
+            idle_limit: settings.discovery.lease / 3,
+            no_idle_limit: false,
         };
         threads.exec = Some(std::thread::Builder::new().name("db-exec".into()).spawn(move || run(exec, rx))?);
         for i in 0..READERS {

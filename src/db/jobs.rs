@@ -504,7 +504,7 @@ mod tests {
     use chrono::{NaiveDateTime, SubsecRound, TimeDelta, Utc};
 
     use super::super::models::NewDisk;
-    use super::super::testing::fresh;
+    use super::super::testing::{connect_to, fresh};
     use super::*;
     use crate::state::{Operation, ReplicationType};
 
@@ -567,6 +567,33 @@ mod tests {
         let (_, owner) = got.remove(0);
         assert_eq!(owner.node, node);
         owner
+    }
+
+    /// Found by the chaos suite (two appliances, one SIGSTOPped): a daemon
+    /// stopped between a statement of its batch and the COMMIT kept the job's
+    /// row locked, and the other appliance's claim waited behind the lock for
+    /// as long as the stopped process lived, long after the lease ran out.
+    #[test]
+    fn a_writer_stopped_inside_a_transaction_does_not_block_the_takeover() {
+        use diesel::connection::SimpleConnection;
+        let (db, mut conn) = fresh("idle_transaction");
+        db.execute(ORCHESTRATOR_INSERT);
+        claim_one(&mut conn, "node-a", "job-1");
+        db.execute("UPDATE replication_jobs SET lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND");
+        // node-a's writer changed the job's row inside a transaction, and stopped.
+        let mut stopped = connect_to(&db);
+        assert!(crate::db::limit_idle_transactions(&mut stopped, Duration::from_secs(1)).unwrap());
+        stopped
+            .batch_execute("START TRANSACTION; UPDATE replication_jobs SET bytes_transferred = 1 WHERE id = 'job-1'")
+            .unwrap();
+        // node-b would wait 8 s for the row, then fail, without the limit.
+        conn.batch_execute("SET SESSION innodb_lock_wait_timeout = 8").unwrap();
+        let t = std::time::Instant::now();
+        claim_one(&mut conn, "node-b", "job-1");
+        assert!(t.elapsed() < Duration::from_secs(5), "the takeover waited {:?}", t.elapsed());
+        assert!(stopped.batch_execute("SELECT 1").is_err(), "the idle session was not ended");
+        let (job, _) = load_job(&mut conn, "job-1").unwrap();
+        assert_eq!(job.bytes_transferred, 0, "the stopped writer's change was committed");
     }
 
     #[test]

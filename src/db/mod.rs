@@ -36,6 +36,7 @@ mod testing;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::Integer;
+use std::time::Duration;
 
 pub use self::{
     batch::{insert_owned_events, renew_leases, update_disks, update_jobs},
@@ -78,6 +79,23 @@ pub fn prefer_read_committed(conn: &mut MysqlConnection) -> Result<bool, DbError
             .map_err(DbError::query("choosing READ COMMITTED"))?;
     }
     Ok(allowed.ok == 1)
+}
+
+/// Asks the server to end this session when it sits idle inside a transaction
+/// for longer than `after` (whole seconds, at least one): a daemon stopped
+/// between a statement and its COMMIT (SIGSTOP, a frozen VM, a host that stops
+/// scheduling it) would otherwise hold the rows it changed locked for as long
+/// as its connection lives, and another appliance's claim of its jobs would
+/// wait behind them long after the lease ran out. The writer's session sets it
+/// to a third of the lease. Returns false when the server has no such limit
+/// (MySQL has none; MariaDB has had `idle_transaction_timeout` since 10.3).
+pub fn limit_idle_transactions(conn: &mut MysqlConnection, after: Duration) -> Result<bool, DbError> {
+    let secs = after.as_secs().max(1);
+    match conn.batch_execute(&format!("SET SESSION idle_transaction_timeout = {secs}")) {
+        Ok(()) => Ok(true),
+        Err(e) if e.to_string().contains("Unknown system variable") => Ok(false),
+        Err(e) => Err(DbError::query("limiting idle transactions")(e)),
+    }
 }
 
 /// Opens a connection and makes its session work in UTC, so that the schema's
