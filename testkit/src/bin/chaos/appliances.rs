@@ -343,6 +343,20 @@ impl Batch {
     /// A, stopped past its lease while B finished its jobs, is continued: not
     /// one request to a target, not one row changed; then it exits 0.
     fn fenced(&mut self, held: &[usize]) -> Verdict {
+        // B's last writes (releases, events) may follow its last status: the
+        // rows are taken once B has no job and nothing left to write.
+        let end = Instant::now() + JOB_DEADLINE;
+        loop {
+            let h = self.b.cli(&["health", "--json"]);
+            let v: serde_json::Value = serde_json::from_str(h.stdout.trim()).unwrap_or_default();
+            if v["active_jobs"].as_u64() == Some(0) && v["database_backlog"].as_u64() == Some(0) {
+                break;
+            }
+            if Instant::now() > end {
+                return Verdict::Stuck(format!("B never settled: {}", h.stdout.trim()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let requests = self.target_requests();
         let rows: Vec<Vec<String>> = self.ids.iter().map(|id| rows_of(&self.db, id)).collect();
         self.a.signal(Signal::SIGCONT);
@@ -365,8 +379,10 @@ impl Batch {
             return Verdict::Wrong("A sent requests to a target after it lost the job (FENCE BROKEN)".to_string());
         }
         let after: Vec<Vec<String>> = self.ids.iter().map(|id| rows_of(&self.db, id)).collect();
-        if after != rows {
-            return Verdict::Wrong("A changed rows of a job it had lost (FENCE BROKEN)".to_string());
+        if let Some((was, is)) = rows.iter().zip(&after).find(|(was, is)| was != is) {
+            return Verdict::Wrong(format!(
+                "A changed rows of a job it had lost (FENCE BROKEN): before {was:?}, after {is:?}"
+            ));
         }
         Verdict::Identical
     }
