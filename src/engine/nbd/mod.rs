@@ -551,11 +551,14 @@ fn wait_unless(handles: &[&Handle], timeout: Duration, halt: &dyn Fn() -> bool) 
         }
         return Err(NbdError::new("poll failed", errno));
     }
-    if halt() {
-        return Ok(None);
-    }
     let mut first_err = None;
     for (pfd, &i) in fds.iter().zip(&owners) {
+        // Asked again before each connection's work, not once for all: the
+        // process may be paused while an earlier connection's replies are being
+        // read, and the right to write may have lapsed by the time it goes on.
+        if halt() {
+            return Ok(first_err);
+        }
         let h = handles[i];
         let mut rc = 0;
         if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
@@ -571,4 +574,51 @@ fn wait_unless(handles: &[&Handle], timeout: Duration, halt: &dyn Fn() -> bool) 
         }
     }
     Ok(first_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use testkit::harness::{Server, tempdir};
+
+    fn handle(server: &Server) -> Handle {
+        let opts = ConnectOptions { name: "test", meta_contexts: &[] };
+        Handle::connect(&server.uri(), &opts, Duration::from_secs(10), &|| false).unwrap()
+    }
+
+    /// Waits (poll(2) only, no socket work) until `h` has something to read.
+    fn readable(h: &Handle) {
+        // SAFETY: live handle.
+        let fd = unsafe { ffi::nbd_aio_get_fd(h.raw()) };
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut p, 1, 10_000) };
+        assert!(rc == 1 && p.revents & libc::POLLIN != 0, "no reply within 10 s");
+    }
+
+    /// Found by the chaos suite: a daemon SIGSTOPped while it read a source's
+    /// replies went on, once continued, to send the rest of a write to a
+    /// target it no longer had the right to write to. The halt condition was
+    /// asked once after poll(2), before every connection's work; it is now
+    /// asked before each one's.
+    #[test]
+    fn a_halt_that_comes_while_one_connection_is_served_spares_the_next() {
+        let d = tempdir();
+        let server = Server::nbdkit(d.path(), "mem", &["memory", "size=1M"]);
+        let (mut first, mut second) = (handle(&server), handle(&server));
+        first.aio_pread(vec![0; 4096], 4096, 0).unwrap();
+        second.aio_pread(vec![0; 4096], 4096, 0).unwrap();
+        readable(&first);
+        readable(&second);
+        // The right lapses while the first connection's reply is read.
+        let asked = std::cell::Cell::new(0);
+        let halt = || {
+            asked.set(asked.get() + 1);
+            asked.get() > 1
+        };
+        poll_unless(&mut [&mut first, &mut second], Duration::from_secs(1), &halt).unwrap();
+        assert!(first.next_completed().is_some(), "the first connection was not served");
+        assert!(second.next_completed().is_none(), "the second connection was served after the halt");
+        assert_eq!(second.in_flight(), 1);
+    }
 }
