@@ -358,7 +358,11 @@ impl Batch {
             std::thread::sleep(Duration::from_millis(50));
         }
         let requests = self.target_requests();
-        let rows: Vec<Vec<String>> = self.ids.iter().map(|id| rows_of(&self.db, id)).collect();
+        // Jobs A still owns (it finished them before it was stopped, so nobody
+        // took them over) are its own to write: it releases their leases.
+        let owners = self.owners();
+        let lost: Vec<usize> = (0..JOBS).filter(|i| owners.get(i) != Some(&self.a.node)).collect();
+        let rows: Vec<Vec<String>> = lost.iter().map(|&i| rows_of(&self.db, &self.ids[i])).collect();
         self.a.signal(Signal::SIGCONT);
         let end = Instant::now() + JOB_DEADLINE;
         loop {
@@ -375,10 +379,18 @@ impl Batch {
         if !status.success() {
             return Verdict::Crash(format!("A ended with {status} on SIGTERM:\n{}", self.a.log_text()));
         }
-        if self.target_requests() != requests {
-            return Verdict::Wrong("A sent requests to a target after it lost the job (FENCE BROKEN)".to_string());
+        let now = self.target_requests();
+        if let Some(k) = (0..now.len()).find(|&k| now[k] != requests[k]) {
+            return Verdict::Wrong(format!(
+                "A sent requests to a target after it lost the job (FENCE BROKEN): {} ({} requests of kind {} \
+                 before, {} after; kinds Write, Zero, Trim, Flush)",
+                self.ids[k / 4],
+                requests[k],
+                k % 4,
+                now[k]
+            ));
         }
-        let after: Vec<Vec<String>> = self.ids.iter().map(|id| rows_of(&self.db, id)).collect();
+        let after: Vec<Vec<String>> = lost.iter().map(|&i| rows_of(&self.db, &self.ids[i])).collect();
         if let Some((was, is)) = rows.iter().zip(&after).find(|(was, is)| was != is) {
             return Verdict::Wrong(format!(
                 "A changed rows of a job it had lost (FENCE BROKEN): before {was:?}, after {is:?}"
