@@ -51,6 +51,8 @@ impl FileTarget {
             r#"head -c "$3" /dev/zero > "$ov/$(printf %08d "$(next seq)").$4""#.to_string(),
         );
         let apply = r#"for w in $(ls "$ov"); do put "${w#*.}" < "$ov/$w"; rm "$ov/$w"; done"#;
+        let always_fails =
+            |errno: &str| format!(r#"next flushes >/dev/null; echo "{errno} the flush failed" >&2; exit 1"#);
         let (can_flush, multi_conn, threads, (pwrite, zero), flush) = match flush {
             Flush::DropsWritesAtMultiConn(n) => (
                 0,
@@ -73,20 +75,8 @@ impl FileTarget {
     {apply}"#
                 ),
             ),
-            Flush::AlwaysFails(errno) => (
-                0,
-                3,
-                "serialize_all_requests",
-                direct,
-                format!(r#"next flushes >/dev/null; echo "{errno} the flush failed" >&2; exit 1"#),
-            ),
-            Flush::AlwaysFailsMultiConn(errno) => (
-                0,
-                0,
-                "parallel",
-                direct,
-                format!(r#"next flushes >/dev/null; echo "{errno} the flush failed" >&2; exit 1"#),
-            ),
+            Flush::AlwaysFails(errno) => (0, 3, "serialize_all_requests", direct, always_fails(errno)),
+            Flush::AlwaysFailsMultiConn(errno) => (0, 0, "parallel", direct, always_fails(errno)),
             Flush::Absent => (3, 3, "serialize_all_requests", direct, "exit 2".to_string()),
             Flush::SlowOnSecondConnection(secs) => (
                 0,

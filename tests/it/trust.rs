@@ -79,26 +79,34 @@ fn a_failing_zero_request_is_named_as_a_zero_request() {
     assert!(line.contains("zero request of") && line.contains("bytes at offset"), "{line}");
 }
 
-#[test]
-fn failed_flushes_are_retried_with_the_usual_backoff() {
-    let d = tempdir();
+/// A 4 MiB copy to `dst` whose every flush fails with EIO, four attempts
+/// 0.4, 0.8 and 1.6 s apart, `extra` added to the daemon's settings: how long
+/// from the first flush to `failed`, and the job's error message.
+fn give_up_on_flushes(d: &tempfile::TempDir, dst: &FileTarget, extra: &[(&str, &str)]) -> (Duration, String) {
     let db = server().fresh_database("flush_backoff");
     let src = Server::nbdkit(d.path(), "src", &["pattern", "size=4M"]);
-    let dst = FileTarget::start(d.path(), "dst", 4 << 20, Flush::AlwaysFails("EIO"));
-    let policy = [
+    let mut policy = vec![
         ("BLOCKREPL__COPY__RETRY_ATTEMPTS", "4"),
         ("BLOCKREPL__COPY__RETRY_INITIAL_DELAY", "400ms"),
         ("BLOCKREPL__COPY__RETRY_MAX_DELAY", "10s"),
     ];
+    policy.extend_from_slice(extra);
     let daemon = Daemon::start(d.path(), &db.url, &policy);
     queue(&db, "job-b", &[("disk-1", src.uri(), dst.uri())]);
     wait_until("the copy to start", JOB_DEADLINE, || dst.flushes() >= 1);
     let first = Instant::now();
     wait_status(&db, "job-b", "failed", &daemon);
+    (first.elapsed(), job(&db, "job-b", "error_message").unwrap_or_default())
+}
+
+#[test]
+fn failed_flushes_are_retried_with_the_usual_backoff() {
+    let d = tempdir();
+    let dst = FileTarget::start(d.path(), "dst", 4 << 20, Flush::AlwaysFails("EIO"));
+    let (took, msg) = give_up_on_flushes(&d, &dst, &[]);
     // Waits of 0.4, 0.8 and 1.6 s between the four attempts.
-    assert!(first.elapsed() >= Duration::from_millis(2800), "gave up after {:?}", first.elapsed());
+    assert!(took >= Duration::from_millis(2800), "gave up after {took:?}");
     assert_eq!(dst.flushes(), 4);
-    let msg = job(&db, "job-b", "error_message").unwrap_or_default();
     assert!(msg.contains(&format!("flush of target {} failed after 4 attempt(s)", dst.uri())), "{msg}");
 }
 
@@ -109,23 +117,10 @@ fn failed_flushes_are_retried_with_the_usual_backoff() {
 #[test]
 fn failed_flushes_on_multi_conn_are_retried_with_the_usual_backoff() {
     let d = tempdir();
-    let db = server().fresh_database("flush_backoff_mc");
-    let src = Server::nbdkit(d.path(), "src", &["pattern", "size=4M"]);
     let dst = FileTarget::start(d.path(), "dst", 4 << 20, Flush::AlwaysFailsMultiConn("EIO"));
-    let policy = [
-        ("BLOCKREPL__COPY__CONNECTIONS", "4"),
-        ("BLOCKREPL__COPY__RETRY_ATTEMPTS", "4"),
-        ("BLOCKREPL__COPY__RETRY_INITIAL_DELAY", "400ms"),
-        ("BLOCKREPL__COPY__RETRY_MAX_DELAY", "10s"),
-    ];
-    let daemon = Daemon::start(d.path(), &db.url, &policy);
-    queue(&db, "job-m", &[("disk-1", src.uri(), dst.uri())]);
-    wait_until("the copy to start", JOB_DEADLINE, || dst.flushes() >= 1);
-    let first = Instant::now();
-    wait_status(&db, "job-m", "failed", &daemon);
+    let (took, msg) = give_up_on_flushes(&d, &dst, &[("BLOCKREPL__COPY__CONNECTIONS", "4")]);
     // Waits of 0.4, 0.8 and 1.6 s between each connection's four attempts.
-    assert!(first.elapsed() >= Duration::from_millis(2800), "gave up after {:?}", first.elapsed());
-    let msg = job(&db, "job-m", "error_message").unwrap_or_default();
+    assert!(took >= Duration::from_millis(2800), "gave up after {took:?}");
     assert!(msg.contains(&format!("flush of target {} failed after 4 attempt(s)", dst.uri())), "{msg}");
 }
 

@@ -182,7 +182,7 @@ pub fn keep_if_problem(dir: &mut tempfile::TempDir, verdict: Verdict) -> Verdict
     verdict.with_note(&format!("[files kept in {}]", dir.path().display()))
 }
 
-/// Restarts the servers that died on their own; how many. nbdkit 1.32 aborts
+/// Restarts the servers that died on their own. nbdkit 1.32 aborts
 /// (`raw_send_socket: Assertion 'sock >= 0' failed`) when a client leaves while
 /// a request of its is still being served, most often one sleeping in the rate
 /// filter: after a kill, and when a daemon drops a connection it no longer
@@ -191,7 +191,7 @@ pub fn keep_if_problem(dir: &mut tempfile::TempDir, verdict: Verdict) -> Verdict
 /// target-loss rounds kill and restart themselves); a server that comes back
 /// within a moment is what the daemon must ride out anyway. Every restart is
 /// counted and printed.
-pub fn revive(servers: &mut [Server]) -> usize {
+pub fn revive(servers: &mut [Server]) {
     let mut n = 0;
     for s in servers.iter_mut().filter(|s| s.pid().is_some()) {
         if !s.alive() {
@@ -202,10 +202,9 @@ pub fn revive(servers: &mut [Server]) -> usize {
         }
     }
     REVIVED.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-    n
 }
 
-/// Sources started again by [`revive`], over the whole run.
+/// Servers started again by [`revive`], over the whole run.
 pub static REVIVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// One round's outcome and measures.
