@@ -44,6 +44,9 @@ pub struct DiskTrack {
     /// What the row showed as done when the job was claimed: the shown figures
     /// never go below it while the plan is the same.
     pub floor: u64,
+    /// The planned bytes the row showed when the job was claimed (see
+    /// [`DiskTrack::row_planned`]).
+    pub claimed_plan: u64,
     pub skipped: u64,
     pub zeroed: u64,
     pub verified: u64,
@@ -85,6 +88,7 @@ impl DiskTrack {
             blocks: 0,
             done: if completed { planned } else { 0 },
             floor: if completed { planned } else { (d.bytes_synced.max(0) as u64).min(planned) },
+            claimed_plan: planned,
             skipped: d.skipped_bytes.max(0) as u64,
             zeroed: 0,
             verified: 0,
@@ -104,6 +108,15 @@ impl DiskTrack {
     /// if that is more, never more than planned.
     pub fn shown_done(&self) -> u64 {
         self.done.max(self.floor).min(self.planned)
+    }
+
+    /// The planned bytes the row shows. While this run still plans, its plan
+    /// is partial and may be below what an earlier run planned and copied: the
+    /// row keeps the earlier plan until this one is larger or complete, as its
+    /// bytes synced never go down (the database keeps the larger figure) and
+    /// must not exceed its planned bytes.
+    pub fn row_planned(&self) -> u64 {
+        if self.unplanned > 0 { self.planned.max(self.claimed_plan) } else { self.planned }
     }
 
     pub fn percent(&self) -> f64 {
@@ -376,7 +389,7 @@ impl JobTracker {
             current_operation: Some(self.operation),
             progress_percent: Some(self.percent()),
             bytes_transferred: Some(self.done() as i64),
-            total_bytes: Some(self.planned() as i64),
+            total_bytes: Some(self.disks.iter().map(DiskTrack::row_planned).sum::<u64>() as i64),
             transfer_speed_bps: Some(self.throughput() as i64),
             eta_seconds: self.eta_seconds().map(|e| e as i64),
             error_message: None,
@@ -393,7 +406,7 @@ impl JobTracker {
             disk_id: d.disk_id.clone(),
             sync_status: Some(d.status),
             capacity_bytes: Some(d.capacity as i64),
-            planned_bytes: Some(d.planned as i64),
+            planned_bytes: Some(d.row_planned() as i64),
             bytes_synced: Some(d.shown_done() as i64),
             skipped_bytes: Some(d.skipped as i64),
             sync_progress_percent: Some(d.percent()),
@@ -648,6 +661,28 @@ pub(super) mod tests {
         // Another plan (the source changed): the earlier figures mean nothing.
         t.disk_mut("a").unwrap().set_plan(2000, 0, 0);
         assert_eq!(t.percent(), 0.0);
+    }
+
+    #[test]
+    fn a_resumed_run_that_plans_while_it_copies_keeps_the_earlier_plan_in_its_rows() {
+        // The rows of a killed run: 700 of 1000 bytes synced.
+        let row = Disk { bytes_synced: 700, resume_offset: 580, ..disk("a", DiskStatus::Streaming, 1000) };
+        let mut t = JobTracker::new(&job(ReplicationType::Full), &[row], "c".into()).unwrap();
+        let owner = Owner { node: "n1".into(), run: "r1".into() };
+        // This run has planned 200 bytes so far, 900 of the disk still unasked.
+        let planning = Snapshot { stage: Stage::Planning, unplanned_bytes: 900, ..snap(150, 200, 5) };
+        t.disk_mut("a").unwrap().apply(&planning);
+        let d = t.disk_update(&t.disks[0]);
+        assert_eq!(d.planned_bytes, Some(1000), "the row's 700 bytes synced stay within its planned bytes");
+        assert_eq!(t.job_update(&owner).total_bytes, Some(1000));
+        // The plan completes: its own figure from then on.
+        t.disk_mut("a").unwrap().apply(&snap(800, 990, 5));
+        assert_eq!(t.disk_update(&t.disks[0]).planned_bytes, Some(990));
+        assert_eq!(t.job_update(&owner).total_bytes, Some(990));
+        // A first run's growing plan is shown as it grows.
+        let mut first = JobTracker::new(&job(ReplicationType::Full), &two_disks(), "c".into()).unwrap();
+        first.disk_mut("a").unwrap().apply(&planning);
+        assert_eq!(first.disk_update(&first.disks[0]).planned_bytes, Some(200));
     }
 
     #[test]
