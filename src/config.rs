@@ -12,6 +12,9 @@ use serde::{Deserialize, Deserializer};
 
 use crate::engine::{RetryPolicy, Tuning};
 
+mod windows;
+pub use windows::RateWindow;
+
 /// The documented defaults, which are also the shipped configuration file.
 pub const DEFAULTS: &str = include_str!("../config/blockrepl.toml");
 
@@ -120,6 +123,18 @@ pub struct Copy {
     /// The appliance's bandwidth limit in bytes/s, 0 = none (see `engine::limit`).
     #[serde(default, deserialize_with = "rate")]
     pub max_rate: u64,
+    /// Rates in force at times of the week instead of `max_rate`
+    /// (`[copy.max_rate_windows]`, see `windows`).
+    #[serde(default, deserialize_with = "rate_windows")]
+    pub max_rate_windows: Vec<RateWindow>,
+}
+
+impl Copy {
+    /// The appliance's limit at `now` (local time), and the window that sets
+    /// it, if one does.
+    pub fn rate_at(&self, now: chrono::NaiveDateTime) -> (u64, Option<&RateWindow>) {
+        windows::rate_at(&self.max_rate_windows, self.max_rate, now)
+    }
 }
 
 /// One vCenter (or ESXi host) that VMware jobs name: `[vmware.NAME]`.
@@ -358,31 +373,46 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     Ok(n)
 }
 
+/// A number, or a string with a unit (rates and sizes).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Amount {
+    N(u64),
+    S(String),
+}
+
+impl Amount {
+    fn text(self) -> String {
+        match self {
+            Amount::N(n) => n.to_string(),
+            Amount::S(s) => s,
+        }
+    }
+}
+
 /// A rate in the configuration: a number of bytes/s or a string like `"200M"`.
 fn rate<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        N(u64),
-        S(String),
-    }
-    match Raw::deserialize(d)? {
-        Raw::N(n) => parse_rate(&n.to_string()).map_err(serde::de::Error::custom),
-        Raw::S(s) => parse_rate(&s).map_err(serde::de::Error::custom),
-    }
+    parse_rate(&Amount::deserialize(d)?.text()).map_err(serde::de::Error::custom)
+}
+
+/// `"WINDOW" = RATE` pairs (see `windows`).
+fn rate_windows<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<RateWindow>, D::Error> {
+    let pairs = std::collections::BTreeMap::<String, Amount>::deserialize(d)?;
+    pairs
+        .into_iter()
+        .map(|(window, rate)| {
+            let rate = parse_rate(&rate.text()).map_err(|e| format!("'{window}': {e}"))?;
+            RateWindow::parse(&window, rate)
+        })
+        .collect::<Result<_, String>>()
+        .map_err(serde::de::Error::custom)
 }
 
 /// A size given as a number of bytes or as a string with a unit.
 fn size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        N(u64),
-        S(String),
-    }
-    match Raw::deserialize(d)? {
-        Raw::N(n) => usize::try_from(n).map_err(serde::de::Error::custom),
-        Raw::S(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    match Amount::deserialize(d)? {
+        Amount::N(n) => usize::try_from(n).map_err(serde::de::Error::custom),
+        Amount::S(s) => parse_size(&s).map_err(serde::de::Error::custom),
     }
 }
 
@@ -453,6 +483,25 @@ mod tests {
         assert_eq!(s.copy.max_rate, 200 << 20);
         let s = load(None, &[("BLOCKREPL__COPY__MAX_RATE", "4M")]).unwrap();
         assert_eq!(s.copy.max_rate, 4 << 20);
+    }
+
+    #[test]
+    fn rate_windows_are_read_and_checked() {
+        assert!(load(None, &[]).unwrap().copy.max_rate_windows.is_empty(), "none by default");
+        let s = load(
+            Some("[copy]\nmax_rate = \"1G\"\n[copy.max_rate_windows]\n\"mon-fri 08:00-18:00\" = \"100M\"\n\"sat,sun 10:00-12:00\" = 0\n"),
+            &[],
+        )
+        .unwrap();
+        let monday_noon = chrono::NaiveDate::from_ymd_opt(2026, 11, 30).unwrap().and_hms_opt(12, 0, 0).unwrap();
+        let (rate, window) = s.copy.rate_at(monday_noon);
+        assert_eq!((rate, window.map(|w| w.text.as_str())), (100 << 20, Some("mon-fri 08:00-18:00")));
+        assert_eq!(s.copy.rate_at(monday_noon + chrono::Duration::hours(8)), (1 << 30, None));
+        let windows = |body: &str| format!("[copy.max_rate_windows]\n{body}\n");
+        check_err(Some(&windows("\"mon-fri 8-18\" = \"100M\"")), &[], "'mon-fri 8-18': '8' is not a time of day");
+        check_err(Some(&windows("\"mon-fri 8-18\" = \"100M\"")), &[], "copy.max_rate_windows");
+        check_err(Some(&windows("\"mon-fri 08:00-18:00\" = \"fast\"")), &[], "'fast' is not a rate");
+        check_err(Some(&windows("\"someday 08:00-18:00\" = \"1M\"")), &[], "'someday' is not a day");
     }
 
     fn check_err(file: Option<&str>, env: &[(&str, &str)], names: &str) {

@@ -97,13 +97,17 @@ async fn serve(settings: Arc<Settings>, node: String, reload: Reload, exec: &Exe
     let timeout = settings.watchdog.stall_timeout;
     let watchdog = Supervisor::start(move |_| TimeoutWatchdog::new(timeout));
     let slots = DiskSlots::new(settings.copy.max_concurrent_disks);
+    let (appliance_rate, window) = settings.copy.rate_at(chrono::Local::now().naive_local());
+    if let Some(w) = window {
+        tracing::info!("bandwidth window '{}': the appliance's limit is {appliance_rate} bytes/s (0 = none)", w.text);
+    }
     let deps = JobDeps {
         db: db.clone(),
         watchdog: watchdog.clone(),
         slots: slots.clone(),
         settings: settings.clone(),
         node: node.clone(),
-        limit: crate::engine::Limit::new(settings.copy.max_rate),
+        limit: crate::engine::Limit::new(appliance_rate),
     };
     let discovery = Supervisor::start(move |_| DiscoveryActor::new(deps));
 

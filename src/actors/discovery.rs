@@ -103,6 +103,30 @@ impl DiscoveryActor {
             .spawn(ctx);
     }
 
+    /// Sets the appliance's limit as `copy.max_rate` and its windows give it at
+    /// `now` (local time; asked every second, so a window begins and ends
+    /// within one).
+    fn follow_windows(&mut self, now: chrono::NaiveDateTime) {
+        if self.deps.settings.copy.max_rate_windows.is_empty() {
+            return;
+        }
+        let (rate, window) = self.deps.settings.copy.rate_at(now);
+        let was = self.deps.limit.rate();
+        if rate == was {
+            return;
+        }
+        self.deps.limit.set_rate(rate);
+        match window {
+            Some(w) => tracing::info!(
+                "bandwidth window '{}': the appliance's limit is now {rate} bytes/s (was {was}; 0 = none)",
+                w.text
+            ),
+            None => tracing::info!(
+                "outside the bandwidth windows: the appliance's limit is copy.max_rate again, {rate} bytes/s (was {was}; 0 = none)"
+            ),
+        }
+    }
+
     /// Looks for snapshots VMware jobs left behind and removes them on a thread.
     fn sweep(&mut self, ctx: &mut Context<Self>) {
         if let Some((h, _)) = &self.sweep {
@@ -289,7 +313,10 @@ impl Actor for DiscoveryActor {
         self.discover(ctx);
         self.sweep(ctx);
         self.schedule(ctx);
-        ctx.run_interval(LIMITS_EVERY, |act, ctx| act.follow_limits(ctx));
+        ctx.run_interval(LIMITS_EVERY, |act, ctx| {
+            act.follow_windows(chrono::Local::now().naive_local());
+            act.follow_limits(ctx);
+        });
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -386,11 +413,13 @@ impl Handler<Reconfigure> for DiscoveryActor {
     fn handle(&mut self, Reconfigure(s): Reconfigure, ctx: &mut Context<Self>) {
         let interval_changed = s.discovery.interval != self.deps.settings.discovery.interval;
         self.deps.slots.set_capacity(s.copy.max_concurrent_disks);
-        let (was, now) = (self.deps.limit.rate(), s.copy.max_rate);
+        let (now, window) = s.copy.rate_at(chrono::Local::now().naive_local());
+        let was = self.deps.limit.rate();
         if was != now {
             // Every running copy is below this node: they follow at their next request.
             self.deps.limit.set_rate(now);
-            tracing::info!("SIGHUP: copy.max_rate is now {now} bytes/s (was {was}; 0 = none)");
+            let during = window.map(|w| format!(", bandwidth window '{}'", w.text)).unwrap_or_default();
+            tracing::info!("SIGHUP: copy.max_rate is now {now} bytes/s (was {was}; 0 = none{during})");
         }
         self.deps.settings = Arc::clone(&s);
         if interval_changed && !self.stopping {
@@ -433,12 +462,9 @@ mod tests {
         }
     }
 
-    #[actix_rt::test]
-    async fn claims_at_start_then_every_interval_and_when_asked_on_a_paused_clock() {
-        tokio::time::pause();
-        let settings = Arc::new(Settings::defaults());
-        assert_eq!(settings.discovery.interval, Duration::from_secs(30));
-        // Never called here: the claims go to the collector.
+    /// The actors' dependencies with `settings`; the database is never called.
+    fn deps(settings: Settings) -> (JobDeps, crate::actors::db_exec::ExecThreads) {
+        let settings = Arc::new(settings);
         let exec = crate::actors::db_exec::ExecThreads::spawn(&settings, "n").unwrap();
         let deps = JobDeps {
             db: DbWriter::new(&settings, &exec.client()).start(),
@@ -446,8 +472,37 @@ mod tests {
             slots: DiskSlots::new(2),
             settings: settings.clone(),
             node: "n".into(),
-            limit: crate::engine::Limit::new(0),
+            limit: crate::engine::Limit::new(settings.copy.max_rate),
         };
+        (deps, exec)
+    }
+
+    #[actix_rt::test]
+    async fn the_appliance_limit_follows_its_windows() {
+        let mut settings = Settings::defaults();
+        settings.copy.max_rate = 8 << 20;
+        settings.copy.max_rate_windows =
+            vec![crate::config::RateWindow::parse("mon-fri 08:00-18:00", 1 << 20).unwrap()];
+        let (deps, exec) = deps(settings);
+        let limit = Arc::clone(&deps.limit);
+        let mut discovery = DiscoveryActor::new(deps);
+        let monday = chrono::NaiveDate::from_ymd_opt(2026, 11, 30).unwrap();
+        let at = |h, m| monday.and_hms_opt(h, m, 0).unwrap();
+        discovery.follow_windows(at(7, 59));
+        assert_eq!(limit.rate(), 8 << 20, "before the window: copy.max_rate");
+        discovery.follow_windows(at(8, 0));
+        assert_eq!(limit.rate(), 1 << 20, "the window began");
+        discovery.follow_windows(at(18, 0));
+        assert_eq!(limit.rate(), 8 << 20, "the window ended");
+        exec.stop();
+    }
+
+    #[actix_rt::test]
+    async fn claims_at_start_then_every_interval_and_when_asked_on_a_paused_clock() {
+        tokio::time::pause();
+        let (deps, exec) = deps(Settings::defaults());
+        assert_eq!(deps.settings.discovery.interval, Duration::from_secs(30));
+        // Never called here: the claims go to the collector.
         let claims = Claims::default().start();
         let discovery = DiscoveryActor::with_claims(deps, claims.clone().recipient()).start();
         let count = || claims.send(Count);

@@ -335,7 +335,7 @@ fn bad_limits_are_refused_in_one_line_and_change_nothing() {
     assert_eq!(job(&db, "job-s2", "max_rate").as_deref(), Some("2097152"));
 }
 
-/// The appliance's `copy.max_rate` follows SIGHUP, an orchestrator's change of
+/// The appliance's `copy.max_rate` (and its windows) follows SIGHUP, an orchestrator's change of
 /// a job's `max_rate` column reaches the running job within a second (not at
 /// its next lease renewal, 40 s apart with the default lease), and the lower of
 /// the two is in force.
@@ -350,13 +350,17 @@ fn the_appliance_limit_follows_sighup_and_the_row_within_a_second() {
     // The test configuration, with its [copy] section rewritten at each reload.
     let copy_section = "[copy]\ncheckpoint_interval = \"1s\"\n";
     let base = std::fs::read_to_string(&daemon.config).unwrap().replace(copy_section, "");
-    let set_appliance = |rate: &str| {
-        std::fs::write(&daemon.config, format!("{base}\n{copy_section}max_rate = \"{rate}\"\n")).unwrap();
+    let set_appliance = |settings: &str| {
+        std::fs::write(&daemon.config, format!("{base}\n{copy_section}{settings}\n")).unwrap();
         daemon.signal(nix::sys::signal::Signal::SIGHUP);
     };
-    set_appliance("4M");
+    // 4M in a window that is always open (windows are tested in detail in
+    // `config::windows`), none outside.
+    set_appliance("max_rate = 0\n[copy.max_rate_windows]\n\"mon-sun 00:00-24:00\" = \"4M\"");
     wait_until("the reload", Duration::from_secs(5), || {
-        daemon.log_text().contains("SIGHUP: copy.max_rate is now 4194304 bytes/s (was 0")
+        daemon.log_text().contains(
+            "SIGHUP: copy.max_rate is now 4194304 bytes/s (was 0; 0 = none, bandwidth window 'mon-sun 00:00-24:00')",
+        )
     });
 
     db.execute(&format!("START TRANSACTION; {} COMMIT;", queue_sql("job-r", &[("disk-1", src.uri(), dst.uri())])));
@@ -381,7 +385,7 @@ fn the_appliance_limit_follows_sighup_and_the_row_within_a_second() {
     );
 
     // No limit anywhere: the rest goes at once.
-    set_appliance("0");
+    set_appliance("max_rate = 0");
     let p = progress_until(&daemon, "job-r", "no limit", |p| p["max_rate"].is_null());
     let rest = (64u64 << 20).saturating_sub(p["aggregate"]["bytes_transferred"].as_u64().unwrap());
     let lifted = Instant::now();
