@@ -58,9 +58,12 @@ struct InFlight {
     fast_zero: bool,
 }
 
-/// How long a worker waits before it looks for new chunks when the queue was
-/// empty while the plan still grows.
-const PLAN_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+/// How long a worker waits before it looks again at what no socket of its own
+/// signals: new chunks, when the queue was empty while the plan still grows, or
+/// the other workers' progress, when it is done with its own chunks and stays
+/// to flush for them (waiting a whole tick there would hold the end of every
+/// copy back by up to a tick).
+const LOOK_AGAIN: std::time::Duration = std::time::Duration::from_millis(5);
 
 pub(super) struct Worker<'a> {
     ctx: &'a Ctx<'a>,
@@ -468,9 +471,11 @@ impl<'a> Worker<'a> {
     fn wait(&mut self) {
         self.fenced();
         let now = Instant::now();
-        // Waiting for the plan to grow: look again soon, as the planning thread
-        // cannot wake a worker that polls its sockets.
-        let mut timeout = if self.starved { PLAN_WAIT } else { TICK };
+        // Waiting for the plan to grow, or done and helping: look again soon, as
+        // neither the planning thread nor the other workers can wake a worker
+        // that polls its sockets.
+        let helping = self.finished && self.flushing.is_none();
+        let mut timeout = if self.starved || helping { LOOK_AGAIN } else { TICK };
         for (t, _) in &self.retry {
             timeout = timeout.min(t.saturating_duration_since(now));
         }
