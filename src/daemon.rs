@@ -26,14 +26,30 @@ use crate::db::DbError;
 use crate::shutdown::{self, Components, Reload};
 use crate::telemetry;
 
+/// The exit status of a start that only a change of the configuration (or of
+/// the database's grants) can fix: sysexits' `EX_CONFIG`, which the systemd
+/// unit does not restart (`RestartPreventExitStatus=`), so that a wrong setting
+/// is one failed start rather than a restart every few seconds.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// A start that restarting cannot fix (see [`EXIT_CONFIG`]): the configuration,
+/// a database URL that cannot work, a schema blockrepl cannot work with.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unfixable(pub String);
+
+fn unfixable(e: impl std::fmt::Display) -> anyhow::Error {
+    Unfixable(e.to_string()).into()
+}
+
 /// Runs the daemon until SIGTERM/SIGINT. `config`: the `--config` file, or the
 /// default path (which may then be missing).
 pub fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     shutdown::hold_signals();
     let explicit = config.is_some();
     let path = config.unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PATH));
-    let settings = Arc::new(Settings::load(&path, explicit)?);
-    let log = telemetry::init(settings.log.target, &settings.log.level).map_err(anyhow::Error::msg)?;
+    let settings = Arc::new(Settings::load(&path, explicit).map_err(unfixable)?);
+    let log = telemetry::init(settings.log.target, &settings.log.level).map_err(unfixable)?;
     let reload = Reload { path, explicit, current: settings.clone(), log };
     let node = settings.node_id();
     let exec = ExecThreads::spawn(&settings, &node)?;
@@ -69,11 +85,11 @@ async fn serve(settings: Arc<Settings>, node: String, reload: Reload, exec: &Exe
                 Err(e @ DbError::NodeInUse { .. }) => return Err(e.into()),
                 // A column we cannot work with: waiting will not change it, and
                 // nothing was changed (the one line is the exit message).
-                Err(e @ DbError::SchemaConflict { .. }) => return Err(e.into()),
+                Err(e @ DbError::SchemaConflict { .. }) => return Err(unfixable(e)),
                 // The URL is wrong, or the server turned us away (unknown
                 // database, access denied): waiting will not change it.
                 Err(e) if e.is_permanent() => {
-                    return Err(anyhow::anyhow!("database.url: {e}; fix the setting and start again"));
+                    return Err(unfixable(format!("database.url: {e}; fix the setting and start again")));
                 }
                 // Refused, unreachable, too busy, too slow: it may heal.
                 Err(e) => {

@@ -19,8 +19,13 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("blockrepl: {e:#}");
-            let cancelled = e.downcast_ref::<engine::CopyError>().is_some_and(engine::CopyError::is_cancelled);
-            if cancelled { ExitCode::from(130) } else { ExitCode::FAILURE }
+            if e.downcast_ref::<engine::CopyError>().is_some_and(engine::CopyError::is_cancelled) {
+                ExitCode::from(130)
+            } else if e.downcast_ref::<daemon::Unfixable>().is_some() {
+                ExitCode::from(daemon::EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -354,15 +354,23 @@ fn sighup_reloads_the_configuration() {
     wait_until("a reload", READY, || daemon.log_text().contains("configuration reloaded"));
 }
 
+/// A wrong configuration ends the start with one line and exit status 78
+/// (EX_CONFIG), which the systemd unit does not restart.
 #[test]
 fn bad_configuration_fails_start_up_with_one_line() {
     let d = tempdir();
     let cfg = d.path().join("bad.toml");
     std::fs::write(&cfg, "[discovery]\ninterval = \"soon\"\n").unwrap();
-    let line = blockrepl(&["serve", "--config", cfg.to_str().unwrap()]).error_line();
-    assert!(line.contains("discovery.interval"), "{line}");
-    let line = blockrepl(&["serve", "--config", "/nonexistent/blockrepl.toml"]).error_line();
-    assert!(line.contains("/nonexistent/blockrepl.toml"), "{line}");
+    for (cfg, names) in [(cfg.to_str().unwrap(), "discovery.interval"), ("/nonexistent/blockrepl.toml", "/nonexistent")]
+    {
+        let run = blockrepl(&["serve", "--config", cfg]);
+        let line = run.error_line();
+        assert!(line.contains(names), "{line}");
+        assert_eq!(run.status.code(), Some(78), "{line}");
+    }
+    let unit =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/deb/blockrepl.service")).unwrap();
+    assert!(unit.lines().any(|l| l == "RestartPreventExitStatus=78"), "the unit restarts a wrong configuration");
 }
 
 /// Issue 15 item 4: a database URL that waiting cannot fix (an unknown
@@ -398,7 +406,7 @@ fn a_database_url_that_cannot_work_fails_start_up_at_once_with_one_line() {
         let took = started.elapsed();
         let run = Run { status: status.unwrap(), stdout: String::new(), stderr: daemon.log_text() };
         let line = run.error_line();
-        assert_eq!(run.status.code(), Some(1), "{label}: {line}");
+        assert_eq!(run.status.code(), Some(78), "{label}: not restarted by systemd: {line}");
         assert!(took < Duration::from_secs(5), "{label}: gave up only after {took:?}");
         assert!(line.contains("database.url: "), "{label}: {line}");
         assert!(line.contains(says), "{label}: {line}");
