@@ -180,3 +180,31 @@ fn a_kill_9_during_planning_resumes_from_the_checkpoint_and_ends_identical() {
     assert_eq!(num(job(&db, "job-k", "bytes_transferred")) as u64, data);
     assert_eq!(checksum(&clean.uri()), checksum(&dst.uri()), "the target is byte-identical to the source");
 }
+
+/// The source restarted while the plan was being asked for: planning connects
+/// again and goes on where it was, so the copy ends identical with its whole
+/// plan, nothing read as data for want of one. Before, the lost planning
+/// connection failed the disk.
+#[test]
+fn a_source_restarted_while_planning_is_connected_to_again_and_planning_goes_on() {
+    let d = tempdir();
+    let log = d.path().join("src.log");
+    let mut src = slow_planning_source(d.path(), "src", 65, Some(&log));
+    let dst = file_target(d.path(), "dst");
+    let child = spawn_blockrepl(&["copy", "--json", &src.uri(), &dst.uri()]);
+    wait_until("planning under way", READY, || logged(&log, "Extents").len() >= 40);
+    src.kill();
+    let asked_before = logged(&log, "Extents").len();
+    src.start();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("reconnected to the source"), "{stderr}");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let clean = Server::nbdkit(d.path(), "clean", &refs(&plugin(65)));
+    let data = data_bytes(&allocation_map(&clean.uri()));
+    assert_eq!(j["unmapped_bytes"], 0, "nothing read as data for want of a plan: {stderr}");
+    assert_eq!((j["planned_bytes"].as_u64(), j["bytes_transferred"].as_u64()), (Some(data), Some(data)), "{j}");
+    assert!(asked_before < 1000 && logged(&log, "Extents").len() > asked_before, "planning went on after the restart");
+    assert_eq!(checksum(&clean.uri()), checksum(&dst.uri()), "the target is byte-identical to the source");
+}

@@ -10,10 +10,12 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
 
 use super::report::Request;
+use super::servers::role_name;
 use super::{Copier, Event, TICK};
 use crate::engine::error::{CopyError, Role};
 use crate::engine::nbd::{self, Handle, NbdError, Returned};
 use crate::engine::plan::Extent;
+use crate::engine::retry::sleep_unless;
 
 /// Block-status queries are made in pieces of this size.
 const EXTENTS_STEP: u64 = 1 << 30;
@@ -92,6 +94,9 @@ impl Copier {
         let mut found: BTreeMap<u64, Extent> = BTreeMap::new();
         let mut unmapped: Option<Unmapped> = None;
         let mut last_reply = Instant::now();
+        // Connections lost since the last answer: a server that dies at every
+        // query must not be reconnected to forever.
+        let mut lost = 0;
         // Everything below this offset was handed to `sink`.
         let mut known = 0;
         while !(todo.is_empty() && asked.is_empty()) {
@@ -114,7 +119,11 @@ impl Copier {
                 }
             }
             let next_due = todo.iter().map(|t| t.3.saturating_duration_since(now)).min().unwrap_or(TICK);
-            nbd::poll(&mut [&mut *src], next_due.min(TICK)).map_err(|e| io(0, size, 1, e))?;
+            if let Err(e) = nbd::poll(&mut [&mut *src], next_due.min(TICK))
+                && !src.is_dead()
+            {
+                return Err(io(0, size, 1, e));
+            }
             while let Some(c) = src.next_completed() {
                 let Some((start, end, failures)) = asked.remove(&c.cookie) else {
                     return Err(CopyError::Internal(format!(
@@ -125,6 +134,7 @@ impl Copier {
                 last_reply = Instant::now();
                 match (c.result, c.buffer) {
                     (Ok(()), Returned::Extents(replies)) => {
+                        lost = 0;
                         let advanced = take_extents(&replies, ctx, start, end, &mut found);
                         if advanced <= start {
                             let error =
@@ -141,11 +151,23 @@ impl Copier {
                     (Ok(()), _) => return Err(CopyError::Internal("block status without extents".into())),
                 }
             }
+            if src.is_dead() {
+                // The queries in flight and those that failed with the
+                // connection are asked again on a new one, at no cost to their
+                // own attempts.
+                let now = Instant::now();
+                for (start, end, failures) in asked.drain().map(|(_, q)| q) {
+                    ask_in_order(&mut todo, (start, end, failures, now));
+                }
+                for (start, end, failures, _) in failed.drain(..) {
+                    ask_in_order(&mut todo, (start, end, failures, now));
+                }
+                lost += 1;
+                *src = self.reconnect_planning(ctx, lost, halt, &reporter, events)?;
+                last_reply = Instant::now();
+            }
             for (start, end, failures, error) in failed {
                 let failures = failures + 1;
-                if src.is_dead() {
-                    return Err(io(start, end - start, failures, error));
-                }
                 if error.is_transient() && failures < attempts {
                     reporter.retry(Role::Source, Request::new("block status", start, end - start), failures, &error);
                     ask_in_order(&mut todo, (start, end, failures, Instant::now() + policy.delay(failures)));
@@ -177,6 +199,51 @@ impl Copier {
             )));
         }
         Ok(unmapped)
+    }
+}
+
+impl Copier {
+    /// A new connection to the source for planning, after the `lost`-th loss
+    /// in a row of the last one: connects with the copy's retry policy (the
+    /// same as the workers' connections), and fails as they do when the policy
+    /// is spent.
+    fn reconnect_planning(
+        &self,
+        ctx: &str,
+        lost: u32,
+        halt: &dyn Fn() -> bool,
+        reporter: &super::report::Reporter<'_>,
+        events: &(dyn Fn(Event) + Sync),
+    ) -> Result<Handle, CopyError> {
+        let spec = &self.spec;
+        let policy = spec.tuning.retry;
+        let uri = &spec.source;
+        let stop = || self.cancel.is_cancelled() || halt();
+        let contexts = [ctx.to_string()];
+        let opts = nbd::ConnectOptions { name: role_name(Role::Source), meta_contexts: &contexts };
+        let mut failures = lost;
+        let mut error = NbdError { message: "the connection was lost".into(), errno: libc::ENOTCONN };
+        loop {
+            if stop() {
+                return Err(CopyError::Cancelled { watermark: spec.resume_from });
+            }
+            if !policy.allows(failures) {
+                return Err(CopyError::Reconnect { role: Role::Source, uri: uri.clone(), attempts: failures, error });
+            }
+            reporter.retry(Role::Source, Request::whole("connection"), failures, &error);
+            reporter.flush(false);
+            sleep_unless(policy.delay(failures), &stop);
+            match Handle::connect(uri, &opts, spec.tuning.connect_timeout, &stop) {
+                Ok(h) => {
+                    events(Event::Reconnected { role: Role::Source });
+                    return Ok(h);
+                }
+                Err(e) => {
+                    failures += 1;
+                    error = e;
+                }
+            }
+        }
     }
 }
 
