@@ -583,6 +583,32 @@ mod tests {
     }
 
     #[test]
+    fn only_blockrepl_s_retired_keys_are_dropped_and_only_on_their_table() {
+        let schema = Schema::parse(
+            "CREATE TABLE cbt_history (\n    id BIGINT NOT NULL,\n    PRIMARY KEY (id)\n);\n\
+             CREATE TABLE b (\n    id BIGINT NOT NULL,\n    PRIMARY KEY (id)\n);",
+        );
+        let id: &[(&str, &str, &str, bool)] = &[("id", "bigint", "bigint(20)", false)];
+        let live = live_of(&[
+            ("cbt_history", id, &["PRIMARY", "uq_cbt_job_disk", "idx_theirs"]),
+            ("b", id, &["PRIMARY", "uq_cbt_job_disk"]),
+        ]);
+        let p = plan(&schema, &live, &mut FakeRows { nulls: 0, duplicates: false }).unwrap();
+        let steps: Vec<(&str, &str)> = p.steps.iter().map(|s| (s.sql.as_str(), s.what.as_str())).collect();
+        assert_eq!(
+            steps,
+            [(
+                "ALTER TABLE cbt_history DROP INDEX uq_cbt_job_disk",
+                "dropped blockrepl's retired key cbt_history.uq_cbt_job_disk (one row per job and disk; history keeps \
+                 one per attempt now)"
+            )],
+            "the orchestrator's own key stays, and a key of that name on another table"
+        );
+        let without = live_of(&[("cbt_history", id, &["PRIMARY"]), ("b", id, &["PRIMARY"])]);
+        assert!(plan(&schema, &without, &mut FakeRows { nulls: 0, duplicates: false }).unwrap().steps.is_empty());
+    }
+
+    #[test]
     fn conflicts_are_all_named_and_nothing_is_planned() {
         let schema = Schema::parse(SMALL);
         let live = live_of(&[
