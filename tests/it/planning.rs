@@ -6,7 +6,7 @@
 //! percentage lower than one it showed before. Driven through the daemon, whose
 //! progress API shows the planning stage (`Discover`) next to the bytes moved.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::harness::*;
 use crate::mariadb::server;
@@ -169,7 +169,21 @@ fn a_kill_9_during_planning_resumes_from_the_checkpoint_and_ends_identical() {
     let log_len = std::fs::metadata(&log).unwrap().len() as usize;
 
     daemon.spawn();
-    wait_status(&db, "job-k", "completed", &daemon);
+    // While the resumed run plans again, the row keeps the earlier plan: its
+    // bytes synced (which never go down) never exceed its planned bytes.
+    let row = "SELECT CONCAT(bytes_synced, ' of ', planned_bytes, ' ', bytes_synced <= planned_bytes) AS v \
+               FROM vm_disks WHERE job_id = 'job-k'";
+    let mut looks = 0;
+    let end = Instant::now() + JOB_DEADLINE;
+    while job(&db, "job-k", "status").as_deref() != Some("completed") {
+        let seen = one(&db, row).unwrap_or_default();
+        assert!(seen.ends_with(" 1"), "bytes synced above planned bytes: {seen}");
+        assert_ne!(job(&db, "job-k", "status").as_deref(), Some("failed"), "{}", daemon.log_text());
+        assert!(Instant::now() < end, "not completed in {JOB_DEADLINE:?}");
+        looks += 1;
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(looks > 10, "the resumed run was watched ({looks} looks)");
     assert!(daemon.log_text().contains(&format!("resuming from offset {checkpoint}")), "{}", daemon.log_text());
     let text = std::fs::read_to_string(&log).unwrap();
     let tail = d.path().join("src.tail");
