@@ -118,7 +118,13 @@ impl Copier {
                     Err(error) => failed.push((start, end, failures, error)),
                 }
             }
-            let next_due = todo.iter().map(|t| t.3.saturating_duration_since(now)).min().unwrap_or(TICK);
+            // A segment waiting out its backoff is due at its time, unless every
+            // slot is taken: then only a reply frees one, and the poll wakes for it.
+            let next_due = if asked.len() < EXTENTS_IN_FLIGHT {
+                todo.iter().map(|t| t.3.saturating_duration_since(now)).min().unwrap_or(TICK)
+            } else {
+                TICK
+            };
             if let Err(e) = nbd::poll(&mut [&mut *src], next_due.min(TICK))
                 && !src.is_dead()
             {
