@@ -103,27 +103,39 @@ impl DiscoveryActor {
             .spawn(ctx);
     }
 
-    /// Sets the appliance's limit as `copy.max_rate` and its windows give it at
-    /// `now` (local time; asked every second, so a window begins and ends
-    /// within one).
-    fn follow_windows(&mut self, now: chrono::NaiveDateTime) {
-        if self.deps.settings.copy.max_rate_windows.is_empty() {
-            return;
-        }
-        let (rate, window) = self.deps.settings.copy.rate_at(now);
+    /// Sets the appliance's limit to what `copy` (its `max_rate` and windows)
+    /// gives at `now`, local time. Returns the rate it was, the rate it is and
+    /// the window that sets it, when it changed. Every running copy is below
+    /// this node: they follow at their next request.
+    fn set_appliance_rate<'a>(
+        &self,
+        copy: &'a crate::config::Copy,
+        now: chrono::NaiveDateTime,
+    ) -> Option<(u64, u64, Option<&'a crate::config::RateWindow>)> {
+        let (rate, window) = copy.rate_at(now);
         let was = self.deps.limit.rate();
-        if rate == was {
+        (rate != was).then(|| {
+            self.deps.limit.set_rate(rate);
+            (was, rate, window)
+        })
+    }
+
+    /// Follows the appliance limit's windows (asked every second, so a window
+    /// begins and ends within one).
+    fn follow_windows(&mut self, now: chrono::NaiveDateTime) {
+        let settings = Arc::clone(&self.deps.settings);
+        if settings.copy.max_rate_windows.is_empty() {
             return;
         }
-        self.deps.limit.set_rate(rate);
-        match window {
-            Some(w) => tracing::info!(
+        match self.set_appliance_rate(&settings.copy, now) {
+            Some((was, rate, Some(w))) => tracing::info!(
                 "bandwidth window '{}': the appliance's limit is now {rate} bytes/s (was {was}; 0 = none)",
                 w.text
             ),
-            None => tracing::info!(
+            Some((was, rate, None)) => tracing::info!(
                 "outside the bandwidth windows: the appliance's limit is copy.max_rate again, {rate} bytes/s (was {was}; 0 = none)"
             ),
+            None => {}
         }
     }
 
@@ -413,11 +425,7 @@ impl Handler<Reconfigure> for DiscoveryActor {
     fn handle(&mut self, Reconfigure(s): Reconfigure, ctx: &mut Context<Self>) {
         let interval_changed = s.discovery.interval != self.deps.settings.discovery.interval;
         self.deps.slots.set_capacity(s.copy.max_concurrent_disks);
-        let (now, window) = s.copy.rate_at(chrono::Local::now().naive_local());
-        let was = self.deps.limit.rate();
-        if was != now {
-            // Every running copy is below this node: they follow at their next request.
-            self.deps.limit.set_rate(now);
+        if let Some((was, now, window)) = self.set_appliance_rate(&s.copy, chrono::Local::now().naive_local()) {
             let during = window.map(|w| format!(", bandwidth window '{}'", w.text)).unwrap_or_default();
             tracing::info!("SIGHUP: copy.max_rate is now {now} bytes/s (was {was}; 0 = none{during})");
         }
